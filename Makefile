@@ -1,0 +1,28 @@
+# Two entry points do everything on a fresh machine: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test protos lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Run the local-provider demo: 3 peer pods end to end in a private namespace.
+demo: $(STAMP)
+	$(BIN)/cloud-api-adaptor demo
+
+## Run the whole test suite inside a private user+net+mount namespace.
+test: $(STAMP)
+	$(BIN)/python -m cloudadaptor.testing.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Regenerate cloudadaptor/protocols from protos/.
+protos: $(STAMP)
+	$(BIN)/python -m cloudadaptor.protocols.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache

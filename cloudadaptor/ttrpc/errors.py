@@ -1,0 +1,42 @@
+"""gRPC status codes as ttrpc carries them, and the error type for calls."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.IntEnum):
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class TtrpcError(Exception):
+    """A call ended with a non-OK status (raised by handlers, seen by clients)."""
+
+    def __init__(self, code: Code | int, message: str) -> None:
+        try:
+            code = Code(code)
+        except ValueError:
+            pass
+        super().__init__(f"{getattr(code, 'name', code)}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(Exception):
+    """The connection ended before the call got its response."""
