@@ -95,3 +95,17 @@ def load_provider_class(name: str) -> type:
         ) from None
     module_name, _, class_name = target.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_provider(settings) -> Provider:
+    """Build the provider ``settings.cloud_provider`` names from its own KEYS.
+
+    Raises ``cloudadaptor.config.ConfigError`` listing every bad provider key.
+    """
+    from cloudadaptor.config import ConfigError, parse_keys
+
+    cls = load_provider_class(settings.cloud_provider)
+    values, problems = parse_keys(getattr(cls, "KEYS", ()), settings.provider_env)
+    if problems:
+        raise ConfigError(problems)
+    return cls.from_config(values, settings)

@@ -1,0 +1,1 @@
+"""The worker daemon: hypervisor service, sandbox lifecycle, state store, agent proxy."""

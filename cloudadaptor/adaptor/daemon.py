@@ -1,0 +1,99 @@
+"""The worker daemon (`cloud-api-adaptor serve`): wires settings to services.
+
+Start-up order: provider checks → TLS → state store → recover what a previous
+run left → listen. Shutdown stops listening and closes agent sockets but
+deletes no VM: a restarted daemon re-serves the sandboxes in its store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.service import HypervisorService
+from cloudadaptor.adaptor.store import SandboxStore
+from cloudadaptor.config import Settings
+from cloudadaptor.providers.base import Provider, create_provider
+from cloudadaptor.tls import AdaptorTls
+from cloudadaptor.ttrpc.server import Server
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message lists every problem, one per line."""
+
+
+class Daemon:
+    """The running adaptor. ``start()`` returns once every endpoint listens."""
+
+    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.lifecycle: SandboxLifecycle | None = None
+        self._ttrpc = Server()
+        self._grpc = None
+        self._store: SandboxStore | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        if self.provider is None:
+            self.provider = create_provider(settings)
+        problems = await self.provider.verify()
+        if problems:
+            raise StartupError("\n".join(f"{settings.cloud_provider}: {p}" for p in problems))
+        tls = AdaptorTls.from_settings(settings)
+        self._store = SandboxStore(settings.state_dir / "state.db")
+        self.lifecycle = SandboxLifecycle(
+            options=LifecycleOptions(
+                pods_dir=settings.pods_dir,
+                node_name=settings.node_name,
+                proxy_timeout=settings.proxy_timeout,
+                extra_tags=settings.tags,
+                tls_min_version=settings.tls_min_version,
+            ),
+            store=self._store,
+            provider=self.provider,
+            tls=tls,
+        )
+        await self.lifecycle.recover()
+        service = HypervisorService(self.lifecycle)
+        service.register_ttrpc(self._ttrpc)
+        await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
+        log.info("hypervisor service listening on %s (provider %s, node %s)", settings.socket, settings.cloud_provider, settings.node_name)
+        if settings.grpc_endpoint:
+            from cloudadaptor.adaptor.grpc_binding import GrpcBinding
+
+            self._grpc = GrpcBinding(service, settings.grpc_endpoint)
+            await self._grpc.start()
+
+    async def close(self) -> None:
+        """Stop listening; VMs and their records stay for the next start."""
+        if self._grpc is not None:
+            await self._grpc.close()
+        await self._ttrpc.close()
+        if self.lifecycle is not None:
+            await self.lifecycle.close()
+        if self.provider is not None:
+            await self.provider.close()
+        if self._store is not None:
+            self._store.close()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT."""
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await daemon.start()
+        await stop.wait()
+        log.info("shutting down (VMs keep running; a restart re-serves them)")
+    finally:
+        with contextlib.suppress(Exception):
+            await daemon.close()

@@ -1,0 +1,445 @@
+"""SandboxLifecycle: owns the order of create-VM → agent proxy, and rolls back.
+
+The hypervisor service translates wire calls into these methods; providers
+only create and delete instances. Every step that creates something records
+it in the ``SandboxStore`` first, so a crash at any point leaves a row (or a
+tagged VM) that ``recover()`` finishes or undoes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from cloudadaptor.adaptor.proxy import AGENT_PORT, AgentEndpoint, AgentProxy, AgentUnreachable
+from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore
+from cloudadaptor.providers import base as providers
+from cloudadaptor.tls import AdaptorTls
+from cloudadaptor.ttrpc.errors import Code
+from cloudadaptor import userdata
+
+log = logging.getLogger(__name__)
+
+# Annotations the kata shim sends with every CreateVM.
+ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
+ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+_HV = "io.katacontainers.config.hypervisor."
+ANN_MACHINE_TYPE = _HV + "machine_type"
+ANN_IMAGE = _HV + "image"
+ANN_VCPUS = _HV + "default_vcpus"
+ANN_MEMORY = _HV + "default_memory"
+ANN_GPUS = _HV + "default_gpus"
+ANN_INITDATA = _HV + "cc_init_data"
+
+MAX_ID_LENGTH = 128
+AGENT_SOCKET_NAME = "agent.ttrpc"
+MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
+
+
+class LifecycleError(Exception):
+    """A lifecycle call failed; ``code`` is the gRPC status for the shim."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LifecycleOptions:
+    pods_dir: Path
+    node_name: str
+    proxy_timeout: float = 300.0
+    agent_port: int = AGENT_PORT
+    extra_tags: Mapping[str, str] = field(default_factory=dict)
+    tls_min_version: str = "1.2"
+
+
+ProxyFactory = Callable[[str, AgentEndpoint], AgentProxy]
+
+
+class SandboxLifecycle:
+    def __init__(
+        self,
+        *,
+        options: LifecycleOptions,
+        store: SandboxStore,
+        provider: providers.Provider,
+        tls: AdaptorTls | None,
+        proxy_factory: ProxyFactory = AgentProxy,
+    ) -> None:
+        self.options = options
+        self.store = store
+        self.provider = provider
+        self.tls = tls
+        self._proxy_factory = proxy_factory
+        self._proxies: dict[str, AgentProxy] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._starting: dict[str, asyncio.Task] = {}
+        self._changed = asyncio.Condition()
+        # Ids stopped recently: a repeated StopVM is harmless, not NOT_FOUND.
+        self._stopped: OrderedDict[str, float] = OrderedDict()
+
+    # ------------------------------------------------------------------ CreateVM
+    async def create(self, sandbox_id: str, annotations: Mapping[str, str], netns_path: str) -> str:
+        """Record the sandbox and prepare its VM; returns the agent socket path.
+
+        Idempotent: a repeated call with the same id returns the same path and
+        creates nothing new. Blocks only on local work (no cloud calls).
+        """
+        validate_sandbox_id(sandbox_id)
+        validate_netns_path(netns_path)
+        spec_errors = _annotation_problems(annotations)
+        if spec_errors:
+            raise LifecycleError(Code.INVALID_ARGUMENT, "; ".join(spec_errors))
+        async with self._lock(sandbox_id):
+            existing = self.store.get(sandbox_id)
+            if existing is not None:
+                log.info("CreateVM %s: already recorded (state %s)", sandbox_id, existing.state.value)
+                return existing.agent_socket
+            pod_name = annotations.get(ANN_POD_NAME, "")
+            pod_namespace = annotations.get(ANN_POD_NAMESPACE, "")
+            vm_name = vm_name_for(pod_name, sandbox_id)
+            pod_dir = self.options.pods_dir / sandbox_id
+            if len(os.fsencode(pod_dir / AGENT_SOCKET_NAME)) > MAX_UNIX_PATH:
+                raise LifecycleError(
+                    Code.INVALID_ARGUMENT,
+                    f"agent socket path {pod_dir / AGENT_SOCKET_NAME} is longer than the "
+                    f"{MAX_UNIX_PATH} bytes a unix socket allows; configure a shorter PODS_DIR",
+                )
+            sandbox = Sandbox(
+                id=sandbox_id,
+                pod_name=pod_name,
+                pod_namespace=pod_namespace,
+                netns_path=netns_path,
+                vm_name=vm_name,
+                agent_socket=str(pod_dir / AGENT_SOCKET_NAME),
+                annotations=dict(annotations),
+                user_data=self._render_user_data(sandbox_id, pod_name, pod_namespace, vm_name, annotations),
+            )
+            pod_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.store.add(sandbox)
+            log.info("CreateVM %s: pod %s/%s, VM name %s", sandbox_id, pod_namespace, pod_name, vm_name)
+            await self._notify()
+            return sandbox.agent_socket
+
+    def _render_user_data(
+        self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str, annotations: Mapping[str, str]
+    ) -> str:
+        config = userdata.ForwarderConfig(
+            sandbox_id=sandbox_id,
+            pod_name=pod_name,
+            pod_namespace=pod_namespace,
+            listen_port=self.options.agent_port,
+            tls=self.tls.mint_vm_material(vm_name) if self.tls else None,
+            tls_min_version=self.options.tls_min_version,
+        )
+        files = {userdata.APF_CONFIG_PATH: config.to_json()}
+        if annotations.get(ANN_INITDATA):
+            files[userdata.INITDATA_PATH] = annotations[ANN_INITDATA]
+        return userdata.render(files)
+
+    # ------------------------------------------------------------------- StartVM
+    async def start(self, sandbox_id: str) -> None:
+        """Create the VM and wait until its agent answers through the proxy.
+
+        Blocks up to the provider's create time plus ``proxy_timeout``. On any
+        failure (including cancellation when the shim gives up) the VM is
+        deleted before this returns or raises. Idempotent for a running sandbox.
+        """
+        async with self._lock(sandbox_id):
+            sandbox = self._get(sandbox_id)
+            if sandbox.state is SandboxState.RUNNING:
+                return
+            if sandbox.state is SandboxState.STOPPING:
+                raise LifecycleError(Code.FAILED_PRECONDITION, f"sandbox {sandbox_id} is being stopped")
+            task = asyncio.current_task()
+            assert task is not None
+            self._starting[sandbox_id] = task
+            try:
+                await self._start(sandbox)
+            finally:
+                self._starting.pop(sandbox_id, None)
+
+    async def _start(self, sandbox: Sandbox) -> None:
+        began = time.monotonic()
+        self.store.update(sandbox.id, state=SandboxState.STARTING, error="")
+        instance: providers.Instance | None = None
+        try:
+            try:
+                instance = await self.provider.create_instance(self._instance_spec(sandbox))
+            except providers.ProviderError as exc:
+                raise LifecycleError(Code.UNAVAILABLE, f"creating VM {sandbox.vm_name} failed: {exc}") from exc
+            if not instance.ips:
+                raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
+            sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
+            log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
+            proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
+            self._proxies[sandbox.id] = proxy
+            try:
+                await proxy.wait_ready(self.options.proxy_timeout)
+            except AgentUnreachable as exc:
+                raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}") from exc
+            await proxy.start()
+            self.store.update(sandbox.id, state=SandboxState.RUNNING)
+            log.info("StartVM %s: agent ready after %.1fs", sandbox.id, time.monotonic() - began)
+            await self._notify()
+        except BaseException as exc:
+            reason = _reason(exc)
+            # Shielded: the rollback must finish even if the shim hung up
+            # (a second cancellation leaves it running to completion).
+            done = await asyncio.shield(asyncio.ensure_future(self._rollback_start(sandbox.id, reason)))
+            if isinstance(exc, LifecycleError):
+                raise LifecycleError(exc.code, f"StartVM {sandbox.id}: {exc.message}; {done}") from None
+            if isinstance(exc, Exception):
+                log.exception("StartVM %s failed", sandbox.id)
+                raise LifecycleError(Code.INTERNAL, f"StartVM {sandbox.id}: {reason}; {done}") from exc
+            raise
+
+    async def _rollback_start(self, sandbox_id: str, reason: str) -> str:
+        """Undo a failed start; returns what was done, for the error message."""
+        proxy = self._proxies.pop(sandbox_id, None)
+        if proxy is not None:
+            await proxy.close()
+        sandbox = self.store.get(sandbox_id)
+        if sandbox is None:
+            return "nothing to clean up"
+        try:
+            deleted = await self._delete_vms(sandbox)
+        except Exception as exc:
+            self.store.update(sandbox_id, state=SandboxState.FAILED, error=f"{reason}; VM deletion failed: {exc}")
+            log.error("StartVM %s: VM deletion failed, left for the sweeper: %s", sandbox_id, exc)
+            return f"deleting the VM failed ({exc}); it is recorded for cleanup"
+        self.store.update(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
+        log.warning("StartVM %s failed (%s); deleted %s", sandbox_id, reason, ", ".join(deleted) or "no VM")
+        await self._notify()
+        return f"VM {', '.join(deleted)} deleted" if deleted else "no VM was left"
+
+    async def _delete_vms(self, sandbox: Sandbox) -> list[str]:
+        """Delete the recorded VM and any other VM tagged with this sandbox."""
+        ids = {sandbox.instance_id} - {""}
+        try:
+            owned = await self.provider.list_owned({providers.TAG_SANDBOX: sandbox.id, providers.TAG_NODE: self.options.node_name})
+            ids.update(instance.id for instance in owned)
+        except Exception as exc:  # the recorded id is still deleted below
+            log.warning("listing VMs of sandbox %s failed: %s", sandbox.id, exc)
+        for instance_id in sorted(ids):
+            await self.provider.delete_instance(instance_id)
+        return sorted(ids)
+
+    def _instance_spec(self, sandbox: Sandbox) -> providers.InstanceSpec:
+        ann = sandbox.annotations
+        tags = {
+            **self.options.extra_tags,
+            providers.TAG_OWNER: providers.OWNER_VALUE,
+            providers.TAG_NODE: self.options.node_name,
+            providers.TAG_SANDBOX: sandbox.id,
+            providers.TAG_POD: f"{sandbox.pod_namespace}/{sandbox.pod_name}",
+        }
+        return providers.InstanceSpec(
+            name=sandbox.vm_name,
+            sandbox_id=sandbox.id,
+            user_data=sandbox.user_data,
+            client_token=client_token_for(sandbox.id),
+            tags=tags,
+            image=ann.get(ANN_IMAGE) or None,
+            instance_type=ann.get(ANN_MACHINE_TYPE) or None,
+            vcpus=_int_annotation(ann, ANN_VCPUS),
+            memory_mib=_int_annotation(ann, ANN_MEMORY),
+            gpus=_int_annotation(ann, ANN_GPUS) or 0,
+        )
+
+    def _endpoint(self, sandbox: Sandbox) -> AgentEndpoint:
+        return AgentEndpoint(
+            host=sandbox.vm_ips[0],
+            port=self.options.agent_port,
+            ssl_context=self.tls.client_context() if self.tls else None,
+            server_hostname=sandbox.vm_name,
+        )
+
+    # -------------------------------------------------------------------- StopVM
+    async def stop(self, sandbox_id: str) -> None:
+        """Proxy down, VM deleted, pod dir and record removed.
+
+        Idempotent: stopping a sandbox stopped moments ago succeeds; an id never
+        seen is NOT_FOUND. A start in progress is cancelled (and rolled back).
+        If the VM cannot be deleted the record stays (state ``stopping``) and
+        the error is returned, so nothing is forgotten.
+        """
+        validate_sandbox_id(sandbox_id)
+        starting = self._starting.get(sandbox_id)
+        if starting is not None:
+            starting.cancel()
+        async with self._lock(sandbox_id):
+            sandbox = self.store.get(sandbox_id)
+            if sandbox is None:
+                if sandbox_id in self._stopped:
+                    return
+                raise LifecycleError(Code.NOT_FOUND, f"sandbox {sandbox_id} not found")
+            self.store.update(sandbox_id, state=SandboxState.STOPPING)
+            proxy = self._proxies.pop(sandbox_id, None)
+            if proxy is not None:
+                await proxy.close()
+            try:
+                deleted = await self._delete_vms(sandbox)
+            except Exception as exc:
+                self.store.update(sandbox_id, error=f"VM deletion failed: {exc}")
+                raise LifecycleError(
+                    Code.UNAVAILABLE, f"StopVM {sandbox_id}: deleting VM {sandbox.instance_id} failed: {exc}"
+                ) from exc
+            shutil.rmtree(Path(sandbox.agent_socket).parent, ignore_errors=True)
+            self.store.remove(sandbox_id)
+            self._remember_stopped(sandbox_id)
+            self._locks.pop(sandbox_id, None)
+            log.info("StopVM %s: deleted %s", sandbox_id, ", ".join(deleted) or "no VM")
+            await self._notify()
+
+    def _remember_stopped(self, sandbox_id: str) -> None:
+        self._stopped[sandbox_id] = time.monotonic()
+        while len(self._stopped) > 1024:
+            self._stopped.popitem(last=False)
+
+    # ------------------------------------------------------------------- GetInfo
+    async def vm_id_of_pod(self, pod_namespace: str, pod_name: str, wait: bool) -> str:
+        """The pod's VM id; with ``wait`` blocks until it exists (caller's deadline)."""
+        async with self._changed:
+            while True:
+                for sandbox in self.store.find_pod(pod_namespace, pod_name):
+                    if sandbox.instance_id:
+                        return sandbox.instance_id
+                if not wait:
+                    raise LifecycleError(Code.NOT_FOUND, f"no pod VM for pod {pod_namespace}/{pod_name}")
+                await self._changed.wait()
+
+    # --------------------------------------------------------- restart and close
+    async def recover(self) -> list[str]:
+        """After a restart: re-serve running sandboxes, undo interrupted work,
+        and delete VMs tagged for this node that no record owns.
+
+        Returns one line per action taken (also logged).
+        """
+        actions: list[str] = []
+        for sandbox in self.store.all():
+            if sandbox.state is SandboxState.RUNNING and sandbox.vm_ips:
+                proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
+                await proxy.start()
+                self._proxies[sandbox.id] = proxy
+                actions.append(f"sandbox {sandbox.id}: re-serving agent proxy for VM {sandbox.instance_id}")
+            elif sandbox.state in (SandboxState.STARTING, SandboxState.FAILED) and (sandbox.instance_id or sandbox.state is SandboxState.STARTING):
+                actions.append(f"sandbox {sandbox.id}: interrupted start, {await self._rollback_start(sandbox.id, 'daemon restarted during StartVM')}")
+            elif sandbox.state is SandboxState.STOPPING:
+                try:
+                    await self.stop(sandbox.id)
+                    actions.append(f"sandbox {sandbox.id}: finished interrupted stop")
+                except LifecycleError as exc:
+                    actions.append(f"sandbox {sandbox.id}: stop still failing: {exc.message}")
+        actions.extend(await self.sweep_orphans())
+        for line in actions:
+            log.info("recover: %s", line)
+        return actions
+
+    async def sweep_orphans(self) -> list[str]:
+        """Delete VMs tagged as ours on this node that no sandbox record owns."""
+        owned = await self.provider.list_owned(
+            {providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: self.options.node_name}
+        )
+        known = {s.id for s in self.store.all()} | set(self._starting)
+        actions = []
+        for instance in owned:
+            sandbox_id = instance.tags.get(providers.TAG_SANDBOX, "")
+            if sandbox_id in known:
+                continue  # its sandbox's StopVM deletes it (found by tag)
+            await self.provider.delete_instance(instance.id)
+            actions.append(f"deleted orphan VM {instance.id} (sandbox {sandbox_id or '?'})")
+        return actions
+
+    async def close(self) -> None:
+        """Stop serving agent sockets. VMs keep running: a restart re-serves them."""
+        for proxy in list(self._proxies.values()):
+            await proxy.close()
+        self._proxies.clear()
+
+    # ------------------------------------------------------------------- helpers
+    def _get(self, sandbox_id: str) -> Sandbox:
+        validate_sandbox_id(sandbox_id)
+        sandbox = self.store.get(sandbox_id)
+        if sandbox is None:
+            raise LifecycleError(Code.NOT_FOUND, f"sandbox {sandbox_id} not found")
+        return sandbox
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+
+def validate_sandbox_id(sandbox_id: str) -> None:
+    problem = None
+    if not sandbox_id:
+        problem = "must not be empty"
+    elif len(sandbox_id) > MAX_ID_LENGTH:
+        problem = f"is {len(sandbox_id)} characters long, the limit is {MAX_ID_LENGTH}"
+    elif "\x00" in sandbox_id:
+        problem = "must not contain NUL"
+    elif "/" in sandbox_id or ".." in sandbox_id:
+        problem = "must not contain '/' or '..'"
+    if problem:
+        raise LifecycleError(Code.INVALID_ARGUMENT, f"sandbox id {sandbox_id[:MAX_ID_LENGTH]!r} {problem}")
+
+
+def validate_netns_path(path: str) -> None:
+    if not path:
+        raise LifecycleError(Code.INVALID_ARGUMENT, "networkNamespacePath is empty; expected the pod's network namespace (e.g. /run/netns/cni-...)")
+    if "\x00" in path or not os.path.isabs(path):
+        raise LifecycleError(Code.INVALID_ARGUMENT, f"networkNamespacePath {path!r} must be an absolute path")
+    if not os.path.exists(path):
+        raise LifecycleError(Code.INVALID_ARGUMENT, f"networkNamespacePath {path!r} does not exist")
+
+
+_NAME_CHARS = re.compile(r"[^a-z0-9-]+")
+
+
+def vm_name_for(pod_name: str, sandbox_id: str) -> str:
+    """``podvm-<pod name sanitized>-<first 8 of sandbox id>``, at most 63 chars."""
+    suffix = re.sub(r"[^a-z0-9]", "", sandbox_id.lower())[:8] or hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]
+    room = 63 - len("podvm-") - len(suffix) - 1
+    pod = _NAME_CHARS.sub("-", pod_name.lower()).strip("-")[:room].strip("-")
+    return f"podvm-{pod}-{suffix}" if pod else f"podvm-{suffix}"
+
+
+def client_token_for(sandbox_id: str) -> str:
+    """Stable idempotency token: a retried create of this sandbox adopts its VM."""
+    return hashlib.sha256(sandbox_id.encode()).hexdigest()[:64]
+
+
+def _annotation_problems(annotations: Mapping[str, str]) -> list[str]:
+    problems = []
+    for key in (ANN_VCPUS, ANN_MEMORY, ANN_GPUS):
+        value = annotations.get(key, "")
+        if value and not (value.isdigit() and int(value) >= 0):
+            problems.append(f"annotation {key}={value!r} is not a non-negative integer")
+    return problems
+
+
+def _int_annotation(annotations: Mapping[str, str], key: str) -> int | None:
+    value = annotations.get(key, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, LifecycleError):
+        return exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled (the caller gave up or StopVM was called)"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,87 @@
+"""The hypervisor service: wire messages in, lifecycle calls, wire messages out.
+
+One method table serves both bindings — ttrpc on the unix socket the shim
+dials, and gRPC on the optional endpoint — so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from google.protobuf.message import Message
+
+from cloudadaptor import __version__
+from cloudadaptor.adaptor.lifecycle import LifecycleError, SandboxLifecycle
+from cloudadaptor.protocols import hypervisor_pb2 as hv
+from cloudadaptor.protocols import podvminfo_pb2 as pvi
+from cloudadaptor.ttrpc.errors import Code, TtrpcError
+from cloudadaptor.ttrpc.server import Server, unary
+
+log = logging.getLogger(__name__)
+
+HYPERVISOR_SERVICE = "hypervisor.Hypervisor"
+PODVMINFO_SERVICE = "podvminfo.PodVMInfo"
+
+
+@dataclass(frozen=True)
+class Method:
+    service: str
+    name: str
+    request: type[Message]
+    response: type[Message]
+    call: Callable[[Any], Awaitable[Message]]
+
+
+class HypervisorService:
+    def __init__(self, lifecycle: SandboxLifecycle) -> None:
+        self.lifecycle = lifecycle
+
+    async def version(self, request: hv.VersionRequest) -> hv.VersionResponse:
+        return hv.VersionResponse(version=__version__)
+
+    async def create_vm(self, request: hv.CreateVMRequest) -> hv.CreateVMResponse:
+        path = await self.lifecycle.create(request.id, dict(request.annotations), request.networkNamespacePath)
+        return hv.CreateVMResponse(agentSocketPath=path)
+
+    async def start_vm(self, request: hv.StartVMRequest) -> hv.StartVMResponse:
+        await self.lifecycle.start(request.id)
+        return hv.StartVMResponse()
+
+    async def stop_vm(self, request: hv.StopVMRequest) -> hv.StopVMResponse:
+        await self.lifecycle.stop(request.id)
+        return hv.StopVMResponse()
+
+    async def get_info(self, request: pvi.GetInfoRequest) -> pvi.GetInfoResponse:
+        vm_id = await self.lifecycle.vm_id_of_pod(request.PodNamespace, request.PodName, request.Wait)
+        return pvi.GetInfoResponse(VMID=vm_id)
+
+    def methods(self) -> list[Method]:
+        return [
+            Method(HYPERVISOR_SERVICE, "Version", hv.VersionRequest, hv.VersionResponse, self.version),
+            Method(HYPERVISOR_SERVICE, "CreateVM", hv.CreateVMRequest, hv.CreateVMResponse, self.create_vm),
+            Method(HYPERVISOR_SERVICE, "StartVM", hv.StartVMRequest, hv.StartVMResponse, self.start_vm),
+            Method(HYPERVISOR_SERVICE, "StopVM", hv.StopVMRequest, hv.StopVMResponse, self.stop_vm),
+            Method(PODVMINFO_SERVICE, "GetInfo", pvi.GetInfoRequest, pvi.GetInfoResponse, self.get_info),
+        ]
+
+    def register_ttrpc(self, server: Server) -> None:
+        for method in self.methods():
+            server.register(method.service, method.name, unary(method.request, _ttrpc_call(method)))
+
+
+def _ttrpc_call(method: Method) -> Callable[[Message, Any], Awaitable[Message]]:
+    async def call(request: Message, ctx: Any) -> Message:
+        try:
+            return await method.call(request)
+        except LifecycleError as exc:
+            log.warning("%s/%s: %s: %s", method.service, method.name, exc.code.name, exc.message)
+            raise TtrpcError(exc.code, exc.message) from None
+        except TtrpcError:
+            raise
+        except Exception as exc:
+            log.exception("%s/%s failed", method.service, method.name)
+            raise TtrpcError(Code.INTERNAL, f"{method.name}: internal error: {type(exc).__name__}: {exc}") from None
+
+    return call

@@ -1,0 +1,143 @@
+"""`cloud-api-adaptor`: one command, one subcommand per job.
+
+Worker side: ``serve`` (the daemon), ``config check``, ``demo``.
+Pod VM side: ``process-user-data``, ``forwarder``.
+Settings come from the environment (peer-pods-cm / peer-pods-secret keys,
+see README); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from cloudadaptor import __version__
+
+# serve flag -> environment key it overrides
+_SERVE_FLAGS = {
+    "provider": "CLOUD_PROVIDER",
+    "socket": "SOCKET",
+    "state_dir": "STATE_DIR",
+    "pods_dir": "PODS_DIR",
+    "grpc_endpoint": "GRPC_ENDPOINT",
+    "proxy_timeout": "PROXY_TIMEOUT",
+    "node_name": "NODE_NAME",
+    "log_level": "LOG_LEVEL",
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (override the environment keys in brackets)")
+    group.add_argument("--provider", help="[CLOUD_PROVIDER] aws | azure | local")
+    group.add_argument("--socket", help="[SOCKET] hypervisor socket (default /run/peerpod/hypervisor.sock)")
+    group.add_argument("--state-dir", help="[STATE_DIR] state store and TLS material (default /run/peerpod)")
+    group.add_argument("--pods-dir", help="[PODS_DIR] per-pod agent sockets (default /run/peerpod/pods)")
+    group.add_argument("--grpc-endpoint", help="[GRPC_ENDPOINT] also serve the hypervisor API over gRPC on host:port")
+    group.add_argument("--proxy-timeout", help="[PROXY_TIMEOUT] how long StartVM waits for the agent (default 5m)")
+    group.add_argument("--node-name", help="[NODE_NAME] this worker's name (default: hostname)")
+    group.add_argument("--log-level", help="[LOG_LEVEL] debug | info | warning | error")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    return {key: getattr(args, flag, None) for flag, key in _SERVE_FLAGS.items()}
+
+
+def _setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+def _print_problems(problems: list) -> None:
+    print(f"configuration refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cloudadaptor.adaptor.daemon import StartupError, serve
+    from cloudadaptor.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(os.environ, overrides=_overrides(args))
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 2
+    _setup_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 2
+    except StartupError as exc:
+        print(f"cannot start:\n{exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from cloudadaptor.config import check
+
+    rows, problems = check(os.environ, overrides=_overrides(args))
+    width = max((len(key) for key, _, _ in rows), default=10)
+    for key, value, source in rows:
+        print(f"{key:<{width}}  {value}  ({source})")
+    if problems:
+        print(file=sys.stderr)
+        _print_problems(problems)
+        return 1
+    print("\nconfiguration OK")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"cloud-api-adaptor {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cloudadaptor import demo
+    from cloudadaptor.podvm import forwarder, process_user_data
+
+    parser = argparse.ArgumentParser(prog="cloud-api-adaptor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cloud-api-adaptor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run the worker daemon (hypervisor service for the kata shim)")
+    _add_setting_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="inspect the configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_sub.add_parser("check", help="print the effective settings (secrets masked); exit 1 listing every problem")
+    _add_setting_flags(check)
+    check.set_defaults(func=cmd_config_check)
+
+    fwd = sub.add_parser("forwarder", help="(pod VM) agent-protocol-forwarder: mTLS on 15150 in front of the kata-agent")
+    forwarder.build_parser(fwd)
+    fwd.set_defaults(func=forwarder.run)
+
+    pud = sub.add_parser("process-user-data", help="(pod VM) fetch user data and write the allow-listed files")
+    process_user_data.build_parser(pud)
+    pud.set_defaults(func=process_user_data.run)
+
+    dem = sub.add_parser("demo", help="run 3 peer pods end to end on the local provider, in a private namespace")
+    demo.build_parser(dem)
+    dem.set_defaults(func=demo.run)
+
+    ver = sub.add_parser("version", help="print the version")
+    ver.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""`cloud-api-adaptor demo`: three peer pods end to end on the local provider.
+
+Enters a private user+net+mount namespace by itself (nothing on the machine's
+network changes), starts `cloud-api-adaptor serve` with CLOUD_PROVIDER=local,
+starts pods through the shim emulator exactly as containerd-shim-kata-v2
+would, runs a command in each pod VM (shim → agent proxy → mTLS → forwarder →
+agent), prints a table, stops the pods and proves nothing is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudadaptor.testing import privatens
+
+SOCKET = "/run/peerpod/hypervisor.sock"
+STATE_DB = Path("/run/peerpod/state.db")
+PODS_DIR = Path("/run/peerpod/pods")
+DEMO_COMMAND = ["sh", "-c", "echo \"$(hostname) $(readlink /proc/self/ns/net)\""]
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pods", type=int, default=3, help="number of peer pods (default 3)")
+    parser.add_argument("--boot-delay", default="0s", help="LOCAL_BOOT_DELAY: imitated cloud boot time (default 0s)")
+    parser.add_argument("--proxy-timeout", default="30s", help="PROXY_TIMEOUT for the demo daemon (default 30s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not privatens.inside():
+        privatens.exec_inside([sys.executable, "-m", "cloudadaptor.cli", "demo", *sys.argv[2:]])
+    if args.pods < 1:
+        print("--pods must be at least 1", file=sys.stderr)
+        return 2
+    return asyncio.run(_demo(args))
+
+
+@dataclass
+class Row:
+    pod: str
+    sandbox_id: str
+    vm_id: str = "-"
+    vm_ip: str = "-"
+    create_ms: float = 0.0
+    start_ms: float = 0.0
+    output: str = ""
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from cloudadaptor.testing.podnet import create_pod_netns
+
+    log_file = tempfile.NamedTemporaryFile(prefix="cloud-api-adaptor-demo-", suffix=".log", delete=False)
+    env = {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": args.boot_delay,
+           "PROXY_TIMEOUT": args.proxy_timeout, "NODE_NAME": "demo-worker"}
+    _say(f"private namespace ready; starting `cloud-api-adaptor serve` (log: {log_file.name})")
+    daemon = subprocess.Popen([sys.executable, "-m", "cloudadaptor.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    pod_netns = []
+    ok = False
+    try:
+        await _wait_for_socket(daemon)
+        for i in range(args.pods):
+            pod_netns.append(create_pod_netns(f"cni-demo-{i}", f"198.51.100.{10 + i}/24", "198.51.100.1"))
+        ok = await _run_pods(args.pods, pod_netns)
+    except Exception as exc:
+        _say(f"demo failed: {type(exc).__name__}: {exc}")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        for netns in pod_netns:
+            netns.delete()
+    if not ok:
+        _say(f"daemon log ({log_file.name}):")
+        print(Path(log_file.name).read_text()[-4000:])
+        return 1
+    leftovers = _leftovers()
+    if leftovers:
+        _say("LEFT BEHIND after the daemon exited:")
+        for line in leftovers:
+            print(f"  - {line}")
+        return 1
+    _say("daemon stopped; no VM process, VM namespace, VM link or agent socket remains")
+    os.unlink(log_file.name)
+    return 0
+
+
+async def _wait_for_socket(daemon: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(SOCKET):
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited with code {daemon.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{SOCKET} did not appear within {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+    _say(f"daemon serving {SOCKET}")
+
+
+async def _run_pods(count: int, pod_netns: list) -> bool:
+    from cloudadaptor.testing.shim import ShimEmulator, start_pod, stop_pod
+
+    shim = ShimEmulator(SOCKET)
+    _say(f"hypervisor service version {await shim.version()}; starting {count} peer pods through the shim emulator")
+    names = [f"demo-pod-{i}" for i in range(count)]
+    results = await asyncio.gather(
+        *(start_pod(shim, name, "default", netns.path) for name, netns in zip(names, pod_netns)),
+        return_exceptions=True,
+    )
+    runs, rows, failed = [], [], False
+    for name, result in zip(names, results):
+        if isinstance(result, BaseException):
+            _say(f"{name}: failed to start: {result}")
+            failed = True
+            continue
+        run, create_s, start_s = result
+        runs.append(run)
+        row = Row(name, run.sandbox_id, create_ms=create_s * 1000, start_ms=start_s * 1000)
+        row.vm_id, row.vm_ip = _vm_of(run.sandbox_id)
+        executed = await run.exec(DEMO_COMMAND)
+        row.output = (executed.stdout.decode().strip() or executed.stderr.decode().strip()) + (
+            f" (exit {executed.exit_code})" if executed.exit_code else "")
+        failed |= executed.exit_code != 0
+        rows.append(row)
+        _say(f"{name}: VM {row.vm_id} at {row.vm_ip} answered")
+    _print_table(rows)
+    for run in runs:
+        await stop_pod(shim, run)
+    _say(f"stopped {len(runs)} pods (StopVM)")
+    remaining = _state_rows()
+    if remaining:
+        _say(f"state store still has {remaining} rows after StopVM")
+        failed = True
+    return not failed and len(runs) == count
+
+
+def _vm_of(sandbox_id: str) -> tuple[str, str]:
+    from cloudadaptor.adaptor.store import SandboxStore
+
+    store = SandboxStore(STATE_DB)
+    try:
+        sandbox = store.get(sandbox_id)
+        return (sandbox.instance_id, sandbox.vm_ips[0]) if sandbox and sandbox.vm_ips else ("-", "-")
+    finally:
+        store.close()
+
+
+def _state_rows() -> int:
+    from cloudadaptor.adaptor.store import SandboxStore
+
+    store = SandboxStore(STATE_DB)
+    try:
+        return len(store.all())
+    finally:
+        store.close()
+
+
+def _print_table(rows: list[Row]) -> None:
+    header = ("POD", "SANDBOX ID", "VM ID", "VM IP", "CreateVM ms", "StartVM ms", "COMMAND OUTPUT")
+    table = [header] + [
+        (r.pod, r.sandbox_id[:12], r.vm_id, r.vm_ip, f"{r.create_ms:.1f}", f"{r.start_ms:.1f}", r.output) for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    print()
+    for line in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print(f"\ncommand run in each pod VM: {' '.join(DEMO_COMMAND)}\n", flush=True)
+
+
+def _leftovers() -> list[str]:
+    """Everything of the pods that should be gone: netns, links, sockets, processes, rows."""
+    from pyroute2 import IPRoute
+
+    found = []
+    netns_dir = Path("/run/netns")
+    found += [f"network namespace {p.name}" for p in netns_dir.iterdir()] if netns_dir.exists() else []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            kind = (link.get_attr("IFLA_LINKINFO") or {}).get_attr("IFLA_INFO_KIND") if link.get_attr("IFLA_LINKINFO") else None
+            if kind in ("veth", "vxlan"):
+                found.append(f"link {name} ({kind})")
+    if PODS_DIR.exists():
+        found += [f"pod directory {p}" for p in PODS_DIR.iterdir()]
+    found += [f"socket {p}" for p in Path("/run/peerpod").rglob("*") if p.is_socket()]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "cloudadaptor" in cmdline:
+                found.append(f"process {proc.name}: {cmdline.strip()}")
+    if STATE_DB.exists() and _state_rows():
+        found.append(f"{_state_rows()} sandbox rows in {STATE_DB}")
+    return found

@@ -1,0 +1,127 @@
+"""Lifecycle fixtures: a fake provider whose "VMs" are a health server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import pytest
+
+from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.store import SandboxStore
+from cloudadaptor.protocols import health_pb2
+from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderError
+from cloudadaptor.ttrpc.server import Server, unary
+
+
+@dataclass
+class FakeProvider:
+    """Records calls; every instance answers on 127.0.0.1 (the fake agent)."""
+
+    name: str = "fake"
+    instances: dict[str, Instance] = field(default_factory=dict)
+    by_token: dict[str, str] = field(default_factory=dict)
+    created: list[InstanceSpec] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    fail_create: str | None = None
+    create_delay: float = 0.0
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    async def verify(self) -> list[str]:
+        return []
+
+    async def create_instance(self, spec: InstanceSpec) -> Instance:
+        if self.fail_create:
+            raise ProviderError(self.fail_create)
+        await asyncio.sleep(self.create_delay)
+        if spec.client_token in self.by_token:
+            return self.instances[self.by_token[spec.client_token]]
+        instance = Instance(f"i-fake-{next(self._ids)}", spec.name, ("127.0.0.1",), dict(spec.tags))
+        self.instances[instance.id] = instance
+        self.by_token[spec.client_token] = instance.id
+        self.created.append(spec)
+        return instance
+
+    async def delete_instance(self, instance_id: str) -> None:
+        self.deleted.append(instance_id)
+        self.instances.pop(instance_id, None)
+
+    async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
+        return [i for i in self.instances.values() if all(i.tags.get(k) == v for k, v in tags.items())]
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeAgent:
+    """A ttrpc grpc.Health server on a loopback port, standing in for the forwarder."""
+
+    def __init__(self) -> None:
+        self.server = Server()
+        self.checks = 0
+
+        async def check(request, ctx):
+            self.checks += 1
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+        self.server.register("grpc.Health", "Check", unary(health_pb2.CheckRequest, check))
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = await self.server.serve_tcp("127.0.0.1", 0)
+        return self.port
+
+
+@pytest.fixture
+async def agent():
+    fake = FakeAgent()
+    await fake.start()
+    yield fake
+    await fake.server.close()
+
+
+@pytest.fixture
+def provider() -> FakeProvider:
+    return FakeProvider()
+
+
+@pytest.fixture
+def netns_file(tmp_path: Path) -> str:
+    # CreateVM only checks that the path exists; the pod network is issue-3 work.
+    path = tmp_path / "netns-pod"
+    path.write_text("")
+    return str(path)
+
+
+@pytest.fixture
+def short_dir():
+    """A short directory: agent sockets need paths under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvider):
+    made: list[tuple[SandboxLifecycle, SandboxStore]] = []
+
+    def make(agent_port: int, proxy_timeout: float = 5.0) -> SandboxLifecycle:
+        store = SandboxStore(tmp_path / "state" / "state.db")
+        lifecycle = SandboxLifecycle(
+            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", proxy_timeout=proxy_timeout, agent_port=agent_port),
+            store=store,
+            provider=provider,
+            tls=None,
+        )
+        made.append((lifecycle, store))
+        return lifecycle
+
+    yield make
+    for lifecycle, store in made:
+        await lifecycle.close()
+        store.close()
