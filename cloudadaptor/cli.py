@@ -50,6 +50,8 @@ def _setup_logging(level: str = "info") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    # pyroute2 logs every netlink message at debug: too much even for debugging us.
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def _print_problems(problems: list) -> None:

@@ -71,7 +71,8 @@ async def _demo(args: argparse.Namespace) -> int:
     try:
         await _wait_for_socket(daemon)
         for i in range(args.pods):
-            pod_netns.append(create_pod_netns(f"cni-demo-{i}", f"198.51.100.{10 + i}/24", "198.51.100.1"))
+            # pyroute2's synchronous API runs its own event loop: keep it off ours.
+            pod_netns.append(await asyncio.to_thread(create_pod_netns, f"cni-demo-{i}", f"198.51.100.{10 + i}/24", "198.51.100.1"))
         ok = await _run_pods(args.pods, pod_netns)
     except Exception as exc:
         _say(f"demo failed: {type(exc).__name__}: {exc}")
@@ -82,12 +83,12 @@ async def _demo(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             daemon.kill()
         for netns in pod_netns:
-            netns.delete()
+            await asyncio.to_thread(netns.delete)
     if not ok:
         _say(f"daemon log ({log_file.name}):")
         print(Path(log_file.name).read_text()[-4000:])
         return 1
-    leftovers = _leftovers()
+    leftovers = await asyncio.to_thread(_leftovers)
     if leftovers:
         _say("LEFT BEHIND after the daemon exited:")
         for line in leftovers:
@@ -195,9 +196,12 @@ def _leftovers() -> list[str]:
     if PODS_DIR.exists():
         found += [f"pod directory {p}" for p in PODS_DIR.iterdir()]
     found += [f"socket {p}" for p in Path("/run/peerpod").rglob("*") if p.is_socket()]
+    our_userns = os.stat("/proc/self/ns/user").st_ino
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
+                if os.stat(proc / "ns" / "user").st_ino != our_userns:
+                    continue  # not ours: another namespace's processes
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue

@@ -37,6 +37,7 @@ class Daemon:
         self._ttrpc = Server()
         self._grpc = None
         self._store: SandboxStore | None = None
+        self.closed = False
 
     async def start(self) -> None:
         settings = self.settings
@@ -71,7 +72,10 @@ class Daemon:
             await self._grpc.start()
 
     async def close(self) -> None:
-        """Stop listening; VMs and their records stay for the next start."""
+        """Stop listening; VMs and their records stay for the next start. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         if self._grpc is not None:
             await self._grpc.close()
         await self._ttrpc.close()

@@ -120,6 +120,8 @@ class AgentProxy:
         self._pipes.add(task)
         try:
             await self._pipe(reader, writer)
+        except asyncio.CancelledError:
+            pass  # close() cut this connection; asyncio's server callback must not see it
         finally:
             self._pipes.discard(task)
 

@@ -185,7 +185,13 @@ async def start_pod(shim: ShimEmulator, pod_name: str, pod_namespace: str, netns
     began = loop.time()
     agent_socket = await shim.create_vm(sandbox_id, netns_path, shim_annotations(pod_name, pod_namespace))
     created = loop.time()
-    await shim.start_vm(sandbox_id)
+    try:
+        await shim.start_vm(sandbox_id)
+    except BaseException:
+        # The shim tears a sandbox down with StopVM when StartVM fails.
+        with contextlib.suppress(Exception):
+            await shim.stop_vm(sandbox_id)
+        raise
     started = loop.time()
     session = await AgentSession.dial(agent_socket)
     try:

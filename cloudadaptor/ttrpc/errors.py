@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from cloudadaptor.protocols import ttrpc_pb2
+
 
 class Code(enum.IntEnum):
     OK = 0
@@ -39,4 +41,17 @@ class TtrpcError(Exception):
 
 
 class ConnectionClosed(Exception):
-    """The connection ended before the call got its response."""
+    """The connection ended before the call got its response (or was already closed)."""
+
+
+def error_response(code: Code | int, message: str) -> bytes:
+    """A serialized ttrpc ``Response`` carrying only ``status`` (no payload), as containerd sends."""
+    response = ttrpc_pb2.Response()
+    response.status.code = int(code)
+    response.status.message = message
+    return response.SerializeToString()
+
+
+def success_response(payload: bytes) -> bytes:
+    """A serialized ttrpc ``Response`` carrying only ``payload`` (status unset), as containerd sends."""
+    return ttrpc_pb2.Response(payload=payload).SerializeToString()

@@ -1,12 +1,14 @@
 """ttrpc frames: a 10-byte big-endian header followed by ``length`` bytes.
 
 Header layout (containerd/ttrpc): ``uint32 length, uint32 stream_id,
-uint8 type, uint8 flags``. ``length`` counts the data only.
+uint8 type, uint8 flags``. ``length`` counts the data only and may not exceed
+``MAX_MESSAGE_LENGTH``. There is no preface or handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import struct
 from dataclasses import dataclass
@@ -14,12 +16,20 @@ from dataclasses import dataclass
 HEADER = struct.Struct(">IIBB")
 HEADER_LENGTH = HEADER.size  # 10
 MAX_MESSAGE_LENGTH = 4 << 20  # 4 MiB, containerd's messageLengthMax
+# An announced length beyond this is garbage, not an oversized message: a TLS
+# ClientHello reads as ~369 MB, any ASCII text as >= 512 MB. Discarding that
+# much would hang the connection, so it is a FrameError instead.
+MAX_DISCARD_LENGTH = 64 << 20
+_DISCARD_CHUNK = 1 << 16
 
 
 class FrameType(enum.IntEnum):
     REQUEST = 1
     RESPONSE = 2
     DATA = 3
+
+
+KNOWN_FRAME_TYPES = frozenset(int(t) for t in FrameType)
 
 
 class Flags(enum.IntFlag):
@@ -57,6 +67,7 @@ class Frame:
     data: bytes
 
     def encode(self) -> bytes:
+        """Header + data. Raises ``ValueError`` rather than build a frame over the limit."""
         if len(self.data) > MAX_MESSAGE_LENGTH:
             raise ValueError(
                 f"refusing to send {len(self.data)} bytes: ttrpc frames are "
@@ -68,17 +79,31 @@ class Frame:
 async def read_frame(reader: asyncio.StreamReader, max_length: int = MAX_MESSAGE_LENGTH) -> Frame | None:
     """Read one frame; ``None`` on a clean end of stream between frames.
 
-    Raises ``FrameError`` when the stream ends inside a frame, and
-    ``OversizedFrame`` (after discarding the data) for a frame over the limit.
+    Blocks until a whole frame (or the end of the stream) arrived. Raises
+    ``FrameError`` for an unknown frame type or an absurd length (over
+    ``MAX_DISCARD_LENGTH``; both checked before anything else is read, so
+    garbage such as an HTTP request line or a TLS ClientHello is refused at
+    once) or when the stream ends inside a frame, and ``OversizedFrame``
+    (after reading and discarding the data) for a frame over ``max_length``. Transport errors
+    (``OSError``, including ``ssl.SSLError``) propagate unchanged.
     """
     try:
         header = await reader.readexactly(HEADER_LENGTH)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
-        raise FrameError(f"connection closed inside a frame header ({len(exc.partial)} of {HEADER_LENGTH} bytes)") from None
+        raise FrameError(
+            f"connection closed inside a frame header ({len(exc.partial)} of {HEADER_LENGTH} bytes)"
+        ) from None
     length, stream_id, frame_type, flags = HEADER.unpack(header)
+    if frame_type not in KNOWN_FRAME_TYPES:
+        raise FrameError(f"unknown frame type {frame_type:#04x} (header {header!r}); not a ttrpc peer?")
     if length > max_length:
+        if length > MAX_DISCARD_LENGTH:
+            raise FrameError(
+                f"frame header announces {length} bytes on stream {stream_id} (header {header!r}); "
+                "not a ttrpc peer?"
+            )
         await _discard(reader, length)
         raise OversizedFrame(stream_id, frame_type, length)
     try:
@@ -94,7 +119,25 @@ async def read_frame(reader: asyncio.StreamReader, max_length: int = MAX_MESSAGE
 async def _discard(reader: asyncio.StreamReader, length: int) -> None:
     remaining = length
     while remaining:
-        chunk = await reader.read(min(remaining, 1 << 16))
+        chunk = await reader.read(min(remaining, _DISCARD_CHUNK))
         if not chunk:
             raise FrameError(f"connection closed inside an oversized frame ({length} bytes announced)")
         remaining -= len(chunk)
+
+
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
+    """Close a stream and wait (bounded) for it to go away; never raises.
+
+    Idempotent. When the peer does not finish a TLS shutdown within
+    ``timeout`` seconds the transport is aborted so nothing lingers.
+    """
+    with contextlib.suppress(Exception):
+        writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    except Exception:  # noqa: BLE001 - closing is best effort by contract
+        with contextlib.suppress(Exception):
+            writer.transport.abort()

@@ -1,0 +1,542 @@
+"""Typed settings from the environment (peer-pods-cm / peer-pods-secret), validated once.
+
+Operators configure the adaptor through environment variables (DESIGN §3);
+command-line flags may override them (``overrides=``). Everything is parsed
+here into a frozen ``Settings`` and handed to constructors; nothing else reads
+``os.environ``.
+
+Bad configuration is refused with *every* problem at once, one line each,
+naming the key, the bad value (``<hidden>`` for secrets) and what is expected.
+A secret's value never appears in a message, a repr or ``config check``.
+
+Providers declare their own keys (``KEYS: tuple[Key, ...]``) and parse them
+from ``Settings.provider_env`` with ``parse_keys``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket as _socket
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+HIDDEN = "<hidden>"
+UNSET = "<unset>"
+
+# StartVM is given max(10 s, remote_hypervisor_timeout) = 600 s by default.
+SHIM_STARTVM_DEADLINE = 600.0
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key.
+
+    ``parse(text)`` turns the (stripped, non-empty) text into a value or raises
+    ``ValueError("what is expected")``. ``default`` is the *typed* value used
+    when the key is unset or empty; it is not parsed.
+    """
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any = None
+    required: bool = False
+    secret: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad setting. ``value`` is None when the key is unset; masked for secrets."""
+
+    key: str
+    value: str | None
+    expected: str
+    secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.secret and self.value is not None:
+            object.__setattr__(self, "value", HIDDEN)
+
+    def __str__(self) -> str:
+        expected = " ".join(self.expected.split())  # always one line
+        if self.value is None:
+            return f"{self.key} is not set: {expected}"
+        shown = f'"{HIDDEN}"' if self.secret else json.dumps(self.value, ensure_ascii=False)
+        return f"{self.key}={shown}: {expected}"
+
+
+class ConfigError(Exception):
+    """Configuration refused; ``problems`` lists every problem found, str() is one line each."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    """The stripped value, or None when unset or blank (ConfigMaps carry empty keys)."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return None
+    return raw.strip()
+
+
+def parse_keys(keys: Iterable[Key], env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:
+    """Parse ``keys`` from ``env``; returns (values by key name, problems).
+
+    Unset or blank keys take their default; a required key that is unset is a
+    problem. Every key is tried, so all problems come back together.
+    """
+    values: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for key in keys:
+        if key.name in COMMON_SECRET_KEYS and not key.secret:
+            key = dataclasses.replace(key, secret=True)
+        text = _text(env, key.name)
+        if text is None:
+            if key.required:
+                expected = f"required: {key.help}" if key.help else "required"
+                problems.append(Problem(key.name, None, expected, key.secret))
+            values[key.name] = key.default
+            continue
+        try:
+            values[key.name] = key.parse(text)
+        except ValueError as exc:
+            expected = str(exc) or "invalid value"
+            if key.secret and text in expected:  # a parser echoed the secret
+                expected = f"invalid value (expected {key.help or 'a valid value'})"
+            problems.append(Problem(key.name, text, expected, key.secret))
+            values[key.name] = key.default
+    return values, problems
+
+
+# ------------------------------------------------------------------------ parsers
+
+_DURATION_UNITS = {
+    "ns": Fraction(1, 10**9),
+    "us": Fraction(1, 10**6),
+    "µs": Fraction(1, 10**6),  # U+00B5 micro sign
+    "μs": Fraction(1, 10**6),  # U+03BC greek mu
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+DURATION_EXPECTED = "expected a duration like 300ms, 90s, 5m or 1h30m (units ns, us, ms, s, m, h)"
+
+
+def parse_duration(text: str) -> float:
+    """Go ``time.ParseDuration`` syntax without a sign, to seconds: "1h30m" -> 5400.0."""
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError(DURATION_EXPECTED)
+    total = Fraction(0)
+    pos = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(DURATION_EXPECTED)
+        total += Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return float(total)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a Go-style duration: 300 -> "5m", 5400 -> "1h30m", 0.3 -> "300ms"."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if hours:
+        parts.append(f"{int(hours)}h")
+    if minutes:
+        parts.append(f"{int(minutes)}m")
+    if secs:
+        parts.append(f"{round(secs, 3):g}s")
+    return "".join(parts)
+
+
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def parse_bool(text: str) -> bool:
+    """Go ``strconv.ParseBool``: 1 t T TRUE true True / 0 f F FALSE false False."""
+    text = text.strip()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true or false (or 1/0, t/f)")
+
+
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """A parser for a decimal integer within [lo, hi] (either bound may be open)."""
+    if lo is not None and hi is not None:
+        expected = f"expected an integer from {lo} to {hi}"
+    elif lo is not None:
+        expected = f"expected an integer of at least {lo}"
+    elif hi is not None:
+        expected = f"expected an integer of at most {hi}"
+    else:
+        expected = "expected an integer"
+
+    def parse(text: str) -> int:
+        text = text.strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(expected)
+        value = int(text)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+_port = int_range(1, 65535)
+
+
+def parse_port(text: str) -> int:
+    """A TCP/UDP port number, 1..65535."""
+    try:
+        return _port(text)
+    except ValueError:
+        raise ValueError("expected a port number from 1 to 65535") from None
+
+
+def parse_csv(text: str) -> tuple[str, ...]:
+    """"a, b,,c" -> ("a", "b", "c"): items stripped, empty items dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """"k=v,k2=v2" -> {"k": "v", "k2": "v2"}; the first bad pair is named."""
+    tags: dict[str, str] = {}
+    for pair in text.split(","):
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected key=value pairs separated by commas; bad pair {pair.strip()!r}")
+        if key in tags:
+            raise ValueError(f"expected key=value pairs with distinct keys; {key!r} appears twice")
+        tags[key] = value.strip()
+    return tags
+
+
+def parse_tls_version(text: str) -> str:
+    """"1.2" or "1.3" (also "TLS1.2", "TLSv1.3", Go's "VersionTLS12"); 1.0/1.1 are refused."""
+    norm = text.strip().lower().replace("versiontls", "").replace("tlsv", "").replace("tls", "")
+    norm = {"12": "1.2", "13": "1.3", "10": "1.0", "11": "1.1"}.get(norm, norm)
+    if norm in TLS_VERSIONS:
+        return norm
+    if norm in ("1.0", "1.1"):
+        raise ValueError(f"TLS {norm} is not allowed (insecure); expected 1.2 or 1.3")
+    raise ValueError("expected 1.2 or 1.3")
+
+
+def parse_proxy_timeout(text: str) -> float:
+    seconds = parse_duration(text)
+    if not 0 < seconds < SHIM_STARTVM_DEADLINE:
+        raise ValueError(
+            "expected a duration greater than 0 and below 10m "
+            "(the shim's StartVM deadline is 600 s)"
+        )
+    return seconds
+
+
+def parse_abs_path(text: str) -> Path:
+    if not os.path.isabs(text):
+        raise ValueError("expected an absolute path")
+    return Path(text)
+
+
+def parse_readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError("expected a readable file")
+    return path
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """"host:port", "[v6]:port" or ":port" (all interfaces) -> (host, port)."""
+    expected = 'expected "host:port" (e.g. 127.0.0.1:50051, [::1]:50051 or :50051)'
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]+)\]:(\d+)|([^:\[\]\s]*):(\d+)", text.strip())
+    if match is None:
+        raise ValueError(expected)
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(expected + " with a port from 1 to 65535")
+    return host, port
+
+
+def _parse_grpc_endpoint(text: str) -> str:
+    parse_host_port(text)
+    return text.strip()
+
+
+def _parse_log_level(text: str) -> str:
+    level = text.strip().lower()
+    level = "warning" if level == "warn" else level
+    if level not in LOG_LEVELS:
+        raise ValueError("expected one of: " + ", ".join(LOG_LEVELS))
+    return level
+
+
+def _parse_provider(text: str) -> str:
+    from cloudadaptor.providers import base
+
+    names = base.provider_names()
+    if text not in names:
+        raise ValueError("expected one of: " + ", ".join(names))
+    return text
+
+
+# ------------------------------------------------------------------------ settings
+
+# Secrets named here are masked everywhere even if no provider declares them.
+COMMON_SECRET_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_CLIENT_SECRET",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Common settings (DESIGN §3) plus the adaptor's own paths and endpoints.
+
+    Every field has a default so tests can build one with just what they need.
+    ``provider_env`` is the raw environment a provider parses its own KEYS from;
+    it is excluded from repr and comparison (it may hold secrets).
+    """
+
+    cloud_provider: str = "local"
+    vxlan_port: int = 9000
+    vxlan_min_id: int = 555000
+    proxy_timeout: float = 300.0
+    podvm_instance_type: str | None = None
+    podvm_instance_types: tuple[str, ...] = ()
+    disable_cvm: bool | None = None  # None: not set (distinct from explicitly false)
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+    use_public_ip: bool = False
+    root_volume_size: int = 0  # GiB; 0 = the image's default
+    peerpods_limit_per_node: int = 10
+    cacert_file: Path | None = None
+    cert_file: Path | None = None
+    cert_key: Path | None = None
+    tls_skip_verify: bool = False
+    disable_tls: bool = False
+    tls_min_version: str = "1.2"
+    socket: Path = Path("/run/peerpod/hypervisor.sock")
+    pods_dir: Path = Path("/run/peerpod/pods")
+    state_dir: Path = Path("/run/peerpod")
+    grpc_endpoint: str | None = None
+    node_name: str = field(default_factory=_socket.gethostname)
+    log_level: str = "info"
+    provider_env: Mapping[str, str] = field(
+        default_factory=dict, repr=False, compare=False, hash=False
+    )
+
+    @property
+    def operator_tls(self) -> bool:
+        """True when the operator supplied CACERT_FILE, CERT_FILE and CERT_KEY."""
+        return None not in (self.cacert_file, self.cert_file, self.cert_key)
+
+    @property
+    def grpc_address(self) -> tuple[str, int] | None:
+        """GRPC_ENDPOINT as (host, port); host "" means all interfaces."""
+        return parse_host_port(self.grpc_endpoint) if self.grpc_endpoint else None
+
+
+# Settings field = key name in lower case, except these.
+_FIELD_NAMES = {"DISABLECVM": "disable_cvm"}
+
+
+def common_keys() -> tuple[Key, ...]:
+    """The common keys (built per call: the provider list and hostname are looked up now)."""
+    from cloudadaptor.providers import base
+
+    providers = ", ".join(base.provider_names())
+    return (
+        Key("CLOUD_PROVIDER", _parse_provider, required=True,
+            help=f"the cloud pod VMs run in; one of: {providers}"),
+        Key("VXLAN_PORT", parse_port, 9000, help="UDP port of the VXLAN tunnels"),
+        Key("VXLAN_MIN_ID", int_range(1, 16777215), 555000, help="first VXLAN network id (VNI)"),
+        Key("PROXY_TIMEOUT", parse_proxy_timeout, 300.0,
+            help="how long StartVM waits for the pod VM's agent (below the shim's 600 s)"),
+        Key("PODVM_INSTANCE_TYPE", str, help="default pod VM instance type"),
+        Key("PODVM_INSTANCE_TYPES", parse_csv, (), help="allowed instance types (comma list)"),
+        Key("DISABLECVM", parse_bool, None, help="create ordinary VMs instead of confidential VMs"),
+        Key("TAGS", parse_tags, {}, help="extra tags on pod VMs: k=v,k2=v2"),
+        Key("USE_PUBLIC_IP", parse_bool, False, help="dial pod VMs on their public IP"),
+        Key("ROOT_VOLUME_SIZE", int_range(0, None), 0, help="root disk GiB (0: image default)"),
+        Key("PEERPODS_LIMIT_PER_NODE", int_range(0, None), 10, help="pod VMs per node"),
+        Key("CACERT_FILE", parse_readable_file, help="CA the pod VMs trust for client certs"),
+        Key("CERT_FILE", parse_readable_file, help="the adaptor's client certificate"),
+        Key("CERT_KEY", parse_readable_file, help="the adaptor's client key"),
+        Key("TLS_SKIP_VERIFY", parse_bool, False, help="do not verify pod VM certificates"),
+        Key("DISABLE_TLS", parse_bool, False, help="plain TCP to pod VMs (development only)"),
+        Key("TLS_MIN_VERSION", parse_tls_version, "1.2", help="1.2 or 1.3"),
+        Key("SOCKET", parse_abs_path, Path("/run/peerpod/hypervisor.sock"),
+            help="the hypervisor ttrpc socket the shim dials"),
+        Key("PODS_DIR", parse_abs_path, Path("/run/peerpod/pods"),
+            help="per-pod directories (agent.ttrpc sockets)"),
+        Key("STATE_DIR", parse_abs_path, Path("/run/peerpod"), help="state store and TLS material"),
+        Key("GRPC_ENDPOINT", _parse_grpc_endpoint, help="optional host:port for the gRPC binding"),
+        Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
+        Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
+        *(Key(name, str, secret=True, help="credential (provider)")
+          for name in COMMON_SECRET_KEYS),
+    )
+
+
+def _cross_checks(values: Mapping[str, Any], env: Mapping[str, str]) -> list[Problem]:
+    problems = []
+    allowed = values["PODVM_INSTANCE_TYPES"]
+    chosen = values["PODVM_INSTANCE_TYPE"]
+    if chosen and allowed and chosen not in allowed:
+        problems.append(Problem(
+            "PODVM_INSTANCE_TYPE", chosen,
+            "expected one of PODVM_INSTANCE_TYPES: " + ", ".join(allowed)))
+    tls_keys = ("CACERT_FILE", "CERT_FILE", "CERT_KEY")
+    given = [k for k in tls_keys if _text(env, k) is not None]
+    if given and len(given) < len(tls_keys):
+        for k in tls_keys:
+            if k not in given:
+                problems.append(Problem(
+                    k, None, "CACERT_FILE, CERT_FILE and CERT_KEY are set together or not at all"))
+    return problems
+
+
+def merge_overrides(env: Mapping[str, str], overrides: Mapping[str, str | None] | None) -> dict[str, str]:
+    """``env`` with flag values on top (None values are flags not given)."""
+    merged = dict(env)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            merged[name] = str(value)
+    return merged
+
+
+def _load(env: Mapping[str, str]) -> tuple[Settings | None, list[Problem]]:
+    values, problems = parse_keys(common_keys(), env)
+    problems += _cross_checks(values, env)
+    if problems:
+        return None, problems
+    kwargs = {
+        _FIELD_NAMES.get(key, key.lower()): value
+        for key, value in values.items()
+        if key not in COMMON_SECRET_KEYS
+    }
+    return Settings(**kwargs, provider_env=dict(env)), []
+
+
+def load_settings(env: Mapping[str, str], *, overrides: Mapping[str, str | None] | None = None) -> Settings:
+    """Parse and validate the common settings; raises ``ConfigError`` listing every problem."""
+    settings, problems = _load(merge_overrides(env, overrides))
+    if problems:
+        raise ConfigError(problems)
+    assert settings is not None
+    return settings
+
+
+# ------------------------------------------------------------------- config check
+
+
+def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Problem]]:
+    """The chosen provider's KEYS (empty when CLOUD_PROVIDER is bad or declares none)."""
+    from cloudadaptor.providers import base
+
+    name = _text(env, "CLOUD_PROVIDER")
+    if name is None or name not in base.provider_names():
+        return (), []
+    try:
+        cls = base.load_provider_class(name)
+    except (ImportError, AttributeError) as exc:
+        return (), [Problem("CLOUD_PROVIDER", name, f"provider could not be loaded ({exc})")]
+    return tuple(getattr(cls, "KEYS", ()) or ()), []
+
+
+def _display(key: Key, value: Any) -> str:
+    if value is None or value == () or value == {}:
+        return UNSET
+    if key.secret:
+        return HIDDEN
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key.parse in (parse_duration, parse_proxy_timeout):
+        return format_duration(value)
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _all_keys(env: Mapping[str, str]) -> tuple[list[Key], list[Key], list[Problem]]:
+    """(common keys, provider keys, load problems); a key declared secret by
+    either side is secret on both, and a key both declare is listed once."""
+    provider, problems = _provider_keys(env)
+    secret_names = set(COMMON_SECRET_KEYS) | {k.name for k in provider if k.secret}
+    common = [dataclasses.replace(k, secret=k.secret or k.name in secret_names) for k in common_keys()]
+    common_names = {k.name for k in common}
+    provider = [
+        dataclasses.replace(k, secret=k.secret or k.name in secret_names)
+        for k in provider if k.name not in common_names
+    ]
+    return common, provider, problems
+
+
+def effective_settings(
+    env: Mapping[str, str], *, overrides: Mapping[str, str | None] | None = None
+) -> list[tuple[str, str, str]]:
+    """Rows of (key, value shown, source) for ``config check``; secrets are never shown.
+
+    Source is "flag", "env" or "default". Values shown are the text given, or the
+    default when unset; secrets show ``<hidden>`` (set) or ``<unset>``.
+    """
+    return check(env, overrides=overrides)[0]
+
+
+def check(
+    env: Mapping[str, str], *, overrides: Mapping[str, str | None] | None = None
+) -> tuple[list[tuple[str, str, str]], list[Problem]]:
+    """(rows as in ``effective_settings``, every problem of the common and provider keys)."""
+    merged_env = merge_overrides(env, overrides)
+    flagged = {k for k, v in (overrides or {}).items() if v is not None}
+    common, provider, problems = _all_keys(merged_env)
+    _, common_problems = _load(merged_env)
+    declared = _provider_keys(merged_env)[0]  # with their own parsers, shared keys included
+    _, provider_problems = parse_keys(declared, merged_env)
+    rows = []
+    for key in [*common, *provider]:
+        text = _text(merged_env, key.name)
+        if text is None:
+            rows.append((key.name, _display(key, key.default), "default"))
+            continue
+        shown = HIDDEN if key.secret else text
+        rows.append((key.name, shown, "flag" if key.name in flagged else "env"))
+    unique: dict[str, Problem] = {}
+    for problem in [*common_problems, *problems, *provider_problems]:
+        unique.setdefault(str(problem), problem)
+    return rows, list(unique.values())

@@ -1,0 +1,1 @@
+"""What runs in the pod VM: process-user-data, the agent-protocol forwarder, VM-side network."""

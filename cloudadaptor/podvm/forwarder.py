@@ -1,0 +1,291 @@
+"""agent-protocol-forwarder: the pod VM's mTLS front door to the kata-agent.
+
+Listens on TCP 15150 (TLS with a required client certificate when TLS is
+enabled). Each accepted connection gets its own unix connection to the
+kata-agent socket and a ttrpc ``relay`` between the two. Requests pass
+verbatim except two rewrites:
+
+- ``grpc.AgentService/CreateContainer``: the OCI spec gets the network
+  namespace ``/run/netns/podns`` (the pod's network lives there);
+- ``grpc.AgentService/CreateSandbox``: ``dns`` is cleared (the VM keeps its
+  own resolver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from cloudadaptor.protocols import agent_pb2, ttrpc_pb2
+from cloudadaptor.tls import server_context
+from cloudadaptor.ttrpc.errors import Code, TtrpcError
+from cloudadaptor.ttrpc.framing import close_writer
+from cloudadaptor.ttrpc.relay import relay
+from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig
+
+log = logging.getLogger("cloudadaptor.podvm.forwarder")
+
+AGENT_SERVICE = "grpc.AgentService"
+POD_NETNS_PATH = "/run/netns/podns"
+DEFAULT_PORT = 15150
+DEFAULT_KATA_AGENT_SOCKET = "/run/kata-containers/agent.sock"
+HANDSHAKE_TIMEOUT = 10.0
+AGENT_DIAL_TIMEOUT = 5.0
+
+
+# ------------------------------------------------------------------ rewrites
+
+
+def rewrite_agent_request(request: ttrpc_pb2.Request) -> bool:
+    """The relay hook: edit ``request`` in place; True when something changed.
+
+    Raises ``TtrpcError(INVALID_ARGUMENT)`` when an intercepted request does
+    not decode, so it is answered rather than forwarded un-rewritten.
+    """
+    if request.service != AGENT_SERVICE:
+        return False
+    if request.method == "CreateContainer":
+        return _rewrite_payload(request, agent_pb2.CreateContainerRequest, _join_pod_netns)
+    if request.method == "CreateSandbox":
+        return _rewrite_payload(request, agent_pb2.CreateSandboxRequest, _clear_dns)
+    return False
+
+
+def _rewrite_payload(request: ttrpc_pb2.Request, message_cls: type, edit) -> bool:  # type: ignore[type-arg]
+    try:
+        message = message_cls.FromString(request.payload)
+    except DecodeError as exc:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"{request.method}: cannot decode request: {exc}") from None
+    if not edit(message):
+        return False
+    request.payload = message.SerializeToString()  # unknown (unmodelled) fields are kept
+    return True
+
+
+def _join_pod_netns(create: agent_pb2.CreateContainerRequest) -> bool:
+    """Point the container's network namespace at the pod's; no duplicate entries."""
+    namespaces = create.OCI.Linux.Namespaces
+    network = [ns for ns in namespaces if ns.Type == "network"]
+    if not network:
+        namespaces.add(Type="network", Path=POD_NETNS_PATH)
+        return True
+    changed = False
+    for ns in network:
+        if ns.Path != POD_NETNS_PATH:
+            ns.Path = POD_NETNS_PATH
+            changed = True
+    return changed
+
+
+def _clear_dns(sandbox: agent_pb2.CreateSandboxRequest) -> bool:
+    if not sandbox.dns:
+        return False
+    del sandbox.dns[:]
+    return True
+
+
+# ----------------------------------------------------------------- forwarder
+
+
+class AgentProtocolForwarder:
+    """Accepts (m)TLS connections and relays each to the kata-agent socket.
+
+    ``start()`` returns once listening (``port`` is then the bound port);
+    ``close()`` stops listening and ends every connection (idempotent).
+    """
+
+    def __init__(
+        self,
+        *,
+        kata_agent_socket: str,
+        ssl_context: ssl.SSLContext | None,
+        host: str = "0.0.0.0",
+        port: int = DEFAULT_PORT,
+    ) -> None:
+        self.kata_agent_socket = kata_agent_socket
+        self.ssl_context = ssl_context
+        self.host = host
+        self.port = port
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and listen; raises ``OSError`` when the address is unavailable."""
+        if self._listener is not None:
+            raise RuntimeError("forwarder already started")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.create_server((self.host, self.port), family=family, backlog=128)
+        listener.setblocking(False)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accept_task = asyncio.create_task(self._accept_loop(listener), name="forwarder-accept")
+        log.info(
+            "agent-protocol-forwarder listening on %s:%d (%s), kata-agent at %s",
+            self.host, self.port, "mTLS" if self.ssl_context else "plain TCP, TLS disabled", self.kata_agent_socket,
+        )
+
+    async def serve_forever(self) -> None:
+        """Start if needed and block until ``close()``."""
+        if self._listener is None:
+            await self.start()
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, end all relays and pending handshakes; idempotent."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._listener is not None:
+            self._listener.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        self._closed.set()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.create_task(self._serve(conn, _format_peer(peer)))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket, peer: str) -> None:
+        """One client connection, start to end. Never raises (but honours cancellation)."""
+        try:
+            streams = await self._open_client(conn, peer)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception:  # noqa: BLE001 - one bad connection must not go unnoticed or leak
+            conn.close()
+            log.exception("connection from %s failed before the relay started", peer)
+            return
+        if streams is None:
+            return
+        reader, writer = streams
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.kata_agent_socket), AGENT_DIAL_TIMEOUT
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.error("connection from %s closed: cannot reach kata-agent at %s: %s", peer, self.kata_agent_socket, exc)
+            await close_writer(writer)
+            return
+        except BaseException:
+            await close_writer(writer)
+            raise
+        log.info("connection from %s relayed to kata-agent", peer)
+        reason = await relay(reader, writer, up_reader, up_writer, rewrite_request=rewrite_agent_request)
+        log.info("connection from %s closed: %s", peer, reason)
+
+    async def _open_client(
+        self, conn: socket.socket, peer: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Wrap an accepted socket in streams, doing the TLS handshake; None when refused."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context else None,
+            )
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            conn.close()
+            log.warning("connection from %s refused: TLS handshake failed: %s", peer, exc)
+            return None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return reader, writer
+
+
+def _format_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the forwarder's options to ``parser`` (the CLI mounts it as ``forwarder``)."""
+    parser.add_argument("--config", default=APF_CONFIG_PATH, help=f"apf.json (default {APF_CONFIG_PATH})")
+    parser.add_argument(
+        "--kata-agent-socket",
+        default=DEFAULT_KATA_AGENT_SOCKET,
+        help=f"kata-agent unix socket (default {DEFAULT_KATA_AGENT_SOCKET})",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default: listen_port from the config, 15150)")
+    parser.add_argument("--log-level", default="info", help="debug | info | warning | error (default info)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad configuration, 1 when it cannot listen."""
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        config = ForwarderConfig.from_json(Path(args.config).read_bytes())
+        context = None if config.tls is None else server_context(config.tls, config.tls_min_version)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        log.error("configuration refused: %s: %s", args.config, exc)
+        return 2
+    port = config.listen_port if args.port is None else args.port
+    if context is None:
+        log.warning("TLS is disabled in %s: the kata-agent is reachable without authentication", args.config)
+    forwarder = AgentProtocolForwarder(
+        kata_agent_socket=args.kata_agent_socket, ssl_context=context, host=args.host, port=port
+    )
+    try:
+        asyncio.run(_serve_until_signalled(forwarder))
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", args.host, port, exc)
+        return 1
+    return 0
+
+
+async def _serve_until_signalled(forwarder: AgentProtocolForwarder) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await forwarder.start()
+    try:
+        await stop.wait()
+        log.info("stopping agent-protocol-forwarder")
+    finally:
+        await forwarder.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``agent-protocol-forwarder`` as a standalone command."""
+    parser = build_parser(argparse.ArgumentParser(prog="agent-protocol-forwarder", description=(__doc__ or "").splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""process-user-data: runs once in the pod VM at boot and writes the allow-listed files.
+
+It fetches the user data from the cloud's metadata service (AWS IMDSv2, Azure
+IMDS) or from a file (local provider), parses it as ``#cloud-config`` and
+writes only ``userdata.ALLOWED_PATHS`` under ``--root``, each atomically
+(temp file + rename) with the mode the user data gives (0600 by default for
+apf.json and auth.json). Any other path is logged as refused and skipped.
+
+Fetching retries with backoff until ``--deadline``; then it prints one line
+naming the source and the last failure and exits 1. User data that arrives
+but cannot be parsed fails at once (retrying would not change it).
+
+    cloud-api-adaptor process-user-data [--source auto|aws|azure|file] [--file PATH]
+        [--imds-url URL] [--deadline 5m] [--root /]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import logging
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cloudadaptor import userdata
+from cloudadaptor.config import parse_duration
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMDS_URL = "http://169.254.169.254"
+AWS_TOKEN_TTL = "21600"
+AZURE_USER_DATA_QUERY = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+REQUEST_TIMEOUT = 5.0
+FIRST_DELAY = 0.2
+MAX_DELAY = 5.0
+SOURCES = ("auto", "aws", "azure", "file")
+
+# Metadata services are link-local: never go through an http(s)_proxy.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class FetchError(Exception):
+    """One attempt to read the user data failed (retried until the deadline)."""
+
+
+def _request(req: urllib.request.Request, timeout: float) -> bytes:
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        raise FetchError(f"HTTP {exc.code} {exc.reason} from {req.full_url}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FetchError(f"{req.full_url}: {reason}") from None
+
+
+def fetch_aws(base_url: str, timeout: float) -> bytes:
+    """IMDSv2: PUT a session token, then GET the user data with it."""
+    base = base_url.rstrip("/")
+    token_req = urllib.request.Request(
+        f"{base}/latest/api/token", method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": AWS_TOKEN_TTL},
+    )
+    token = _request(token_req, timeout).decode("ascii", "replace").strip()
+    data_req = urllib.request.Request(
+        f"{base}/latest/user-data", headers={"X-aws-ec2-metadata-token": token}
+    )
+    return _request(data_req, timeout)
+
+
+def fetch_azure(base_url: str, timeout: float) -> bytes:
+    """Azure IMDS: the userData property, base64 encoded."""
+    req = urllib.request.Request(
+        base_url.rstrip("/") + AZURE_USER_DATA_QUERY, headers={"Metadata": "true"}
+    )
+    body = _request(req, timeout).strip()
+    if not body:
+        raise FetchError(f"no user data set on this VM ({req.full_url} returned nothing)")
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise FetchError(f"{req.full_url}: userData is not base64") from None
+
+
+def fetch_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FetchError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _fetcher(args: argparse.Namespace) -> tuple[str, Callable[[float], bytes]]:
+    """(description of the source, one attempt given a timeout)."""
+    url = args.imds_url
+    if args.source == "file":
+        return f"file {args.file}", lambda timeout: fetch_file(args.file)
+    if args.source == "aws":
+        return f"aws IMDS at {url}", lambda timeout: fetch_aws(url, timeout)
+    if args.source == "azure":
+        return f"azure IMDS at {url}", lambda timeout: fetch_azure(url, timeout)
+
+    def auto(timeout: float) -> bytes:
+        failures = []
+        for name, fetch in (("aws", fetch_aws), ("azure", fetch_azure)):
+            try:
+                return fetch(url, timeout)
+            except FetchError as exc:
+                failures.append(f"{name}: {exc}")
+        raise FetchError("; ".join(failures))
+
+    return f"aws or azure IMDS at {url}", auto
+
+
+def fetch_with_retries(
+    source: str, attempt: Callable[[float], bytes], deadline_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bytes:
+    """Call ``attempt`` with backoff until it succeeds or ``deadline_s`` passes.
+
+    Raises ``FetchError`` with a one-line message naming the source and the
+    last failure.
+    """
+    end = time.monotonic() + deadline_s
+    delay = FIRST_DELAY
+    tries = 0
+    while True:
+        tries += 1
+        remaining = end - time.monotonic()
+        try:
+            return attempt(max(0.1, min(REQUEST_TIMEOUT, remaining)))
+        except FetchError as exc:
+            last = str(exc)
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise FetchError(
+                f"no user data from {source} after {tries} attempts within "
+                f"{deadline_s:g}s; last error: {last}"
+            )
+        log.info("user data not available yet from %s (%s); retrying", source, last)
+        sleep(min(delay, remaining))
+        delay = min(delay * 2, MAX_DELAY)
+
+
+def _mode(entry: userdata.WriteFile) -> int:
+    perms = entry.permissions or userdata.DEFAULT_PERMISSIONS.get(entry.path, "0644")
+    try:
+        mode = int(perms, 8)
+    except ValueError:
+        log.warning("%s: ignoring bad permissions %r", entry.path, perms)
+        mode = int(userdata.DEFAULT_PERMISSIONS.get(entry.path, "0644"), 8)
+    return mode & 0o7777
+
+
+def write_atomic(path: Path, content: bytes, mode: int) -> None:
+    """Write ``content`` to ``path`` via a temp file in the same directory and a rename.
+
+    The temp file has ``mode`` before any byte is written; parents are created.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_files(entries: Sequence[userdata.WriteFile], root: Path) -> list[Path]:
+    """Write the allow-listed entries under ``root``; others are logged and skipped."""
+    written = []
+    for entry in entries:
+        if entry.path not in userdata.ALLOWED_PATHS:
+            log.warning("refused to write %s: not an allow-listed path", entry.path)
+            continue
+        target = root / entry.path.lstrip("/")
+        write_atomic(target, entry.content.encode("utf-8"), _mode(entry))
+        log.info("wrote %s", target)
+        written.append(target)
+    return written
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--source", choices=SOURCES, default="auto",
+                        help="where the user data comes from (auto: aws, then azure)")
+    parser.add_argument("--file", help="user data file (--source file)")
+    parser.add_argument("--imds-url", default=DEFAULT_IMDS_URL,
+                        help="metadata service base URL (default %(default)s)")
+    parser.add_argument("--deadline", default="5m",
+                        help="give up after this long, Go duration (default %(default)s)")
+    parser.add_argument("--root", default="/", help="write files under this directory")
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"process-user-data: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch, parse and write; 0 on success, 1 on failure, 2 on bad options."""
+    try:
+        deadline = parse_duration(args.deadline)
+    except ValueError as exc:
+        return _fail(f"--deadline {args.deadline!r}: {exc}", 2)
+    if args.source == "file" and not args.file:
+        return _fail("--source file needs --file PATH", 2)
+    source, attempt = _fetcher(args)
+    try:
+        raw = fetch_with_retries(source, attempt, deadline)
+    except FetchError as exc:
+        return _fail(str(exc))
+    try:
+        entries = userdata.parse_entries(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return _fail(f"user data from {source} is not UTF-8 text")
+    except userdata.UserDataError as exc:
+        return _fail(f"user data from {source}: {exc}")
+    try:
+        write_files(entries, Path(args.root))
+    except OSError as exc:
+        return _fail(f"cannot write user data files: {exc}")
+    if userdata.APF_CONFIG_PATH not in {entry.path for entry in entries}:
+        log.warning("user data carried no %s", userdata.APF_CONFIG_PATH)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(argparse.ArgumentParser(
+        prog="process-user-data", description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

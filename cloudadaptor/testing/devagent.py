@@ -1,0 +1,451 @@
+"""Development agent: speaks kata-agent's ttrpc services and really runs commands.
+
+It stands in for kata-agent the way moto stands in for EC2 (DESIGN §5): a
+ttrpc server on a unix socket serving ``grpc.Health`` and the part of
+``grpc.AgentService`` a pod's life uses. Container processes really run, in
+the container's network namespace (``OCI.Linux.Namespaces`` entry of type
+``network``; in a pod VM that is ``/run/netns/podns``, appended by the
+forwarder) — and nothing else is isolated: no rootfs, users, cgroups or PID
+namespace. Each process starts through ``cloudadaptor.testing.nsexec`` in its
+own session, so signals and kills reach its whole process group.
+
+Behaviour worth knowing (chosen to match what the kata shim expects):
+
+- **End of stream.** ReadStdout/ReadStderr block until data or end of
+  stream. At the end they answer an error (INTERNAL, "read meet eof"), as
+  kata-agent 3.x does; the Go shim's ``readProcessStream`` turns any error
+  into ``(0, err)`` and its ``io.Copy`` ends the stream there. After the
+  process exited, output still buffered is drained for at most 0.5 s (a
+  background child holding the pipe open cannot block the stream forever).
+- **Exit status.** WaitProcess answers the exit code, or 128+N for a process
+  killed by signal N. Exec records stay until RemoveContainer, so late reads
+  after WaitProcess still see buffered output.
+- **IDs.** ``exec_id`` "" (or the CreateContainer exec id) names the
+  container's init process. Unknown container or exec: NOT_FOUND; a second
+  container or exec with the same id: ALREADY_EXISTS.
+- **Init process.** It starts at StartContainer. A container without
+  ``Process.Args``, or whose command is ``/pause``, runs a pause process.
+  A command that cannot be found fails StartContainer/ExecProcess (INTERNAL,
+  runc's wording). A ``Cwd`` that does not exist here falls back to ``/``.
+- **Signals.** SIGKILL to a container's init kills all its processes (as the
+  death of a PID namespace's init would). Signalling an exited process is
+  success.
+- **Teardown.** RemoveContainer kills the container's processes; DestroySandbox
+  kills everything but keeps serving (StopVM deletes the VM next). SIGTERM or
+  SIGINT to the agent kills everything and exits. Every child is reaped.
+
+    python -m cloudadaptor.testing.devagent --socket /run/kata-containers/agent.sock
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from google.protobuf import empty_pb2
+
+from cloudadaptor import __version__
+from cloudadaptor.protocols import agent_pb2, health_pb2
+from cloudadaptor.testing.nsexec import DEFAULT_PATH
+from cloudadaptor.ttrpc.errors import Code, TtrpcError
+from cloudadaptor.ttrpc.server import CallContext, Server, unary
+
+log = logging.getLogger("cloudadaptor.devagent")
+
+AGENT_SERVICE = "grpc.AgentService"
+HEALTH_SERVICE = "grpc.Health"
+AGENT_VERSION = f"devagent {__version__}"
+EOF_MESSAGE = "read meet eof"
+DRAIN_AFTER_EXIT = 0.5  # seconds
+DEFAULT_READ = 32 * 1024
+MAX_READ = 1024 * 1024  # stays well under the 4 MiB ttrpc message limit
+KILL_WAIT = 5.0
+
+
+@dataclass(eq=False)
+class _Process:
+    """One container process (the init or an exec) and its pipes."""
+
+    container_id: str
+    exec_id: str
+    args: list[str]
+    env: list[str]
+    cwd: str
+    netns: str | None
+    proc: asyncio.subprocess.Process | None = None
+    status: int | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    removed: bool = False
+    stdout_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stderr_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False)
+class _Container:
+    id: str
+    init_exec_id: str
+    spec: agent_pb2.Spec
+    netns: str | None
+    init: _Process
+    execs: dict[str, _Process] = field(default_factory=dict)
+
+    def processes(self) -> list[_Process]:
+        return [self.init, *self.execs.values()]
+
+
+def network_namespace(spec: agent_pb2.Spec) -> str | None:
+    """The path of the spec's ``network`` namespace (the last one listed), or None."""
+    path = None
+    for ns in spec.Linux.Namespaces:
+        if ns.Type == "network" and ns.Path:
+            path = ns.Path
+    return path
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _find_executable(args: list[str], env: list[str]) -> None:
+    """Raise INTERNAL (runc's wording) when ``args[0]`` cannot be executed."""
+    name = args[0]
+    if "/" in name:
+        if os.path.isfile(name) and os.access(name, os.X_OK):
+            return
+    else:
+        path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+        if shutil.which(name, path=path):
+            return
+    raise TtrpcError(Code.INTERNAL, f'exec: "{name}": executable file not found in $PATH')
+
+
+class DevAgent:
+    """The agent's state and RPC implementations; ``register`` binds them to a server."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, _Container] = {}
+        self.sandbox_id: str | None = None
+        self.hostname: str | None = None
+
+    def register(self, server: Server) -> None:
+        server.register(HEALTH_SERVICE, "Check", unary(health_pb2.CheckRequest, self.check))
+        server.register(HEALTH_SERVICE, "Version", unary(health_pb2.CheckRequest, self.version))
+        methods = {
+            "CreateSandbox": (agent_pb2.CreateSandboxRequest, self.create_sandbox),
+            "DestroySandbox": (agent_pb2.DestroySandboxRequest, self.destroy_sandbox),
+            "CreateContainer": (agent_pb2.CreateContainerRequest, self.create_container),
+            "StartContainer": (agent_pb2.StartContainerRequest, self.start_container),
+            "RemoveContainer": (agent_pb2.RemoveContainerRequest, self.remove_container),
+            "ExecProcess": (agent_pb2.ExecProcessRequest, self.exec_process),
+            "SignalProcess": (agent_pb2.SignalProcessRequest, self.signal_process),
+            "WaitProcess": (agent_pb2.WaitProcessRequest, self.wait_process),
+            "WriteStdin": (agent_pb2.WriteStreamRequest, self.write_stdin),
+            "CloseStdin": (agent_pb2.CloseStdinRequest, self.close_stdin),
+            "ReadStdout": (agent_pb2.ReadStreamRequest, self.read_stdout),
+            "ReadStderr": (agent_pb2.ReadStreamRequest, self.read_stderr),
+        }
+        for method, (request_cls, fn) in methods.items():
+            server.register(AGENT_SERVICE, method, unary(request_cls, fn))
+
+    # ------------------------------------------------------------------ health
+
+    async def check(self, req: health_pb2.CheckRequest, ctx: CallContext) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def version(self, req: health_pb2.CheckRequest, ctx: CallContext) -> health_pb2.VersionCheckResponse:
+        return health_pb2.VersionCheckResponse(grpc_version=__version__, agent_version=AGENT_VERSION)
+
+    # ----------------------------------------------------------------- sandbox
+
+    async def create_sandbox(self, req: agent_pb2.CreateSandboxRequest, ctx: CallContext) -> empty_pb2.Empty:
+        self.sandbox_id = req.sandbox_id or self.sandbox_id
+        self.hostname = req.hostname
+        log.info("sandbox %s created (hostname %r, dns %s)", req.sandbox_id, req.hostname, list(req.dns))
+        return empty_pb2.Empty()
+
+    async def destroy_sandbox(self, req: agent_pb2.DestroySandboxRequest, ctx: CallContext) -> empty_pb2.Empty:
+        await self.kill_everything()
+        log.info("sandbox %s destroyed", self.sandbox_id)
+        return empty_pb2.Empty()
+
+    async def kill_everything(self) -> None:
+        """Kill and reap every process of every container; forget the containers."""
+        containers = list(self.containers.values())
+        self.containers.clear()
+        await asyncio.gather(*(self._kill_container(c) for c in containers))
+
+    # -------------------------------------------------------------- containers
+
+    async def create_container(self, req: agent_pb2.CreateContainerRequest, ctx: CallContext) -> empty_pb2.Empty:
+        cid = req.container_id
+        if not cid:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "container_id is empty")
+        if cid in self.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid} already exists")
+        netns = network_namespace(req.OCI)
+        if netns is not None and not os.path.exists(netns):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"network namespace {netns} does not exist")
+        process = req.OCI.Process
+        args = list(process.Args)
+        if not args or args[0] == "/pause":
+            args = []  # a pause process
+        init = _Process(cid, req.exec_id or cid, args, list(process.Env), process.Cwd, netns)
+        spec = agent_pb2.Spec()
+        spec.CopyFrom(req.OCI)
+        container = _Container(cid, req.exec_id or cid, spec, netns, init)
+        self.containers[cid] = container
+        log.info("container %s created (netns %s, args %s)", cid, netns, args or "<pause>")
+        return empty_pb2.Empty()
+
+    async def start_container(self, req: agent_pb2.StartContainerRequest, ctx: CallContext) -> empty_pb2.Empty:
+        container = self._container(req.container_id)
+        if container.init.started.is_set():
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container.id} is already started")
+        await self._spawn(container.init)
+        return empty_pb2.Empty()
+
+    async def remove_container(self, req: agent_pb2.RemoveContainerRequest, ctx: CallContext) -> empty_pb2.Empty:
+        container = self._container(req.container_id)
+        del self.containers[container.id]
+        await self._kill_container(container)
+        log.info("container %s removed", container.id)
+        return empty_pb2.Empty()
+
+    # --------------------------------------------------------------- processes
+
+    async def exec_process(self, req: agent_pb2.ExecProcessRequest, ctx: CallContext) -> empty_pb2.Empty:
+        container = self._container(req.container_id)
+        eid = req.exec_id
+        if not eid:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "exec_id is empty")
+        if eid in container.execs or eid == container.init_exec_id:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"exec {eid} already exists in container {container.id}")
+        args = list(req.process.Args)
+        if not args:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "process.Args is empty")
+        process = _Process(container.id, eid, args, list(req.process.Env), req.process.Cwd, container.netns)
+        await self._spawn(process)
+        container.execs[eid] = process
+        return empty_pb2.Empty()
+
+    async def signal_process(self, req: agent_pb2.SignalProcessRequest, ctx: CallContext) -> empty_pb2.Empty:
+        container = self._container(req.container_id)
+        process = self._process(req.container_id, req.exec_id)
+        sig = req.signal
+        targets = container.processes() if process is container.init and sig == signal.SIGKILL else [process]
+        for target in targets:
+            _signal_group(target, sig)
+        return empty_pb2.Empty()
+
+    async def wait_process(self, req: agent_pb2.WaitProcessRequest, ctx: CallContext) -> agent_pb2.WaitProcessResponse:
+        process = self._process(req.container_id, req.exec_id)
+        await process.exited.wait()
+        if process.status is None:
+            raise TtrpcError(Code.NOT_FOUND, f"process {process.exec_id} was removed before it ran")
+        return agent_pb2.WaitProcessResponse(status=process.status)
+
+    async def write_stdin(self, req: agent_pb2.WriteStreamRequest, ctx: CallContext) -> agent_pb2.WriteStreamResponse:
+        process = await self._running(req.container_id, req.exec_id)
+        stdin = process.proc.stdin if process.proc else None
+        if stdin is None or stdin.is_closing():
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"stdin of {process.exec_id} is closed")
+        async with process.stdin_lock:
+            if not req.data:  # an empty write closes stdin, as kata-agent does
+                stdin.close()
+                return agent_pb2.WriteStreamResponse(len=0)
+            try:
+                stdin.write(req.data)
+                await stdin.drain()
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise TtrpcError(Code.INTERNAL, f"write to stdin of {process.exec_id}: {exc}") from None
+        return agent_pb2.WriteStreamResponse(len=len(req.data))
+
+    async def close_stdin(self, req: agent_pb2.CloseStdinRequest, ctx: CallContext) -> empty_pb2.Empty:
+        process = await self._running(req.container_id, req.exec_id)
+        if process.proc is not None and process.proc.stdin is not None:
+            async with process.stdin_lock:
+                process.proc.stdin.close()
+        return empty_pb2.Empty()
+
+    async def read_stdout(self, req: agent_pb2.ReadStreamRequest, ctx: CallContext) -> agent_pb2.ReadStreamResponse:
+        return await self._read(req, stdout=True)
+
+    async def read_stderr(self, req: agent_pb2.ReadStreamRequest, ctx: CallContext) -> agent_pb2.ReadStreamResponse:
+        return await self._read(req, stdout=False)
+
+    async def _read(self, req: agent_pb2.ReadStreamRequest, stdout: bool) -> agent_pb2.ReadStreamResponse:
+        process = await self._running(req.container_id, req.exec_id)
+        assert process.proc is not None
+        stream = process.proc.stdout if stdout else process.proc.stderr
+        size = min(req.len or DEFAULT_READ, MAX_READ)
+        async with process.stdout_lock if stdout else process.stderr_lock:
+            data = await _read_or_drain(stream, size, process.exited)
+        if not data:
+            raise TtrpcError(Code.INTERNAL, EOF_MESSAGE)
+        return agent_pb2.ReadStreamResponse(data=data)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _container(self, cid: str) -> _Container:
+        try:
+            return self.containers[cid]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"container {cid} not found") from None
+
+    def _process(self, cid: str, eid: str) -> _Process:
+        container = self._container(cid)
+        if not eid or eid == container.init_exec_id:
+            return container.init
+        try:
+            return container.execs[eid]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"exec {eid} not found in container {cid}") from None
+
+    async def _running(self, cid: str, eid: str) -> _Process:
+        """The process, once started (an init waits for StartContainer)."""
+        process = self._process(cid, eid)
+        await process.started.wait()
+        if process.proc is None:
+            raise TtrpcError(Code.NOT_FOUND, f"process {process.exec_id} was removed before it ran")
+        return process
+
+    async def _spawn(self, process: _Process) -> None:
+        env = process.env
+        command = ["--pause"]
+        if process.args:
+            _find_executable(process.args, env)
+            command = ["--", *process.args]
+        cwd = process.cwd if process.cwd and os.path.isdir(process.cwd) else "/"
+        argv = [sys.executable, "-m", "cloudadaptor.testing.nsexec", "--cwd", cwd]
+        if process.netns:
+            argv += ["--net", process.netns]
+        argv += [f"--env={e}" for e in env] if env else ["--env=PATH=" + DEFAULT_PATH]
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(process, loop),
+                *argv, *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise TtrpcError(Code.INTERNAL, f"cannot start {process.args}: {exc}") from None
+        process.proc = asyncio.subprocess.Process(transport, protocol, loop)
+        process.started.set()
+        log.info("started %s/%s pid %d: %s", process.container_id, process.exec_id,
+                 process.proc.pid, process.args or "<pause>")
+
+    async def _kill_container(self, container: _Container) -> None:
+        for process in container.processes():
+            process.removed = True
+            if process.proc is None:  # never started: release anyone waiting on it
+                process.started.set()
+                process.exited.set()
+            _signal_group(process, signal.SIGKILL, even_if_exited=True)
+        waiters = [asyncio.ensure_future(p.exited.wait()) for p in container.processes()]
+        _, pending = await asyncio.wait(waiters, timeout=KILL_WAIT)
+        for waiter in pending:
+            waiter.cancel()
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Marks the process exited as soon as it is reaped. (asyncio's own
+    ``Process.wait()`` also waits for the pipes to close, which a background
+    child holding stdout would delay forever; kata reports the exit at once.)"""
+
+    def __init__(self, process: _Process, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self._process = process
+
+    def process_exited(self) -> None:
+        returncode = self._transport.get_returncode() if self._transport is not None else None
+        super().process_exited()  # may drop the transport: read the code first
+        process = self._process
+        process.status = _exit_status(returncode if returncode is not None else -signal.SIGKILL)
+        process.exited.set()
+        log.info("%s/%s exited with status %d", process.container_id, process.exec_id, process.status)
+
+
+def _signal_group(process: _Process, sig: int, even_if_exited: bool = False) -> None:
+    """Signal the process's group (it leads its own session); an exited process is fine.
+
+    ``even_if_exited`` also reaches what is left of the group after its leader
+    exited (background children): used when removing a container.
+    """
+    if process.proc is None or (process.exited.is_set() and not even_if_exited):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.proc.pid, sig)
+
+
+async def _read_or_drain(stream: asyncio.StreamReader | None, size: int, exited: asyncio.Event) -> bytes:
+    """Read up to ``size`` bytes; b"" at end of stream, or when nothing more came
+    within DRAIN_AFTER_EXIT of the process exiting."""
+    if stream is None:
+        return b""
+    read = asyncio.ensure_future(stream.read(size))
+    exit_wait = asyncio.ensure_future(exited.wait())
+    try:
+        await asyncio.wait({read, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            await asyncio.wait({read}, timeout=DRAIN_AFTER_EXIT)
+        if read.done():
+            return read.result()
+        return b""
+    finally:
+        for task in (read, exit_wait):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def serve(socket_path: str, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    """Serve on ``socket_path`` until ``stop`` is set (or cancellation); then kill
+    every process and remove the socket. ``ready`` is set once listening."""
+    agent = DevAgent()
+    server = Server()
+    agent.register(server)
+    await server.serve_unix(socket_path, mode=0o600)
+    log.info("%s serving on %s", AGENT_VERSION, socket_path)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await agent.kill_everything()
+        await server.close()
+
+
+async def _serve_until_signalled(socket_path: str) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(socket_path, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devagent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, help="unix socket path to serve")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s devagent: %(message)s")
+    asyncio.run(_serve_until_signalled(args.socket))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Copy ttrpc frames between two connections, optionally rewriting requests.
+
+``downstream`` is the side that sends requests (the client); ``upstream``
+serves them. Frames pass verbatim, except request frames the rewrite hook
+changed. Used by the pod VM's agent-protocol-forwarder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError
+
+from cloudadaptor.protocols import ttrpc_pb2
+from cloudadaptor.ttrpc.errors import Code, TtrpcError, error_response
+from cloudadaptor.ttrpc.framing import (
+    MAX_MESSAGE_LENGTH,
+    Frame,
+    FrameError,
+    FrameType,
+    OversizedFrame,
+    close_writer,
+    read_frame,
+)
+
+log = logging.getLogger("cloudadaptor.ttrpc")
+
+RewriteRequest = Callable[[ttrpc_pb2.Request], bool]
+
+
+async def relay(
+    down_reader: asyncio.StreamReader,
+    down_writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+    rewrite_request: RewriteRequest | None = None,
+) -> str:
+    """Relay frames both ways until either side closes; blocks; returns why it ended.
+
+    ``rewrite_request(req)`` sees each decodable request envelope from
+    downstream, may edit it in place and returns True when it changed
+    something (only then is the frame re-encoded). It may raise
+    ``TtrpcError`` to answer the call downstream instead of forwarding it.
+    Undecodable envelopes are forwarded untouched; a rewrite that grows a
+    request past 4 MiB, and any frame over 4 MiB from either side, is
+    answered RESOURCE_EXHAUSTED downstream on its stream. Unparseable
+    framing on either side ends the relay (logged on ``cloudadaptor.ttrpc``).
+
+    Cleanup: on return, error or cancellation both writers are closed and
+    no task is left running.
+    """
+    session = _Relay(down_reader, down_writer, up_reader, up_writer, rewrite_request)
+    return await session.run()
+
+
+class _Relay:
+    def __init__(
+        self,
+        down_reader: asyncio.StreamReader,
+        down_writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        rewrite_request: RewriteRequest | None,
+    ) -> None:
+        self.down_reader = down_reader
+        self.down_writer = down_writer
+        self.up_reader = up_reader
+        self.up_writer = up_writer
+        self.rewrite_request = rewrite_request
+        self.down_lock = asyncio.Lock()  # both pumps write downstream
+
+    async def run(self) -> str:
+        pumps = [
+            asyncio.create_task(self._downstream_to_upstream(), name="ttrpc-relay-down-up"),
+            asyncio.create_task(self._upstream_to_downstream(), name="ttrpc-relay-up-down"),
+        ]
+        try:
+            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            reason = _reason_of(done.pop())
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await asyncio.gather(close_writer(self.down_writer), close_writer(self.up_writer))
+        return reason
+
+    async def _downstream_to_upstream(self) -> str:
+        while True:
+            try:
+                frame = await read_frame(self.down_reader)
+            except OversizedFrame as exc:
+                await self._answer(exc.stream_id, Code.RESOURCE_EXHAUSTED, f"request refused: {exc}")
+                continue
+            except FrameError as exc:
+                return _unparseable("downstream", exc)
+            except OSError as exc:
+                return f"downstream read failed: {exc}"
+            if frame is None:
+                return "downstream closed the connection"
+            if frame.type == FrameType.REQUEST and self.rewrite_request is not None:
+                frame = await self._rewrite(frame)
+                if frame is None:
+                    continue
+            if not await _write(self.up_writer, frame.encode()):
+                return "upstream connection lost while writing"
+
+    async def _upstream_to_downstream(self) -> str:
+        while True:
+            try:
+                frame = await read_frame(self.up_reader)
+            except OversizedFrame as exc:
+                await self._answer(exc.stream_id, Code.RESOURCE_EXHAUSTED, f"upstream answer dropped: {exc}")
+                continue
+            except FrameError as exc:
+                return _unparseable("upstream", exc)
+            except OSError as exc:
+                return f"upstream read failed: {exc}"
+            if frame is None:
+                return "upstream closed the connection"
+            async with self.down_lock:
+                if not await _write(self.down_writer, frame.encode()):
+                    return "downstream connection lost while writing"
+
+    async def _rewrite(self, frame: Frame) -> Frame | None:
+        """The frame to forward, or None when the call was answered here instead."""
+        assert self.rewrite_request is not None
+        try:
+            request = ttrpc_pb2.Request.FromString(frame.data)
+        except DecodeError:
+            return frame  # upstream answers INVALID_ARGUMENT, as it would without us
+        try:
+            changed = self.rewrite_request(request)
+        except TtrpcError as exc:
+            await self._answer(frame.stream_id, exc.code, exc.message)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a hook bug fails one call, not the relay
+            log.error("rewriting %s/%s failed", request.service, request.method, exc_info=exc)
+            await self._answer(frame.stream_id, Code.INTERNAL, f"rewriting request failed: {exc}")
+            return None
+        if not changed:
+            return frame
+        data = request.SerializeToString()
+        if len(data) > MAX_MESSAGE_LENGTH:
+            await self._answer(
+                frame.stream_id,
+                Code.RESOURCE_EXHAUSTED,
+                f"rewritten request of {len(data)} bytes exceeds the {MAX_MESSAGE_LENGTH}-byte message limit",
+            )
+            return None
+        return Frame(frame.stream_id, frame.type, frame.flags, data)
+
+    async def _answer(self, stream_id: int, code: Code | int, message: str) -> None:
+        """Send an error response downstream on ``stream_id`` (best effort)."""
+        data = Frame(stream_id, FrameType.RESPONSE, 0, error_response(code, message)).encode()
+        async with self.down_lock:
+            await _write(self.down_writer, data)
+
+
+async def _write(writer: asyncio.StreamWriter, data: bytes) -> bool:
+    try:
+        writer.write(data)
+        await writer.drain()
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
+def _unparseable(side: str, exc: FrameError) -> str:
+    reason = f"unparseable framing from {side}: {exc}"
+    log.warning("closing relay: %s", reason)
+    return reason
+
+
+def _reason_of(task: asyncio.Task[str]) -> str:
+    with contextlib.suppress(asyncio.CancelledError):
+        exc = task.exception()
+        if exc is None:
+            return task.result()
+        log.error("ttrpc relay failed", exc_info=exc)
+        return f"relay failed: {exc!r}"
+    return "relay cancelled"

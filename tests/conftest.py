@@ -1,0 +1,161 @@
+"""Shared fixtures: the private namespace check, local clouds and pod netns.
+
+Network tests need the private user + network + mount namespace the README's
+test command (``make test``) runs pytest in. Outside it they are skipped — or
+fail under CI, where skipping would hide them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from cloudadaptor.testing import privatens
+
+_serial = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def private_ns() -> None:
+    """Require the private namespace (``make test``); skip outside it, fail under CI."""
+    if privatens.inside():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("network tests must run inside the private namespace: use `make test`")
+    pytest.skip("needs the private namespace: run via `make test` (CI=true fails instead)")
+
+
+# --------------------------------------------------------------------- pod netns
+
+
+@pytest.fixture
+def make_pod_netns(private_ns: None) -> Iterator[Callable[..., object]]:
+    """Factory: ``make_pod_netns("198.51.100.10/24", "198.51.100.1")`` -> PodNetns; all deleted at teardown."""
+    from cloudadaptor.testing import podnet
+
+    made: list[podnet.PodNetns] = []
+
+    def make(pod_ip_cidr: str = "198.51.100.10/24", gateway: str = "198.51.100.1") -> podnet.PodNetns:
+        pod = podnet.create_pod_netns(f"pod-{os.getpid()}-{next(_serial)}", pod_ip_cidr, gateway)
+        made.append(pod)
+        return pod
+
+    yield make
+    for pod in made:
+        pod.delete()
+        assert not os.path.exists(pod.path), f"pod netns {pod.path} left behind"
+
+
+# ------------------------------------------------------------------ local cloud
+
+
+@dataclass
+class LocalCloud:
+    """A test's own local cloud: unique bridge and /26 subnet, a tmp cloud dir.
+
+    ``provider(**changes)`` makes a LocalProvider over it (changes replace
+    LocalConfig fields, e.g. ``boot_delay=0.5``); several may share the cloud.
+    """
+
+    config: object  # LocalConfig
+    providers: list[object] = field(default_factory=list)
+
+    def provider(self, **changes: object):  # -> LocalProvider
+        from cloudadaptor.providers.local import LocalProvider
+
+        provider = LocalProvider(dataclasses.replace(self.config, **changes))
+        self.providers.append(provider)
+        return provider
+
+    @property
+    def cloud_dir(self) -> Path:
+        return self.config.cloud_dir  # type: ignore[attr-defined]
+
+    def instance_ids(self) -> list[str]:
+        from cloudadaptor.providers.local import ID_PATTERN
+
+        if not self.cloud_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.cloud_dir.iterdir() if ID_PATTERN.fullmatch(p.name))
+
+    def vm_processes(self) -> list[int]:
+        """PIDs of this cloud's running VM inits."""
+        return _vm_processes(self.cloud_dir)
+
+
+def _network_names() -> tuple[set[str], set[str]]:
+    """(netns names in /run/netns, link names in this netns)."""
+    from pyroute2 import IPRoute
+
+    try:
+        namespaces = set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        namespaces = set()
+    with IPRoute() as ipr:
+        links = {link.get("IFLA_IFNAME") for link in ipr.get_links()}
+    return namespaces, links
+
+
+def _vm_processes(cloud_dir: Path) -> list[int]:
+    """PIDs of running VM inits of ``cloud_dir`` (their command line names an instance dir in it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.startswith(str(cloud_dir).encode() + b"/") for arg in args):
+            pids.append(int(entry))
+    return pids
+
+
+def _delete_link(name: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=name):
+            ipr.link("del", index=index)
+
+
+@pytest.fixture
+async def local_cloud(private_ns: None, tmp_path: Path) -> AsyncIterator[LocalCloud]:
+    """A LocalCloud; at teardown every instance is deleted, the bridge removed, and
+    the test fails if any netns, veth or VM process of it is left."""
+    from cloudadaptor.providers.local import LocalConfig, LocalProvider
+
+    n = next(_serial)
+    config = LocalConfig(
+        cloud_dir=tmp_path / "local-cloud",
+        cidr=ipaddress.IPv4Network(f"192.0.2.{64 * (n % 4)}/26"),
+        bridge=f"ppt{os.getpid() % 10000}-{n}"[:15],
+    )
+    before_ns, before_links = await asyncio.to_thread(_network_names)
+    cloud = LocalCloud(config)
+    yield cloud
+    cleaner = LocalProvider(config)
+    for instance_id in cloud.instance_ids():
+        await cleaner.delete_instance(instance_id)
+    await asyncio.to_thread(_delete_link, config.bridge)
+    after_ns, after_links = await asyncio.to_thread(_network_names)
+    leaked_ns = sorted(n for n in after_ns - before_ns if n.startswith("i-local-"))
+    leaked_links = sorted(n for n in after_links - before_links if n.startswith("lc-") or n == config.bridge)
+    assert not leaked_ns, f"VM network namespaces left behind: {leaked_ns}"
+    assert not leaked_links, f"links left behind: {leaked_links}"
+    assert not cloud.vm_processes(), "VM processes left running"
+    assert not cloud.instance_ids(), "instance directories left behind"
+
+
+@pytest.fixture
+def local_provider(local_cloud: LocalCloud):  # -> LocalProvider
+    return local_cloud.provider()

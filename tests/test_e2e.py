@@ -1,0 +1,119 @@
+"""End to end on one machine: shim emulator → daemon → local pod VM → agent.
+
+Runs `Daemon` in-process with CLOUD_PROVIDER=local inside the private
+namespace; every pod VM is real (its own netns and mount namespace, running
+process-user-data, the forwarder with mTLS and the development agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cloudadaptor.adaptor.daemon import Daemon
+from cloudadaptor.config import load_settings
+from cloudadaptor.testing.shim import AgentSession, ShimEmulator, shim_annotations, start_pod, stop_pod
+from cloudadaptor.ttrpc.errors import Code, TtrpcError
+
+_serial = itertools.count(1)
+
+
+@pytest.fixture
+async def daemon_factory(private_ns):
+    made: list[tuple[Daemon, Path]] = []
+
+    async def make(**env: str) -> tuple[Daemon, str]:
+        n = next(_serial) + (os.getpid() % 50) * 4
+        root = Path(tempfile.mkdtemp(prefix="e2e-", dir="/run"))
+        settings = load_settings({
+            "CLOUD_PROVIDER": "local",
+            "STATE_DIR": str(root),
+            "SOCKET": str(root / "hv.sock"),
+            "PODS_DIR": str(root / "pods"),
+            "NODE_NAME": f"e2e-node-{n}",
+            "LOCAL_CLOUD_BRIDGE": f"ppe2e{n}",
+            "LOCAL_CLOUD_CIDR": f"192.0.2.{(n % 4) * 64}/26",
+            "PROXY_TIMEOUT": "20s",
+            **env,
+        })
+        daemon = Daemon(settings)
+        await daemon.start()
+        made.append((daemon, root))
+        return daemon, str(settings.socket)
+
+    yield make
+    for daemon, root in made:
+        if not daemon.closed:
+            for sandbox in daemon.lifecycle.store.all():
+                await daemon.lifecycle.stop(sandbox.id)
+            await daemon.close()
+        cloud_dir = root / "local-cloud"
+        leftover = [p.name for p in cloud_dir.iterdir() if p.is_dir()] if cloud_dir.exists() else []
+        shutil.rmtree(root, ignore_errors=True)
+        assert leftover == [], f"VMs left in the local cloud: {leftover}"
+
+
+async def test_two_pods_run_commands_in_their_own_vm_podns(daemon_factory, make_pod_netns):
+    daemon, socket_path = await daemon_factory()
+    shim = ShimEmulator(socket_path)
+    pods = [await asyncio.to_thread(make_pod_netns, f"198.51.100.{20 + i}/24", "198.51.100.1") for i in range(2)]
+    started = await asyncio.gather(*(start_pod(shim, f"web-{i}", "e2e", pod.path) for i, pod in enumerate(pods)))
+    outputs = []
+    for run, create_s, start_s in started:
+        result = await run.exec(["sh", "-c", "readlink /proc/self/ns/net; echo from-vm >&2; exit 3"])
+        assert result.exit_code == 3 and result.stderr == b"from-vm\n", result
+        outputs.append(result.stdout.strip())
+    assert outputs[0] != outputs[1], "each pod's commands run in its own VM podns"
+    instance_ids = [daemon.lifecycle.store.get(run.sandbox_id).instance_id for run, _, _ in started]
+    assert all(i.startswith("i-local-") for i in instance_ids)
+    for run, _, _ in started:
+        await stop_pod(shim, run)
+    assert daemon.lifecycle.store.all() == []
+    assert not any(os.path.exists(run.agent_socket) for run, _, _ in started)
+    assert await daemon.provider.list_owned({}) == []
+
+
+async def test_vm_whose_agent_never_answers_is_deleted_within_proxy_timeout(daemon_factory, make_pod_netns):
+    # The VM boots but its agent never serves, so the forwarder never listens.
+    daemon, socket_path = await daemon_factory(PROXY_TIMEOUT="2s", LOCAL_AGENT_COMMAND="sh -c 'exec sleep 600' {socket}")
+    shim = ShimEmulator(socket_path)
+    pod = await asyncio.to_thread(make_pod_netns, "198.51.100.30/24", "198.51.100.1")
+    sandbox = "f" * 64
+    await shim.create_vm(sandbox, pod.path, shim_annotations("silent", "e2e"))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(TtrpcError) as err:
+        await shim.start_vm(sandbox)
+    elapsed = loop.time() - began
+    assert err.value.code == Code.DEADLINE_EXCEEDED
+    assert "did not answer within 2s" in err.value.message and "deleted" in err.value.message, err.value.message
+    assert elapsed < 10, f"StartVM took {elapsed:.1f}s with PROXY_TIMEOUT=2s"
+    assert await daemon.provider.list_owned({}) == []
+    await shim.stop_vm(sandbox)
+    assert daemon.lifecycle.store.all() == []
+
+
+async def test_restarted_daemon_keeps_serving_a_running_pod(daemon_factory, make_pod_netns):
+    daemon, socket_path = await daemon_factory()
+    shim = ShimEmulator(socket_path)
+    pod = await asyncio.to_thread(make_pod_netns, "198.51.100.40/24", "198.51.100.1")
+    run, _, _ = await start_pod(shim, "durable", "e2e", pod.path)
+    await run.session.close()
+    await daemon.close()  # the daemon exits; the VM keeps running
+    again = Daemon(daemon.settings)
+    await again.start()
+    try:
+        session = await AgentSession.dial(run.agent_socket, timeout=5)
+        result = await session.exec(run.container_id, ["echo", "still here"])
+        assert result.stdout == b"still here\n"
+        await session.close()
+        await shim.stop_vm(run.sandbox_id)
+        assert await again.provider.list_owned({}) == []
+    finally:
+        await again.close()
