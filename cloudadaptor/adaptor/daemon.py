@@ -17,7 +17,7 @@ from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.config import Settings
 from cloudadaptor.providers.base import Provider, create_provider
-from cloudadaptor.tls import AdaptorTls
+from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,10 @@ class Daemon:
         problems = await self.provider.verify()
         if problems:
             raise StartupError("\n".join(f"{settings.cloud_provider}: {p}" for p in problems))
-        tls = AdaptorTls.from_settings(settings)
+        try:
+            tls = AdaptorTls.from_settings(settings)
+        except TlsError as exc:
+            raise StartupError(f"TLS: {exc}") from None
         self._store = SandboxStore(settings.state_dir / "state.db")
         self.lifecycle = SandboxLifecycle(
             options=LifecycleOptions(

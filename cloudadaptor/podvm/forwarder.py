@@ -283,7 +283,8 @@ async def _serve_until_signalled(forwarder: AgentProtocolForwarder) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``agent-protocol-forwarder`` as a standalone command."""
-    parser = build_parser(argparse.ArgumentParser(prog="agent-protocol-forwarder", description=(__doc__ or "").splitlines()[0]))
+    summary = (__doc__ or "").splitlines()[0]
+    parser = build_parser(argparse.ArgumentParser(prog="agent-protocol-forwarder", description=summary))
     return run(parser.parse_args(argv))
 
 

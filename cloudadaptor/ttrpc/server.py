@@ -122,13 +122,17 @@ class Server:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        try:
             os.chmod(path, mode)  # before listen(): nobody can connect yet
             st = os.stat(path)
             listener = await asyncio.start_unix_server(self._accepted, sock=sock)
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(path)  # ours: bind() created it
             raise
         self._socket_files.append((path, st.st_dev, st.st_ino))
         self._listeners.append(listener)
@@ -274,18 +278,21 @@ class _Connection:
     def _accept_request(self, frame: Frame) -> None:
         stream_id = frame.stream_id
         if stream_id % 2 != 1:
-            self._spawn(self.send_status(stream_id, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams"))
+            self._refuse(stream_id, "StreamID must be odd for client initiated streams")
             return
         if stream_id <= self._last_stream_id:
-            self._spawn(self.send_status(stream_id, Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment"))
+            self._refuse(stream_id, "StreamID cannot be re-used and must increment")
             return
         self._last_stream_id = stream_id
         try:
             request = ttrpc_pb2.Request.FromString(frame.data)
         except DecodeError as exc:
-            self._spawn(self.send_status(stream_id, Code.INVALID_ARGUMENT, f"cannot decode request envelope: {exc}"))
+            self._refuse(stream_id, f"cannot decode request envelope: {exc}")
             return
         self._spawn(self._dispatch(stream_id, request))
+
+    def _refuse(self, stream_id: int, message: str) -> None:
+        self._spawn(self.send_status(stream_id, Code.INVALID_ARGUMENT, message))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -24,7 +24,7 @@ from cloudadaptor.protocols import agent_pb2, health_pb2
 from cloudadaptor.providers import local
 from cloudadaptor.providers.base import InstanceSpec, Provider, ProviderError, create_provider
 from cloudadaptor.providers.local import LocalConfig, LocalProvider
-from cloudadaptor.retry import RetryTimeout, retry_until
+from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig, render
@@ -81,7 +81,7 @@ async def dial_agent(ip: str, provider: LocalProvider | None = None, instance_id
         return client
 
     try:
-        return await retry_until(BOOT_TIMEOUT, attempt)
+        return await retry_until(BOOT_TIMEOUT, attempt, backoff=Backoff(initial=0.05, factor=1.5, maximum=0.25))
     except RetryTimeout as exc:
         shown = console(provider, instance_id) if provider else ""
         pytest.fail(f"agent at {ip}:15150 never answered: {exc.last_error!r}\n{shown}")
