@@ -175,7 +175,8 @@ class LocalProvider:
     async def create_instance(self, spec: InstanceSpec) -> Instance:
         """Create a VM and start its boot; returns once it has its address (blocks ~0.2 s).
 
-        A repeated ``client_token`` returns the instance made for it. On failure
+        A repeated ``client_token`` returns the instance made for it (even while
+        that first create is still wiring and launching it). On failure
         everything created so far is removed before ``ProviderError`` is raised.
         """
         return await asyncio.to_thread(self._create, spec)
@@ -292,21 +293,12 @@ class LocalProvider:
     # ----------------------------------------------------------------- create
 
     def _create(self, spec: InstanceSpec) -> Instance:
-        with self._locked():
-            self._ensure_bridge()
-            records = self._records()
-            for record in records:
-                if spec.client_token and record.client_token == spec.client_token:
-                    return record.instance()
-            record = _Record(
-                id=ID_PREFIX + secrets.token_hex(6),
-                name=spec.name,
-                ip=self._allocate_ip(records),
-                client_token=spec.client_token,
-                tags=dict(spec.tags),
-            )
-            (self._dir(record.id) / local_vm.RUN_SUBDIR).mkdir(parents=True)
-            self._write(record)
+        try:
+            record, new = self._reserve(spec)
+        except (OSError, NetlinkError) as exc:
+            raise ProviderError(f"local cloud {self.config.bridge} ({self.config.cloud_dir}) unusable: {exc}") from exc
+        if not new:
+            return record.instance()  # made earlier for this client token
         try:
             self._wire(record)
             user_data = self._dir(record.id) / local_vm.USER_DATA_SUBPATH
@@ -324,6 +316,26 @@ class LocalProvider:
                 raise ProviderError(f"{exc}{detail}") from exc
             raise ProviderError(f"creating local VM {record.id} failed: {exc}{detail}") from exc
         return record.instance()
+
+    def _reserve(self, spec: InstanceSpec) -> tuple[_Record, bool]:
+        """(the record already made for ``spec.client_token``, False), or (a new
+        one holding the lowest free address, written before the lock is released, True)."""
+        with self._locked():
+            self._ensure_bridge()
+            records = self._records()
+            for record in records:
+                if spec.client_token and record.client_token == spec.client_token:
+                    return record, False
+            record = _Record(
+                id=ID_PREFIX + secrets.token_hex(6),
+                name=spec.name,
+                ip=self._allocate_ip(records),
+                client_token=spec.client_token,
+                tags=dict(spec.tags),
+            )
+            (self._dir(record.id) / local_vm.RUN_SUBDIR).mkdir(parents=True)
+            self._write(record)
+            return record, True
 
     def _wire(self, record: _Record) -> None:
         """The VM's netns, veth to the bridge, address and default route."""

@@ -30,9 +30,12 @@ Behaviour worth knowing (chosen to match what the kata shim expects):
 - **Signals.** SIGKILL to a container's init kills all its processes (as the
   death of a PID namespace's init would). Signalling an exited process is
   success.
-- **Teardown.** RemoveContainer kills the container's processes; DestroySandbox
-  kills everything but keeps serving (StopVM deletes the VM next). SIGTERM or
+- **Teardown.** RemoveContainer kills the container's processes (with their
+  process groups, so background children too); DestroySandbox kills
+  everything but keeps serving (StopVM deletes the VM next). SIGTERM or
   SIGINT to the agent kills everything and exits. Every child is reaped.
+- **Not modelled.** Terminal (a pty), users/groups (``string_user``),
+  storages, devices, rootfs: processes run as the agent's user on its files.
 
     python -m cloudadaptor.testing.devagent --socket /run/kata-containers/agent.sock
 """

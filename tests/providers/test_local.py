@@ -188,6 +188,9 @@ async def test_verify_reports_a_non_bridge_and_an_unusable_cloud_dir(local_cloud
     await add_link(name, "veth")  # the kernel here may lack the dummy module
     problems = await local_cloud.provider().verify()
     assert len(problems) == 1 and name in problems[0] and "not a bridge" in problems[0], problems
+    with pytest.raises(ProviderError, match="not a bridge"):
+        await local_cloud.provider().create_instance(spec())
+    assert local_cloud.instance_ids() == []
 
     (tmp_path / "a-file").write_text("")
     problems = await local_cloud.provider(cloud_dir=tmp_path / "a-file" / "cloud").verify()

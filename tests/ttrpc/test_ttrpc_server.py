@@ -216,6 +216,7 @@ async def test_tls_client_hello_to_plain_server_closes_connection(server):
     conn = await RawConn.open(server.path)
     await conn.send_raw(_client_hello("podvm"))
     assert await conn.at_eof()
+    conn.close()
 
 
 async def test_header_announcing_absurd_length_closes_at_once_instead_of_discarding(server, caplog):
@@ -225,6 +226,7 @@ async def test_header_announcing_absurd_length_closes_at_once_instead_of_discard
     await conn.send_raw(struct.pack(HDR, 0x47455420, 1, REQUEST, 0) + b"x" * 100)
     assert await conn.at_eof(timeout=2.0), "the server should not wait to discard 1.2 GB"
     assert any("announces" in r.getMessage() for r in caplog.records)
+    conn.close()
 
 
 def _client_hello(server_hostname: str) -> bytes:
@@ -241,6 +243,7 @@ async def test_unknown_frame_type_closes_connection(server):
     conn = await RawConn.open(server.path)
     await conn.send_frame(1, b"", ftype=9)
     assert await conn.at_eof()
+    conn.close()
 
 
 async def test_connection_closed_mid_frame_is_dropped_and_server_keeps_serving(server, caplog):
@@ -249,6 +252,7 @@ async def test_connection_closed_mid_frame_is_dropped_and_server_keeps_serving(s
     await conn.send_raw(struct.pack(HDR, 100, 1, REQUEST, 0) + b"only part")
     conn.writer.write_eof()
     assert await conn.at_eof()
+    conn.close()
     other = await RawConn.open(server.path)
     await other.send_request(1, "test.Echo", "Echo", b"y")
     assert (await other.read_response())[1].payload == b"echo:y"
