@@ -163,12 +163,19 @@ class AgentProtocolForwarder:
                 log.error("accept failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            task = asyncio.create_task(self._serve(conn, _format_peer(peer)))
+            started: list[bool] = []
+            task = asyncio.create_task(self._serve(conn, _format_peer(peer), started))
             self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            task.add_done_callback(lambda t, c=conn, s=started: self._connection_done(t, c, s))
 
-    async def _serve(self, conn: socket.socket, peer: str) -> None:
+    def _connection_done(self, task: asyncio.Task[None], conn: socket.socket, started: list[bool]) -> None:
+        self._connections.discard(task)
+        if not started:  # cancelled before its first step: nobody else will close the socket
+            conn.close()
+
+    async def _serve(self, conn: socket.socket, peer: str, started: list[bool]) -> None:
         """One client connection, start to end. Never raises (but honours cancellation)."""
+        started.append(True)  # before any await: from here on _serve owns ``conn``
         try:
             streams = await self._open_client(conn, peer)
         except asyncio.CancelledError:

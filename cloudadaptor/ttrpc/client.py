@@ -110,19 +110,19 @@ class Client:
                 Code.RESOURCE_EXHAUSTED,
                 f"{service}/{method}: request of {len(data)} bytes exceeds the {MAX_MESSAGE_LENGTH}-byte message limit",
             )
-        stream_id = self._allocate_stream_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[stream_id] = future
+        stream_id: int | None = None
         try:
             async with asyncio.timeout(timeout) as scope:
-                await self._send(Frame(stream_id, FrameType.REQUEST, 0, data))
+                stream_id = await self._send_request(data, future)
                 return await future
         except TimeoutError:
             if scope.expired():
                 raise TtrpcError(Code.DEADLINE_EXCEEDED, f"{service}/{method}: deadline exceeded") from None
             raise
         finally:
-            self._pending.pop(stream_id, None)
+            if stream_id is not None:
+                self._pending.pop(stream_id, None)
 
     async def call_message(
         self,
@@ -143,6 +143,8 @@ class Client:
     async def close(self) -> None:
         """Close the connection and fail pending calls with ``ConnectionClosed``. Idempotent."""
         self._shut("client closed")
+        with contextlib.suppress(Exception):
+            self._writer.close()
         self._receiver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._receiver
@@ -156,24 +158,31 @@ class Client:
     ) -> None:
         await self.close()
 
-    def _allocate_stream_id(self) -> int:
-        stream_id = self._next_stream_id
-        if stream_id > _MAX_STREAM_ID:
-            raise ConnectionClosed("stream ids exhausted on this connection; dial a new one")
-        self._next_stream_id += 2
-        return stream_id
+    async def _send_request(self, data: bytes, future: asyncio.Future[bytes]) -> int:
+        """Write one request frame; returns its stream id, registered in ``_pending``.
 
-    async def _send(self, frame: Frame) -> None:
-        encoded = frame.encode()
+        Ids are allocated under the write lock, so they reach the wire in
+        increasing order (containerd's server refuses a smaller id).
+        """
         async with self._write_lock:
             if self._closed_reason is not None:
                 raise ConnectionClosed(self._closed_reason)
+            stream_id = self._next_stream_id
+            if stream_id > _MAX_STREAM_ID:
+                raise ConnectionClosed("stream ids exhausted on this connection; dial a new one")
+            self._next_stream_id += 2
+            self._pending[stream_id] = future
             try:
-                self._writer.write(encoded)
+                self._writer.write(Frame(stream_id, FrameType.REQUEST, 0, data).encode())
                 await self._writer.drain()
             except (OSError, RuntimeError) as exc:
+                self._pending.pop(stream_id, None)
                 self._shut(f"write failed: {exc}")
                 raise ConnectionClosed(f"write failed: {exc}") from exc
+            except BaseException:
+                self._pending.pop(stream_id, None)
+                raise
+            return stream_id
 
     async def _receive(self) -> None:
         reason = "connection closed by peer"

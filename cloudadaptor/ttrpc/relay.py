@@ -81,10 +81,16 @@ class _Relay:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             reason = _reason_of(done.pop())
         finally:
+            # Close synchronously first: a second cancellation during the awaits
+            # below must not leave either connection open.
+            for writer in (self.down_writer, self.up_writer):
+                with contextlib.suppress(Exception):
+                    writer.close()
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
-            await asyncio.gather(close_writer(self.down_writer), close_writer(self.up_writer))
+            await close_writer(self.down_writer)
+            await close_writer(self.up_writer)
         return reason
 
     async def _downstream_to_upstream(self) -> str:

@@ -157,21 +157,14 @@ class Server:
         if self._closed:
             await close_writer(writer)
             return
-        connection = _Connection(self, reader, writer)
-        self._connections.add(connection)
-        task = asyncio.create_task(connection.run())
-        connection.task = task
+        task = self._start_connection(reader, writer)
         try:
             await asyncio.wait({task})  # close() cancelling ``task`` is a normal end for us
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("ttrpc connection from %s failed", connection.peer, exc_info=exc)
         except asyncio.CancelledError:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             raise
-        finally:
-            self._connections.discard(connection)
 
     async def close(self) -> None:
         """Stop listening, end every connection, cancel running handlers, remove our socket files.
@@ -182,10 +175,12 @@ class Server:
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
             listener.close()
-        tasks = [c.task for c in list(self._connections) if c.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(Exception):
+                connection.writer.close()  # even if its task never got to run
+            connection.task.cancel()
+        await asyncio.gather(*(c.task for c in connections), return_exceptions=True)
         for listener in listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.wait_closed(), 1.0)
@@ -193,9 +188,24 @@ class Server:
         for path, dev, ino in files:
             _unlink_if_same(path, dev, ino)
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.handle_connection(reader, writer)
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Listener callback; synchronous so every accepted connection is registered at once."""
+        if self._closed:
+            writer.close()
+            return
+        self._start_connection(reader, writer)
+
+    def _start_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
+        connection = _Connection(self, reader, writer)
+        self._connections.add(connection)
+        connection.task = asyncio.create_task(connection.run())
+        connection.task.add_done_callback(lambda task: self._connection_done(connection, task))
+        return connection.task
+
+    def _connection_done(self, connection: _Connection, task: asyncio.Task[None]) -> None:
+        self._connections.discard(connection)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("ttrpc connection from %s failed", connection.peer, exc_info=exc)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -237,7 +247,7 @@ class _Connection:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None]  # set by Server._start_connection
         self.peer = _peer_name(writer)
         self._write_lock = asyncio.Lock()
         self._calls: set[asyncio.Task[None]] = set()
@@ -249,6 +259,8 @@ class _Connection:
             if reason:
                 log.warning("closing ttrpc connection from %s: %s", self.peer, reason)
         finally:
+            with contextlib.suppress(Exception):
+                self.writer.close()  # at once: later awaits may be cancelled
             calls = list(self._calls)
             for call in calls:
                 call.cancel()
@@ -287,7 +299,7 @@ class _Connection:
         try:
             request = ttrpc_pb2.Request.FromString(frame.data)
         except DecodeError as exc:
-            self._refuse(stream_id, f"cannot decode request envelope: {exc}")
+            self._refuse(stream_id, f"unmarshal request error: {exc}")
             return
         self._spawn(self._dispatch(stream_id, request))
 

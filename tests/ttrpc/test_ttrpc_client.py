@@ -66,6 +66,15 @@ async def test_client_uses_odd_increasing_stream_ids_and_sends_timeout_only_when
     assert [(kv.key, kv.value) for kv in reqs[2].metadata] == [("k", "x"), ("k", "y"), ("j", "z")]
 
 
+async def test_many_concurrent_calls_reach_the_wire_with_increasing_stream_ids(recorder):
+    async with await Client.connect_unix(recorder.path) as client:
+        payloads = [str(i).encode() * 5000 for i in range(40)]
+        results = await asyncio.wait_for(asyncio.gather(*(client.call("s.S", "M", p) for p in payloads)), 10)
+    assert results == payloads
+    sids = [f[0] for f in recorder.frames]
+    assert sids == list(range(1, 80, 2)), "stream ids must be odd and strictly increasing on the wire"
+
+
 async def test_client_refuses_request_over_4mib_without_sending(recorder):
     async with await Client.connect_unix(recorder.path) as client:
         with pytest.raises(TtrpcError) as err:
@@ -126,7 +135,10 @@ async def test_slow_handler_with_deadline_gives_deadline_exceeded(served):
 
 async def test_client_enforces_its_deadline_even_if_the_server_ignores_it(tmp_path):
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
+        try:
+            await reader.read()
+        finally:
+            writer.close()
 
     path = str(tmp_path / "mute.sock")
     mute = await asyncio.start_unix_server(never_answer, path)
