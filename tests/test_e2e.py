@@ -38,7 +38,8 @@ async def daemon_factory(private_ns):
             "PODS_DIR": str(root / "pods"),
             "NODE_NAME": f"e2e-node-{n}",
             "LOCAL_CLOUD_BRIDGE": f"ppe2e{n}",
-            "LOCAL_CLOUD_CIDR": f"192.0.2.{(n % 4) * 64}/26",
+            # The spare documentation range: provider tests use 192.0.2.0/24.
+            "LOCAL_CLOUD_CIDR": f"203.0.113.{(n % 4) * 64}/26",
             "PROXY_TIMEOUT": "20s",
             **env,
         })
@@ -53,10 +54,19 @@ async def daemon_factory(private_ns):
             for sandbox in daemon.lifecycle.store.all():
                 await daemon.lifecycle.stop(sandbox.id)
             await daemon.close()
+        await asyncio.to_thread(_delete_link, daemon.settings.provider_env["LOCAL_CLOUD_BRIDGE"])
         cloud_dir = root / "local-cloud"
         leftover = [p.name for p in cloud_dir.iterdir() if p.is_dir()] if cloud_dir.exists() else []
         shutil.rmtree(root, ignore_errors=True)
         assert leftover == [], f"VMs left in the local cloud: {leftover}"
+
+
+def _delete_link(name: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=name):
+            ipr.link("del", index=index)
 
 
 async def test_two_pods_run_commands_in_their_own_vm_podns(daemon_factory, make_pod_netns):
