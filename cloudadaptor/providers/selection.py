@@ -1,0 +1,68 @@
+"""Instance type choice shared by every cloud provider (DESIGN §3).
+
+1. The pod's ``machine_type`` annotation wins.
+2. Else, when the pod asks for vCPUs/memory/GPUs and an allow-list
+   (``PODVM_INSTANCE_TYPES``) exists, the smallest allowed type that fits:
+   least memory first, then fewest vCPUs, then fewest GPUs.
+3. Else the default (``PODVM_INSTANCE_TYPE``).
+The result must be in the allow-list when one is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class InstanceTypeInfo:
+    name: str
+    vcpus: int
+    memory_mib: int
+    gpus: int = 0
+
+
+class SelectionError(ValueError):
+    """No instance type can be chosen; the message says why and what is allowed."""
+
+
+def select_instance_type(
+    *,
+    requested: str | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    gpus: int = 0,
+    default: str | None,
+    allowed: Sequence[str],
+    catalog: Mapping[str, InstanceTypeInfo],
+) -> str:
+    """Pick the instance type for one pod. Pure: ``catalog`` holds the specs of
+    the allowed types (the provider looks them up once at start)."""
+    allowed_text = ", ".join(allowed)
+    if requested:
+        if allowed and requested not in allowed:
+            raise SelectionError(f"instance type {requested!r} (machine_type annotation) is not in PODVM_INSTANCE_TYPES ({allowed_text})")
+        return requested
+    wants_fit = bool(vcpus or memory_mib or gpus)
+    if wants_fit and allowed:
+        fitting = [
+            catalog[name]
+            for name in allowed
+            if name in catalog
+            and catalog[name].vcpus >= (vcpus or 0)
+            and catalog[name].memory_mib >= (memory_mib or 0)
+            and catalog[name].gpus >= gpus
+        ]
+        if not fitting:
+            raise SelectionError(
+                f"no allowed instance type fits {vcpus or 0} vCPU, {memory_mib or 0} MiB, {gpus} GPU "
+                f"(PODVM_INSTANCE_TYPES: {allowed_text})"
+            )
+        return min(fitting, key=lambda t: (t.memory_mib, t.vcpus, t.gpus, t.name)).name
+    if default:
+        if allowed and default not in allowed:
+            raise SelectionError(f"PODVM_INSTANCE_TYPE {default!r} is not in PODVM_INSTANCE_TYPES ({allowed_text})")
+        return default
+    if allowed:
+        return allowed[0]
+    raise SelectionError("no instance type: set PODVM_INSTANCE_TYPE (or the provider's default) or PODVM_INSTANCE_TYPES")
