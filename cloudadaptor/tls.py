@@ -32,6 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cloudadaptor.files import write_atomic
+
 if TYPE_CHECKING:
     from cloudadaptor.config import Settings
 
@@ -63,21 +65,6 @@ class ServerTlsMaterial:
 
 
 # ------------------------------------------------------------------ file helpers
-
-
-def _write_private(path: Path, data: str, mode: int) -> None:
-    """Write atomically (temp file + rename) with ``mode`` from the first byte."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ensure_private_dir(directory: Path) -> None:
@@ -188,8 +175,8 @@ class CertificateAuthority:
         cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
         if not cert_path.exists() and not key_path.exists():
             ca = cls.create()
-            _write_private(key_path, _key_pem(ca._key), 0o600)
-            _write_private(cert_path, ca.cert_pem, 0o644)
+            write_atomic(key_path, _key_pem(ca._key), 0o600)
+            write_atomic(cert_path, ca.cert_pem, 0o644)
             log.info("created a new TLS CA in %s", directory)
             return ca
         for path in (cert_path, key_path):
@@ -416,6 +403,6 @@ def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: st
         except (TlsError, ValueError, TypeError, InvalidSignature) as exc:
             log.warning("replacing the adaptor client certificate in %s: %s", tls_dir, exc)
     cert_pem, key_pem = ca.issue(f"cloud-api-adaptor {node_name}", server=False)
-    _write_private(key_path, key_pem, 0o600)
-    _write_private(cert_path, cert_pem, 0o644)
+    write_atomic(key_path, key_pem, 0o600)
+    write_atomic(cert_path, cert_pem, 0o644)
     return cert_pem, key_pem

@@ -14,7 +14,6 @@ import struct
 import tempfile
 from pathlib import Path
 
-import pytest
 
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings

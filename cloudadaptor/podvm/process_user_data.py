@@ -20,9 +20,7 @@ import argparse
 import base64
 import binascii
 import logging
-import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cloudadaptor import userdata
+from cloudadaptor.files import write_atomic
 from cloudadaptor.config import parse_duration
 
 log = logging.getLogger(__name__)
@@ -156,25 +155,6 @@ def _mode(entry: userdata.WriteFile) -> int:
         log.warning("%s: ignoring bad permissions %r", entry.path, perms)
         mode = int(userdata.DEFAULT_PERMISSIONS.get(entry.path, "0644"), 8)
     return mode & 0o7777
-
-
-def write_atomic(path: Path, content: bytes, mode: int) -> None:
-    """Write ``content`` to ``path`` via a temp file in the same directory and a rename.
-
-    The temp file has ``mode`` before any byte is written; parents are created.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_files(entries: Sequence[userdata.WriteFile], root: Path) -> list[Path]:

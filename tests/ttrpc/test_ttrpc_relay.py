@@ -228,7 +228,7 @@ async def test_downstream_closing_closes_upstream(harness):
 
 
 async def test_cancelling_relay_closes_both_sides(tmp_path):
-    up_eof, down_eof = asyncio.Event(), asyncio.Event()
+    up_eof = asyncio.Event()
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
