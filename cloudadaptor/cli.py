@@ -1,6 +1,7 @@
 """`cloud-api-adaptor`: one command, one subcommand per job.
 
-Worker side: ``serve`` (the daemon), ``config check``, ``demo``.
+Worker side: ``serve`` (the daemon), ``config check``, ``demo``, ``aws open-ports``, ``azure open-ports``.
+Cluster side: ``peerpod-controller``, ``webhook``; ``probe`` (the DaemonSet's startup probe).
 Pod VM side: ``process-user-data``, ``forwarder``.
 Settings come from the environment (peer-pods-cm / peer-pods-secret keys,
 see README); flags override them.
@@ -101,6 +102,21 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aws_command(parser: argparse.ArgumentParser):
+    """Add the ``aws`` actions; boto3 is imported only when one runs."""
+    sub = parser.add_subparsers(dest="aws_command", metavar="ACTION", required=True)
+    ports = sub.add_parser("open-ports", help="allow 15150/tcp and VXLAN_PORT/udp within the worker security group (idempotent)")
+    ports.add_argument("--group-id", help="security group to open (default: the first of AWS_SG_IDS, else the worker's first)")
+    ports.add_argument("--vxlan-port", help="VXLAN UDP port (default: VXLAN_PORT or 9000)")
+
+    def run(args: argparse.Namespace) -> int:
+        from cloudadaptor.providers.aws import commands
+
+        return commands.main(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cloudadaptor import demo
     from cloudadaptor.podvm import forwarder, process_user_data
@@ -123,9 +139,39 @@ def build_parser() -> argparse.ArgumentParser:
     forwarder.build_parser(fwd)
     fwd.set_defaults(func=forwarder.run)
 
+    from cloudadaptor.podnetwork import vmside
+
+    pnet = sub.add_parser("pod-network", help="(pod VM) join the VM's podns to the worker's pod network (VXLAN, from apf.json)")
+    vmside.build_parser(pnet)
+    pnet.set_defaults(func=vmside.run)
+
     pud = sub.add_parser("process-user-data", help="(pod VM) fetch user data and write the allow-listed files")
     process_user_data.build_parser(pud)
     pud.set_defaults(func=process_user_data.run)
+
+    aws = sub.add_parser("aws", help="AWS operator helpers (open-ports: the security-group rules peer pods need)")
+    aws.set_defaults(func=_aws_command(aws))
+
+    from cloudadaptor.providers.azure import command as azure_command  # no SDK import until run
+
+    azure = sub.add_parser("azure", help="Azure operator helpers (open-ports: the NSG rules peer pods need)")
+    azure_command.build_parser(azure)
+    azure.set_defaults(func=azure_command.run)
+
+    from cloudadaptor.k8s import commands as k8s_commands  # no Kubernetes client import until run
+    from cloudadaptor.webhook import command as webhook_command
+
+    ctrl = sub.add_parser("peerpod-controller", help="delete VMs of PeerPods whose pod is gone; sweep unreferenced tagged VMs")
+    k8s_commands.build_controller_parser(ctrl)
+    ctrl.set_defaults(func=k8s_commands.run_controller)
+
+    hook = sub.add_parser("webhook", help="mutating admission webhook for peer pods (HTTPS)")
+    webhook_command.build_parser(hook)
+    hook.set_defaults(func=webhook_command.run)
+
+    prb = sub.add_parser("probe", help="exit 0 when the adaptor answers on its hypervisor socket (startup probe)")
+    k8s_commands.build_probe_parser(prb)
+    prb.set_defaults(func=k8s_commands.run_probe)
 
     dem = sub.add_parser("demo", help="run 3 peer pods end to end on the local provider, in a private namespace")
     demo.build_parser(dem)

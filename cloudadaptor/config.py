@@ -16,6 +16,7 @@ from ``Settings.provider_env`` with ``parse_keys``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -221,6 +222,14 @@ def parse_port(text: str) -> int:
         raise ValueError("expected a port number from 1 to 65535") from None
 
 
+def parse_ip(text: str) -> str:
+    """An IPv4 or IPv6 address, normalized."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError("expected an IP address such as 192.0.2.1") from None
+
+
 def parse_csv(text: str) -> tuple[str, ...]:
     """"a, b,,c" -> ("a", "b", "c"): items stripped, empty items dropped."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
@@ -334,6 +343,7 @@ class Settings:
     cloud_provider: str = "local"
     vxlan_port: int = 9000
     vxlan_min_id: int = 555000
+    vxlan_worker_ip: str | None = None  # None: detected (route towards the VM network)
     proxy_timeout: float = 300.0
     podvm_instance_type: str | None = None
     podvm_instance_types: tuple[str, ...] = ()
@@ -383,6 +393,8 @@ def common_keys() -> tuple[Key, ...]:
             help=f"the cloud pod VMs run in; one of: {providers}"),
         Key("VXLAN_PORT", parse_port, 9000, help="UDP port of the VXLAN tunnels"),
         Key("VXLAN_MIN_ID", int_range(1, 16777215), 555000, help="first VXLAN network id (VNI)"),
+        Key("VXLAN_WORKER_IP", parse_ip, None,
+            help="worker address pod VMs send VXLAN to (default: source of the route towards the VM network)"),
         Key("PROXY_TIMEOUT", parse_proxy_timeout, 300.0,
             help="how long StartVM waits for the pod VM's agent (below the shim's 600 s)"),
         Key("PODVM_INSTANCE_TYPE", str, help="default pod VM instance type"),

@@ -4,7 +4,9 @@ Enters a private user+net+mount namespace by itself (nothing on the machine's
 network changes), starts `cloud-api-adaptor serve` with CLOUD_PROVIDER=local,
 starts pods through the shim emulator exactly as containerd-shim-kata-v2
 would, runs a command in each pod VM (shim → agent proxy → mTLS → forwarder →
-agent), prints a table, stops the pods and proves nothing is left.
+agent), shows the pod IP inside the VM's podns and a TCP round trip from the
+worker to a server on that pod IP (through the VXLAN tunnel), prints a table,
+stops the pods and proves nothing is left.
 """
 
 from __future__ import annotations
@@ -43,14 +45,20 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args))
 
 
+ECHO_PORT = 8080
+
+
 @dataclass
 class Row:
     pod: str
     sandbox_id: str
     vm_id: str = "-"
     vm_ip: str = "-"
+    vni: str = "-"
+    pod_ip_in_vm: str = "-"
     create_ms: float = 0.0
     start_ms: float = 0.0
+    tcp_ms: str = "-"
     output: str = ""
 
 
@@ -121,7 +129,7 @@ async def _run_pods(count: int, pod_netns: list) -> bool:
         return_exceptions=True,
     )
     runs, rows, failed = [], [], False
-    for name, result in zip(names, results):
+    for name, result, netns in zip(names, results, pod_netns):
         if isinstance(result, BaseException):
             _say(f"{name}: failed to start: {result}")
             failed = True
@@ -129,17 +137,23 @@ async def _run_pods(count: int, pod_netns: list) -> bool:
         run, create_s, start_s = result
         runs.append(run)
         row = Row(name, run.sandbox_id, create_ms=create_s * 1000, start_ms=start_s * 1000)
-        row.vm_id, row.vm_ip = _vm_of(run.sandbox_id)
+        row.vm_id, row.vm_ip, row.vni = _vm_of(run.sandbox_id)
         executed = await run.exec(DEMO_COMMAND)
         row.output = (executed.stdout.decode().strip() or executed.stderr.decode().strip()) + (
             f" (exit {executed.exit_code})" if executed.exit_code else "")
         failed |= executed.exit_code != 0
+        failed |= not await _probe_data_path(run, row, netns.pod_ip)
         rows.append(row)
-        _say(f"{name}: VM {row.vm_id} at {row.vm_ip} answered")
+        _say(f"{name}: VM {row.vm_id} at {row.vm_ip} answered; pod IP {netns.pod_ip} reached through VNI {row.vni}")
     _print_table(rows)
     for run in runs:
         await stop_pod(shim, run)
     _say(f"stopped {len(runs)} pods (StopVM)")
+    for netns in pod_netns:
+        left = await asyncio.to_thread(_tunnel_leftovers, netns.path)
+        if left:
+            _say(f"pod netns {netns.path} still has {left} after StopVM")
+            failed = True
     remaining = _state_rows()
     if remaining:
         _say(f"state store still has {remaining} rows after StopVM")
@@ -147,13 +161,48 @@ async def _run_pods(count: int, pod_netns: list) -> bool:
     return not failed and len(runs) == count
 
 
-def _vm_of(sandbox_id: str) -> tuple[str, str]:
+async def _probe_data_path(run, row: Row, pod_ip: str) -> bool:
+    """The pod IP as the VM's podns shows it (`ip -br addr` through ExecProcess), and
+    a TCP round trip from the worker to a one-shot echo server on it in the pod."""
+    from cloudadaptor.testing.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
+
+    shown = await run.exec(POD_ADDR_COMMAND)
+    lines = [line.split() for line in shown.stdout.decode().splitlines()]
+    row.pod_ip_in_vm = ",".join(word for line in lines if line and line[0] != "lo" for word in line[2:3]) or "-"
+    server = asyncio.create_task(run.exec([sys.executable, "-c", ECHO_SERVER, pod_ip, str(ECHO_PORT)]))
+    try:
+        reply, seconds = await asyncio.to_thread(tcp_round_trip, pod_ip, ECHO_PORT)
+    except OSError as exc:
+        server.cancel()
+        row.tcp_ms = f"failed: {exc}"
+        return False
+    served = await server
+    row.tcp_ms = f"{seconds * 1000:.2f}" if reply == b"PING THROUGH THE TUNNEL" else f"bad reply {reply!r}"
+    return served.exit_code == 0 and row.pod_ip_in_vm.startswith(pod_ip) and reply == b"PING THROUGH THE TUNNEL"
+
+
+def _tunnel_leftovers(netns_path: str) -> list[str]:
+    """Tunnel devices or tc redirects still in a pod netns."""
+    from cloudadaptor.podnetwork import tunnel
+    from cloudadaptor.podnetwork.netns import open_netns
+
+    with open_netns(netns_path) as ipr:
+        left = [f"link {link.get('IFLA_IFNAME')}" for link in ipr.get_links()
+                if link.get("IFLA_IFNAME") not in ("lo", "eth0")]
+        for index in ipr.link_lookup(ifname="eth0"):
+            left += [f"tc redirect on eth0 to ifindex {t}" for t in tunnel.redirect_targets(ipr, index)]
+    return left
+
+
+def _vm_of(sandbox_id: str) -> tuple[str, str, str]:
     from cloudadaptor.adaptor.store import SandboxStore
 
     store = SandboxStore(STATE_DB)
     try:
         sandbox = store.get(sandbox_id)
-        return (sandbox.instance_id, sandbox.vm_ips[0]) if sandbox and sandbox.vm_ips else ("-", "-")
+        if sandbox is None or not sandbox.vm_ips:
+            return "-", "-", "-"
+        return sandbox.instance_id, sandbox.vm_ips[0], str(sandbox.vni or "-")
     finally:
         store.close()
 
@@ -169,15 +218,20 @@ def _state_rows() -> int:
 
 
 def _print_table(rows: list[Row]) -> None:
-    header = ("POD", "SANDBOX ID", "VM ID", "VM IP", "CreateVM ms", "StartVM ms", "COMMAND OUTPUT")
+    header = ("POD", "SANDBOX ID", "VM ID", "VM IP", "VNI", "POD IP IN VM podns", "CreateVM ms", "StartVM ms",
+              "TCP RTT ms", "COMMAND OUTPUT")
     table = [header] + [
-        (r.pod, r.sandbox_id[:12], r.vm_id, r.vm_ip, f"{r.create_ms:.1f}", f"{r.start_ms:.1f}", r.output) for r in rows
+        (r.pod, r.sandbox_id[:12], r.vm_id, r.vm_ip, r.vni, r.pod_ip_in_vm, f"{r.create_ms:.1f}", f"{r.start_ms:.1f}",
+         r.tcp_ms, r.output) for r in rows
     ]
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
     print()
     for line in table:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
-    print(f"\ncommand run in each pod VM: {' '.join(DEMO_COMMAND)}\n", flush=True)
+    print(f"\ncommand run in each pod VM: {' '.join(DEMO_COMMAND)}")
+    print("POD IP IN VM podns: `ip -br addr show` run in the pod through ExecProcess; TCP RTT: the worker "
+          f"connects to a server on the pod IP (port {ECHO_PORT}) started in the pod, through the VXLAN tunnel\n",
+          flush=True)
 
 
 def _leftovers() -> list[str]:

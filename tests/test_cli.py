@@ -22,7 +22,7 @@ def test_version():
     assert result.returncode == 0 and result.stdout.startswith("cloud-api-adaptor ")
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["config", "check"], ["forwarder"], ["process-user-data"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["config", "check"], ["forwarder"], ["process-user-data"], ["pod-network"], ["demo"]])
 def test_every_subcommand_has_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0, result.stderr

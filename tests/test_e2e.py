@@ -2,7 +2,8 @@
 
 Runs `Daemon` in-process with CLOUD_PROVIDER=local inside the private
 namespace; every pod VM is real (its own netns and mount namespace, running
-process-user-data, the forwarder with mTLS and the development agent).
+process-user-data, the VM side of the VXLAN tunnel, the forwarder with mTLS
+and the development agent), and the pod IP is reached through the tunnel.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,10 @@ import pytest
 
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings
+from cloudadaptor.podnetwork import tunnel
+from cloudadaptor.podnetwork.api import DEVICE_PREFIX
+from cloudadaptor.podnetwork.netns import open_netns
+from cloudadaptor.testing.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
 from cloudadaptor.testing.shim import AgentSession, ShimEmulator, shim_annotations, start_pod, stop_pod
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
@@ -69,6 +75,29 @@ def _delete_link(name: str) -> None:
             ipr.link("del", index=index)
 
 
+def _worker_side(pod_path: str) -> tuple[set[str], list, set[str]]:
+    """(links in the pod netns, tc filters on its eth0, tunnel devices in the worker netns)."""
+    from pyroute2 import IPRoute
+
+    with open_netns(pod_path) as ipr:
+        links = {link.get("IFLA_IFNAME") for link in ipr.get_links()}
+        filters = tunnel.ingress_filters(ipr, ipr.link_lookup(ifname="eth0")[0])
+    with IPRoute() as ipr:
+        worker = {link.get("IFLA_IFNAME") for link in ipr.get_links() if link.get("IFLA_IFNAME").startswith(DEVICE_PREFIX)}
+    return links, filters, worker
+
+
+async def _check_data_path(run, pod_ip: str) -> None:
+    """The pod IP is in the VM's podns, and a TCP server there answers the worker."""
+    addr = await run.exec(POD_ADDR_COMMAND)
+    assert addr.exit_code == 0 and f"{pod_ip}/24" in addr.stdout.decode(), addr
+    server = asyncio.create_task(run.exec([sys.executable, "-c", ECHO_SERVER, pod_ip, "8080"]))
+    reply, _ = await asyncio.to_thread(tcp_round_trip, pod_ip, 8080)
+    served = await server
+    assert reply == b"PING THROUGH THE TUNNEL", reply
+    assert served.exit_code == 0 and served.stdout == b"echoed for 198.51.100.1\n", served
+
+
 async def test_two_pods_run_commands_in_their_own_vm_podns(daemon_factory, make_pod_netns):
     daemon, socket_path = await daemon_factory()
     shim = ShimEmulator(socket_path)
@@ -82,8 +111,14 @@ async def test_two_pods_run_commands_in_their_own_vm_podns(daemon_factory, make_
     assert outputs[0] != outputs[1], "each pod's commands run in its own VM podns"
     instance_ids = [daemon.lifecycle.store.get(run.sandbox_id).instance_id for run, _, _ in started]
     assert all(i.startswith("i-local-") for i in instance_ids)
+    assert {daemon.lifecycle.store.get(run.sandbox_id).vni for run, _, _ in started} == {555000, 555001}
+    for (run, _, _), pod in zip(started, pods):
+        await _check_data_path(run, pod.pod_ip)
     for run, _, _ in started:
         await stop_pod(shim, run)
+    for pod in pods:
+        links, filters, worker = await asyncio.to_thread(_worker_side, pod.path)
+        assert (links, filters, worker) == ({"lo", "eth0"}, [], set()), "StopVM leaves no tunnel device or tc filter"
     assert daemon.lifecycle.store.all() == []
     assert not any(os.path.exists(run.agent_socket) for run, _, _ in started)
     assert await daemon.provider.list_owned({}) == []

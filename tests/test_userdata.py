@@ -18,6 +18,10 @@ from cloudadaptor.userdata import (
     AZURE_USER_DATA_LIMIT,
     INITDATA_PATH,
     ForwarderConfig,
+    PodInterface,
+    PodNeighbour,
+    PodNetworkConfig,
+    PodRoute,
     UserDataError,
     UserDataTooLarge,
     check_size,
@@ -41,10 +45,18 @@ def apf(material) -> ForwarderConfig:
         pod_name="web",
         pod_namespace="default",
         tls=material,
-        network={"pod_ip": "198.51.100.7/24", "mac": "02:00:00:00:00:07", "mtu": 1450,
-                 "vni": 555001, "vxlan_port": 9000, "worker_ip": "192.0.2.1",
-                 "routes": [{"dst": "0.0.0.0/0", "gw": "198.51.100.1"}]},
+        network=POD_NETWORK,
     )
+
+
+POD_NETWORK = PodNetworkConfig(
+    pod=PodInterface(
+        name="eth0", mac="02:00:00:00:00:07", mtu=1450, addresses=("198.51.100.7/24", "2001:db8::7/64"),
+        routes=(PodRoute("169.254.1.1/32", scope=253), PodRoute("0.0.0.0/0", gateway="169.254.1.1", metric=10)),
+        neighbours=(PodNeighbour("169.254.1.1", "ee:ee:ee:ee:ee:ee"),),
+    ),
+    worker_ip="192.0.2.1", vni=555001, vxlan_port=9000,
+)
 
 
 def test_allowed_paths_are_exactly_the_three_peerpod_files():
@@ -53,6 +65,21 @@ def test_allowed_paths_are_exactly_the_three_peerpod_files():
 
 def test_forwarder_config_json_round_trip(apf):
     assert ForwarderConfig.from_json(apf.to_json()) == apf
+
+
+def test_pod_network_serializes_flat_for_the_vm(apf):
+    doc = json.loads(apf.to_json())["network"]
+    assert doc["interface"] == "eth0" and doc["vni"] == 555001 and doc["vxlan_port"] == 9000
+    assert doc["addresses"] == ["198.51.100.7/24", "2001:db8::7/64"]
+    assert doc["routes"][0] == {"dst": "169.254.1.1/32", "gateway": None, "scope": 253, "src": None,
+                                "metric": None, "onlink": False}
+    assert doc["neighbours"] == [{"address": "169.254.1.1", "mac": "ee:ee:ee:ee:ee:ee"}]
+
+
+def test_pod_network_vxlan_port_defaults_to_9000():
+    doc = POD_NETWORK.to_dict()
+    del doc["vxlan_port"]
+    assert PodNetworkConfig.from_dict(doc).vxlan_port == 9000
 
 
 def test_forwarder_config_repr_never_shows_the_key(apf, material):
@@ -84,6 +111,16 @@ def test_forwarder_config_ignores_unknown_fields():
         ({"tls": "pem"}, "'tls'"),
         ({"tls": {"cert_pem": "x", "key_pem": "", "client_ca_pem": "y"}}, "'tls.key_pem'"),
         ({"network": [1, 2]}, "'network'"),
+        ({"network": {**POD_NETWORK.to_dict(), "vni": 0}}, "'network.vni'"),
+        ({"network": {**POD_NETWORK.to_dict(), "vni": 2**24}}, "'network.vni'"),
+        ({"network": {**POD_NETWORK.to_dict(), "vxlan_port": 0}}, "'network.vxlan_port'"),
+        ({"network": {**POD_NETWORK.to_dict(), "mac": "02:00"}}, "'network.mac'"),
+        ({"network": {**POD_NETWORK.to_dict(), "mtu": "1500"}}, "'network.mtu'"),
+        ({"network": {**POD_NETWORK.to_dict(), "worker_ip": None}}, "'network.worker_ip'"),
+        ({"network": {**POD_NETWORK.to_dict(), "interface": "a-very-long-ifname"}}, "'network.interface'"),
+        ({"network": {**POD_NETWORK.to_dict(), "addresses": ["198.51.100.7"]}}, "'network.addresses[0]'"),
+        ({"network": {**POD_NETWORK.to_dict(), "routes": [{"dst": "0.0.0.0/0", "gateway": "x"}]}}, "'network.routes[0]'"),
+        ({"network": {**POD_NETWORK.to_dict(), "neighbours": [{"address": "10.0.0.1"}]}}, "'network.neighbours[0]'"),
     ],
 )
 def test_forwarder_config_errors_name_the_bad_field(change, named):

@@ -1,8 +1,9 @@
 """The worker daemon (`cloud-api-adaptor serve`): wires settings to services.
 
 Start-up order: provider checks → TLS → state store → recover what a previous
-run left → listen. Shutdown stops listening and closes agent sockets but
-deletes no VM: a restarted daemon re-serves the sandboxes in its store.
+run left (VMs, tunnels) → listen. Shutdown stops listening and closes agent
+sockets but deletes no VM and no tunnel: a restarted daemon re-serves the
+sandboxes in its store.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.config import Settings
+from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import Provider, create_provider
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
@@ -30,9 +32,10 @@ class StartupError(Exception):
 class Daemon:
     """The running adaptor. ``start()`` returns once every endpoint listens."""
 
-    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
+    def __init__(self, settings: Settings, provider: Provider | None = None, pod_network: PodNetwork | None = None) -> None:
         self.settings = settings
         self.provider = provider
+        self.pod_network = pod_network
         self.lifecycle: SandboxLifecycle | None = None
         self._ttrpc = Server()
         self._grpc = None
@@ -51,6 +54,10 @@ class Daemon:
         except TlsError as exc:
             raise StartupError(f"TLS: {exc}") from None
         self._store = SandboxStore(settings.state_dir / "state.db")
+        if self.pod_network is None:
+            from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
+
+            self.pod_network = VxlanPodNetwork(settings.vxlan_worker_ip)
         self.lifecycle = SandboxLifecycle(
             options=LifecycleOptions(
                 pods_dir=settings.pods_dir,
@@ -58,9 +65,12 @@ class Daemon:
                 proxy_timeout=settings.proxy_timeout,
                 extra_tags=settings.tags,
                 tls_min_version=settings.tls_min_version,
+                vxlan_port=settings.vxlan_port,
+                vxlan_min_id=settings.vxlan_min_id,
             ),
             store=self._store,
             provider=self.provider,
+            pod_network=self.pod_network,
             tls=tls,
         )
         await self.lifecycle.recover()
@@ -92,6 +102,13 @@ class Daemon:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT."""
+    from pyroute2 import config as pyroute2_config
+
+    # pyroute2 enters network namespaces through forked helpers and stops them
+    # with SIGTERM. A forked child shares asyncio's signal wakeup fd, so its
+    # SIGTERM would reach our handler as if we had been asked to stop; with
+    # this flag the helpers reset SIGTERM/SIGINT to the default before working.
+    pyroute2_config.disable_mp_signal = True
     daemon = Daemon(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,9 +1,11 @@
-"""SandboxLifecycle: owns the order of create-VM → agent proxy, and rolls back.
+"""SandboxLifecycle: owns the order of create-VM → tunnel → agent proxy, and rolls back.
 
 The hypervisor service translates wire calls into these methods; providers
-only create and delete instances. Every step that creates something records
-it in the ``SandboxStore`` first, so a crash at any point leaves a row (or a
-tagged VM) that ``recover()`` finishes or undoes.
+only create and delete instances; the pod network (netns inspection, the
+worker side of the VXLAN tunnel) is behind the ``PodNetwork`` seam. Every
+step that creates something records it in the ``SandboxStore`` first, so a
+crash at any point leaves a row (or a tagged VM, or a tunnel device named
+after the row's VNI) that ``recover()`` finishes or undoes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from cloudadaptor.adaptor.proxy import AGENT_PORT, AgentEndpoint, AgentProxy, AgentUnreachable
-from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore
+from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
+from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
+from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.errors import Code
@@ -45,15 +50,6 @@ AGENT_SOCKET_NAME = "agent.ttrpc"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
 
 
-class LifecycleError(Exception):
-    """A lifecycle call failed; ``code`` is the gRPC status for the shim."""
-
-    def __init__(self, code: Code, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class LifecycleOptions:
     pods_dir: Path
@@ -62,6 +58,8 @@ class LifecycleOptions:
     agent_port: int = AGENT_PORT
     extra_tags: Mapping[str, str] = field(default_factory=dict)
     tls_min_version: str = "1.2"
+    vxlan_port: int = 9000
+    vxlan_min_id: int = 555000
 
 
 ProxyFactory = Callable[[str, AgentEndpoint], AgentProxy]
@@ -74,12 +72,14 @@ class SandboxLifecycle:
         options: LifecycleOptions,
         store: SandboxStore,
         provider: providers.Provider,
+        pod_network: PodNetwork,
         tls: AdaptorTls | None,
         proxy_factory: ProxyFactory = AgentProxy,
     ) -> None:
         self.options = options
         self.store = store
         self.provider = provider
+        self.network = SandboxNetwork(pod_network)
         self.tls = tls
         self._proxy_factory = proxy_factory
         self._proxies: dict[str, AgentProxy] = {}
@@ -91,10 +91,13 @@ class SandboxLifecycle:
 
     # ------------------------------------------------------------------ CreateVM
     async def create(self, sandbox_id: str, annotations: Mapping[str, str], netns_path: str) -> str:
-        """Record the sandbox and prepare its VM; returns the agent socket path.
+        """Inspect the pod netns, allocate a VNI, record the sandbox and render
+        its user data (pod network included); returns the agent socket path.
 
         Idempotent: a repeated call with the same id returns the same path and
         creates nothing new. Blocks only on local work (no cloud calls).
+        A netns that is not one is INVALID_ARGUMENT; one without a pod
+        interface, or no worker address for the tunnel, FAILED_PRECONDITION.
         """
         validate_sandbox_id(sandbox_id)
         validate_netns_path(netns_path)
@@ -116,6 +119,14 @@ class SandboxLifecycle:
                     f"agent socket path {pod_dir / AGENT_SOCKET_NAME} is longer than the "
                     f"{MAX_UNIX_PATH} bytes a unix socket allows; configure a shorter PODS_DIR",
                 )
+            pod = await self.network.inspect(netns_path)
+            worker_ip = await self.network.worker_ip(self.provider)
+            # No await from here to store.add: the VNI stays free until recorded.
+            try:
+                vni = self.store.next_free_vni(self.options.vxlan_min_id)
+            except VniExhausted as exc:
+                raise LifecycleError(Code.RESOURCE_EXHAUSTED, f"CreateVM {sandbox_id}: {exc}") from None
+            network = userdata.PodNetworkConfig(pod, worker_ip, vni, self.options.vxlan_port)
             sandbox = Sandbox(
                 id=sandbox_id,
                 pod_name=pod_name,
@@ -124,16 +135,20 @@ class SandboxLifecycle:
                 vm_name=vm_name,
                 agent_socket=str(pod_dir / AGENT_SOCKET_NAME),
                 annotations=dict(annotations),
-                user_data=self._render_user_data(sandbox_id, pod_name, pod_namespace, vm_name, annotations),
+                user_data=self._render_user_data(sandbox_id, pod_name, pod_namespace, vm_name, annotations, network),
+                vni=vni,
+                pod_network=network,
             )
             pod_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.store.add(sandbox)
-            log.info("CreateVM %s: pod %s/%s, VM name %s", sandbox_id, pod_namespace, pod_name, vm_name)
+            log.info("CreateVM %s: pod %s/%s (%s %s), VM name %s, VNI %d, worker %s", sandbox_id, pod_namespace,
+                     pod_name, pod.name, ",".join(pod.addresses), vm_name, vni, worker_ip)
             await self._notify()
             return sandbox.agent_socket
 
     def _render_user_data(
-        self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str, annotations: Mapping[str, str]
+        self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str, annotations: Mapping[str, str],
+        network: userdata.PodNetworkConfig,
     ) -> str:
         config = userdata.ForwarderConfig(
             sandbox_id=sandbox_id,
@@ -142,6 +157,7 @@ class SandboxLifecycle:
             listen_port=self.options.agent_port,
             tls=self.tls.mint_vm_material(vm_name) if self.tls else None,
             tls_min_version=self.options.tls_min_version,
+            network=network,
         )
         files = {userdata.APF_CONFIG_PATH: config.to_json()}
         if annotations.get(ANN_INITDATA):
@@ -150,11 +166,12 @@ class SandboxLifecycle:
 
     # ------------------------------------------------------------------- StartVM
     async def start(self, sandbox_id: str) -> None:
-        """Create the VM and wait until its agent answers through the proxy.
+        """Create the VM, bring the tunnel up, wait until the agent answers through the proxy.
 
         Blocks up to the provider's create time plus ``proxy_timeout``. On any
-        failure (including cancellation when the shim gives up) the VM is
-        deleted before this returns or raises. Idempotent for a running sandbox.
+        failure (including cancellation when the shim gives up) the VM and the
+        tunnel are removed before this returns or raises. Idempotent for a
+        running sandbox.
         """
         async with self._lock(sandbox_id):
             sandbox = self._get(sandbox_id)
@@ -183,6 +200,7 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
             sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
             log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
+            await self.network.up(sandbox)
             proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
             self._proxies[sandbox.id] = proxy
             try:
@@ -206,19 +224,28 @@ class SandboxLifecycle:
             raise
 
     async def _rollback_start(self, sandbox_id: str, reason: str) -> str:
-        """Undo a failed start; returns what was done, for the error message."""
+        """Undo a failed start (VM, then tunnel); returns what was done, for the error message."""
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
             await proxy.close()
         sandbox = self.store.get(sandbox_id)
         if sandbox is None:
             return "nothing to clean up"
+        problems = []
+        deleted: list[str] = []
         try:
             deleted = await self._delete_vms(sandbox)
         except Exception as exc:
-            self.store.update(sandbox_id, state=SandboxState.FAILED, error=f"{reason}; VM deletion failed: {exc}")
-            log.error("StartVM %s: VM deletion failed, left for the sweeper: %s", sandbox_id, exc)
-            return f"deleting the VM failed ({exc}); it is recorded for cleanup"
+            problems.append(f"deleting the VM failed ({exc})")
+        try:
+            await self.network.down(sandbox)
+        except PodNetworkError as exc:
+            problems.append(f"removing the tunnel failed ({exc})")
+        if problems:
+            self.store.update(sandbox_id, state=SandboxState.FAILED, error=f"{reason}; {'; '.join(problems)}")
+            log.error("StartVM %s: cleanup incomplete, recorded for the next StopVM or restart: %s",
+                      sandbox_id, "; ".join(problems))
+            return f"{'; '.join(problems)}; it is recorded for cleanup"
         self.store.update(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
         log.warning("StartVM %s failed (%s); deleted %s", sandbox_id, reason, ", ".join(deleted) or "no VM")
         await self._notify()
@@ -268,12 +295,13 @@ class SandboxLifecycle:
 
     # -------------------------------------------------------------------- StopVM
     async def stop(self, sandbox_id: str) -> None:
-        """Proxy down, VM deleted, pod dir and record removed.
+        """Proxy down, VM deleted, tunnel down, pod dir and record removed.
 
         Idempotent: stopping a sandbox stopped moments ago succeeds; an id never
         seen is NOT_FOUND. A start in progress is cancelled (and rolled back).
-        If the VM cannot be deleted the record stays (state ``stopping``) and
-        the error is returned, so nothing is forgotten.
+        If the VM or the tunnel cannot be removed the record stays (state
+        ``stopping``, so its VNI stays taken) and the error is returned, so
+        nothing is forgotten.
         """
         validate_sandbox_id(sandbox_id)
         starting = self._starting.get(sandbox_id)
@@ -296,6 +324,11 @@ class SandboxLifecycle:
                 raise LifecycleError(
                     Code.UNAVAILABLE, f"StopVM {sandbox_id}: deleting VM {sandbox.instance_id} failed: {exc}"
                 ) from exc
+            try:
+                await self.network.down(sandbox)
+            except PodNetworkError as exc:
+                self.store.update(sandbox_id, error=f"tunnel removal failed: {exc}")
+                raise LifecycleError(Code.INTERNAL, f"StopVM {sandbox_id}: removing the VXLAN tunnel failed: {exc}") from exc
             shutil.rmtree(Path(sandbox.agent_socket).parent, ignore_errors=True)
             self.store.remove(sandbox_id)
             self._remember_stopped(sandbox_id)
@@ -323,7 +356,8 @@ class SandboxLifecycle:
     # --------------------------------------------------------- restart and close
     async def recover(self) -> list[str]:
         """After a restart: re-serve running sandboxes, undo interrupted work,
-        and delete VMs tagged for this node that no record owns.
+        remove tunnels of sandboxes not running, and delete VMs tagged for this
+        node and tunnel devices in the worker netns that no record owns.
 
         Returns one line per action taken (also logged).
         """
@@ -342,6 +376,7 @@ class SandboxLifecycle:
                     actions.append(f"sandbox {sandbox.id}: finished interrupted stop")
                 except LifecycleError as exc:
                     actions.append(f"sandbox {sandbox.id}: stop still failing: {exc.message}")
+        actions.extend(await self.network.remove_stale(self.store))
         actions.extend(await self.sweep_orphans())
         for line in actions:
             log.info("recover: %s", line)

@@ -4,6 +4,10 @@ The store is the daemon's memory across restarts: a restarted daemon reads it
 to re-serve running sandboxes and to finish (or undo) work a crash interrupted.
 Writes are small and synchronous; SQLite commits each one before returning, so
 a row written is a row a restarted daemon will see.
+
+Schema changes are additive: a column added later is added to an existing
+database on open (``_MIGRATIONS``), with a default that means "not set", so a
+database written by an older daemon keeps working.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from cloudadaptor.userdata import MAX_VNI, PodNetworkConfig
 
 
 class SandboxState(str, enum.Enum):
@@ -44,6 +50,10 @@ class Sandbox:
     error: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+    # The pod's VXLAN network id, unique among the rows (0: none, e.g. a row
+    # from before tunnels), and the pod network the VM was given (apf.json).
+    vni: int = 0
+    pod_network: PodNetworkConfig | None = None
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(Sandbox)]
@@ -65,6 +75,21 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     updated_at REAL NOT NULL
 )
 """
+# Columns added after the first schema: name -> definition (with the default
+# existing rows get). Appended in order; never removed or renamed.
+_MIGRATIONS = {
+    "vni": "INTEGER NOT NULL DEFAULT 0",
+    "pod_network": "TEXT NOT NULL DEFAULT ''",
+}
+_VNI_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_vni ON sandboxes (vni) WHERE vni > 0"
+
+
+class VniExhausted(Exception):
+    """Every VNI from the configured minimum up to 16777215 is in use."""
+
+
+class VniInUse(Exception):
+    """A row was added with a VNI another row holds."""
 
 
 class SandboxStore:
@@ -80,24 +105,37 @@ class SandboxStore:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns an older database lacks; existing rows get their defaults."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(sandboxes)")}
+        for column, definition in _MIGRATIONS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE sandboxes ADD COLUMN {column} {definition}")
+        self._db.execute(_VNI_INDEX)
 
     def close(self) -> None:
         self._db.close()
 
     def add(self, sandbox: Sandbox) -> tuple[Sandbox, bool]:
-        """Insert unless the id exists; returns (stored sandbox, inserted?)."""
+        """Insert unless the id exists; returns (stored sandbox, inserted?).
+
+        Raises ``VniInUse`` when another row holds ``sandbox.vni``.
+        """
         now = time.time()
         sandbox.created_at = sandbox.updated_at = now
-        cursor = self._db.execute(
-            f"INSERT OR IGNORE INTO sandboxes ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-            _to_row(sandbox),
-        )
-        if cursor.rowcount == 1:
-            return sandbox, True
-        existing = self.get(sandbox.id)
-        assert existing is not None
-        return existing, False
+        try:
+            self._db.execute(
+                f"INSERT INTO sandboxes ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                _to_row(sandbox),
+            )
+        except sqlite3.IntegrityError:
+            existing = self.get(sandbox.id)
+            if existing is None:
+                raise VniInUse(f"VNI {sandbox.vni} is held by another sandbox") from None
+            return existing, False
+        return sandbox, True
 
     def get(self, sandbox_id: str) -> Sandbox | None:
         row = self._db.execute(
@@ -122,6 +160,21 @@ class SandboxStore:
         assert sandbox is not None
         return sandbox
 
+    def next_free_vni(self, minimum: int) -> int:
+        """The lowest VNI ``>= minimum`` no row holds. Every row is a live sandbox
+        (StopVM removes the row only after its tunnel is gone), so the VNI is free
+        on this node; a restarted daemon sees the same rows. The unique index
+        refuses a duplicate should two writers race. Raises ``VniExhausted``."""
+        candidate = minimum
+        rows = self._db.execute("SELECT vni FROM sandboxes WHERE vni >= ? ORDER BY vni", (minimum,))
+        for (used,) in rows:
+            if used > candidate:
+                break
+            candidate = used + 1
+        if candidate > MAX_VNI:
+            raise VniExhausted(f"no free VXLAN network id between {minimum} and {MAX_VNI}")
+        return candidate
+
     def remove(self, sandbox_id: str) -> bool:
         return self._db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,)).rowcount == 1
 
@@ -145,6 +198,8 @@ def _encode(column: str, value: Any) -> Any:
         return json.dumps(list(value))
     if column == "state":
         return SandboxState(value).value
+    if column == "pod_network":
+        return "" if value is None else json.dumps(value.to_dict(), sort_keys=True)
     return value
 
 
@@ -157,4 +212,6 @@ def _from_row(row: tuple[Any, ...]) -> Sandbox:
     values["annotations"] = json.loads(values["annotations"])
     values["vm_ips"] = tuple(json.loads(values["vm_ips"]))
     values["state"] = SandboxState(values["state"])
+    network = values["pod_network"]
+    values["pod_network"] = PodNetworkConfig.from_dict(json.loads(network)) if network else None
     return Sandbox(**values)

@@ -78,6 +78,8 @@ class Provider(Protocol):
 # Provider name -> "module:Class". Modules (and their SDKs) are imported only
 # when that provider is chosen.
 REGISTRY: dict[str, str] = {
+    "aws": "cloudadaptor.providers.aws.provider:AwsProvider",
+    "azure": "cloudadaptor.providers.azure.provider:AzureProvider",
     "local": "cloudadaptor.providers.local:LocalProvider",
 }
 

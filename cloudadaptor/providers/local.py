@@ -193,6 +193,11 @@ class LocalProvider:
     async def close(self) -> None:
         """Nothing to release; VMs keep running."""
 
+    def network_hint(self) -> str:
+        """An address inside the VM network (no I/O): the worker's VXLAN address
+        is the source of its route there, the gateway on the cloud bridge."""
+        return str(self.config.cidr.network_address + 2)
+
     # ------------------------------------------------------------------- cloud
 
     @contextlib.contextmanager

@@ -19,10 +19,13 @@ of the pod VM image's systemd units, logging every step with a timestamp:
 2. ``process-user-data --source file --file /run/cloud-data/user-data``
    (writes /run/peerpod/apf.json etc.);
 3. the network namespace ``podns`` (``/run/netns/podns``, the VM's own), lo up;
+   then the VM side of the pod network (``python -m cloudadaptor.podnetwork.vmside``:
+   the VXLAN tunnel to the worker carrying the pod's interface into podns);
 4. the agent (default: the development agent; ``--agent-command`` is a
    command line in which ``{socket}`` becomes the agent socket path), then
    wait for its socket;
-5. ``agent-protocol-forwarder`` (only when step 2 succeeded).
+5. ``agent-protocol-forwarder`` (only when steps 2 and 3 succeeded: a pod
+   without its network must not look healthy).
 
 It then supervises: a component that exits is logged (not restarted); orphans
 are reaped. On SIGTERM/SIGINT it stops the components (SIGTERM to each
@@ -64,7 +67,7 @@ PID_FILE = "init.pid"
 CONSOLE_LOG = "console.log"
 
 MODULE = "cloudadaptor.providers.local_vm"
-STEP_TIMEOUT = 120.0  # process-user-data
+STEP_TIMEOUT = 120.0  # process-user-data, pod network
 AGENT_SOCKET_TIMEOUT = 30.0
 STOP_GRACE = 3.0
 
@@ -200,13 +203,19 @@ class VmInit:
             self._wait(deadline - time.monotonic())
         if self.stopping:
             return
-        user_data_ok = self._process_user_data()
+        user_data_ok = self._run_step("process-user-data", [
+            self.python, "-m", "cloudadaptor.podvm.process_user_data",
+            "--source", "file", "--file", USER_DATA_PATH,
+        ])
         if self.stopping:
             return
         try:
             self._create_podns()
         except Exception as exc:  # noqa: BLE001 - logged; the agent still starts
             log(f"cannot create netns {PODNS}: {exc}")
+        network_ok = user_data_ok and self._run_step("pod-network", [
+            self.python, "-m", "cloudadaptor.podnetwork.vmside", "--config", APF_CONFIG, "--podns", PODNS,
+        ])
         if self.stopping:
             return
         agent = self._start("agent", self.agent)
@@ -214,20 +223,18 @@ class VmInit:
             self._wait_socket(agent, AGENT_SOCKET, AGENT_SOCKET_TIMEOUT)
         if self.stopping:
             return
-        if user_data_ok:
+        if network_ok:
             self._start("forwarder", [
                 self.python, "-m", "cloudadaptor.podvm.forwarder",
                 "--config", APF_CONFIG, "--kata-agent-socket", AGENT_SOCKET,
             ])
         else:
-            log("forwarder not started: process-user-data did not succeed")
+            log("forwarder not started: process-user-data or the pod network did not succeed")
         log("boot complete")
 
-    def _process_user_data(self) -> bool:
-        component = self._start("process-user-data", [
-            self.python, "-m", "cloudadaptor.podvm.process_user_data",
-            "--source", "file", "--file", USER_DATA_PATH,
-        ])
+    def _run_step(self, name: str, argv: list[str]) -> bool:
+        """Run a boot step to completion (killed after STEP_TIMEOUT); True when it exits 0."""
+        component = self._start(name, argv)
         if component is None:
             return False
         deadline = time.monotonic() + STEP_TIMEOUT
@@ -235,7 +242,7 @@ class VmInit:
             self._wait(deadline - time.monotonic())
         if component.status is None:
             if not self.stopping:
-                log(f"process-user-data still running after {STEP_TIMEOUT:g}s; killing it")
+                log(f"{name} still running after {STEP_TIMEOUT:g}s; killing it")
             self._signal(component, signal.SIGKILL)
             return False
         return component.status == 0

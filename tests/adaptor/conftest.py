@@ -1,4 +1,5 @@
-"""Lifecycle fixtures: a fake provider whose "VMs" are a health server on loopback."""
+"""Lifecycle fixtures: a fake provider whose "VMs" are a health server on loopback,
+and a fake pod network that records tunnel calls."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 import pytest
 
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
 from cloudadaptor.adaptor.store import SandboxStore
+from cloudadaptor.podnetwork.api import TunnelSpec
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderError
 from cloudadaptor.ttrpc.server import Server, unary
+from cloudadaptor.userdata import PodInterface, PodRoute
+
+POD_INTERFACE = PodInterface(
+    name="eth0", mac="02:00:00:00:00:0a", mtu=1500, addresses=("198.51.100.10/24",),
+    routes=(PodRoute("0.0.0.0/0", gateway="198.51.100.1"),),
+)
 
 
 @dataclass
@@ -58,6 +66,48 @@ class FakeProvider:
         pass
 
 
+@dataclass
+class FakePodNetwork:
+    """Records tunnel calls; ``up`` holds the tunnels currently up (by VNI).
+
+    ``fail`` maps a method name to the exception it raises (once set, always).
+    """
+
+    worker: str = "192.0.2.1"
+    hints: list[str | None] = field(default_factory=list)
+    up: dict[int, TunnelSpec] = field(default_factory=dict)
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    fail: dict[str, Exception] = field(default_factory=dict)
+    swept: list[frozenset[int]] = field(default_factory=list)
+
+    def _maybe_fail(self, method: str) -> None:
+        if method in self.fail:
+            raise self.fail[method]
+
+    async def inspect(self, netns_path: str) -> PodInterface:
+        self._maybe_fail("inspect")
+        return POD_INTERFACE
+
+    async def worker_ip(self, vm_network_hint: str | None) -> str:
+        self._maybe_fail("worker_ip")
+        self.hints.append(vm_network_hint)
+        return self.worker
+
+    async def tunnel_up(self, tunnel: TunnelSpec) -> None:
+        self.calls.append(("up", tunnel.vni))
+        self._maybe_fail("tunnel_up")
+        self.up[tunnel.vni] = tunnel
+
+    async def tunnel_down(self, tunnel: TunnelSpec) -> None:
+        self.calls.append(("down", tunnel.vni))
+        self._maybe_fail("tunnel_down")
+        self.up.pop(tunnel.vni, None)
+
+    async def sweep(self, known_vnis: Collection[int]) -> list[str]:
+        self.swept.append(frozenset(known_vnis))
+        return []
+
+
 class FakeAgent:
     """A ttrpc grpc.Health server on a loopback port, standing in for the forwarder."""
 
@@ -91,8 +141,13 @@ def provider() -> FakeProvider:
 
 
 @pytest.fixture
+def pod_network() -> FakePodNetwork:
+    return FakePodNetwork()
+
+
+@pytest.fixture
 def netns_file(tmp_path: Path) -> str:
-    # CreateVM only checks that the path exists; the pod network is issue-3 work.
+    # CreateVM checks that the path exists; the fake pod network reads nothing.
     path = tmp_path / "netns-pod"
     path.write_text("")
     return str(path)
@@ -107,7 +162,7 @@ def short_dir():
 
 
 @pytest.fixture
-async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvider):
+async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvider, pod_network: FakePodNetwork):
     made: list[tuple[SandboxLifecycle, SandboxStore]] = []
 
     def make(agent_port: int, proxy_timeout: float = 5.0) -> SandboxLifecycle:
@@ -116,6 +171,7 @@ async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvi
             options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", proxy_timeout=proxy_timeout, agent_port=agent_port),
             store=store,
             provider=provider,
+            pod_network=pod_network,
             tls=None,
         )
         made.append((lifecycle, store))

@@ -1,0 +1,160 @@
+"""Subcommands of the Kubernetes side: ``peerpod-controller`` and ``probe``.
+
+Each has ``build_*_parser(parser)`` and ``run_*(args) -> exit code``, the
+shape ``cloudadaptor.cli`` wires in. Configuration errors exit 2 with one line
+per problem, like ``serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+
+from cloudadaptor import __version__
+from cloudadaptor.config import ConfigError, Problem, load_settings, merge_overrides, parse_keys
+
+log = logging.getLogger(__name__)
+
+HYPERVISOR_SERVICE = "hypervisor.Hypervisor"
+DEFAULT_SOCKET = "/run/peerpod/hypervisor.sock"
+
+# peerpod-controller flag -> environment key it overrides
+_CONTROLLER_FLAGS = {
+    "provider": "CLOUD_PROVIDER",
+    "interval": "PEERPOD_CONTROLLER_INTERVAL",
+    "sweep_grace": "PEERPOD_SWEEP_GRACE",
+    "sweep": "PEERPOD_SWEEP",
+    "kubeconfig": "KUBECONFIG",
+    "log_level": "LOG_LEVEL",
+}
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    print(f"configuration refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------ peerpod-controller
+
+
+def build_controller_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Delete the VMs of PeerPods deleted while their finalizer is still on (the adaptor died, the node "
+        "vanished), and sweep tagged VMs that no PeerPod or live pod references. Needs the cloud settings "
+        "(peer-pods-cm, peer-pods-secret) and Kubernetes access (in-cluster, or KUBECONFIG)."
+    )
+    group = parser.add_argument_group("settings (override the environment keys in brackets)")
+    group.add_argument("--provider", help="[CLOUD_PROVIDER] aws | azure | local")
+    group.add_argument("--interval", help="[PEERPOD_CONTROLLER_INTERVAL] time between passes (default 30s)")
+    group.add_argument("--sweep-grace", help="[PEERPOD_SWEEP_GRACE] unreferenced time before a VM is swept (default 10m)")
+    group.add_argument("--sweep", choices=("true", "false"), help="[PEERPOD_SWEEP] sweep unreferenced VMs (default true)")
+    group.add_argument("--kubeconfig", help="[KUBECONFIG] kubeconfig file (default: in-cluster service account)")
+    group.add_argument("--log-level", help="[LOG_LEVEL] debug | info | warning | error")
+    parser.add_argument("--once", action="store_true", help="run one pass and exit (1 when it reported errors)")
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    from cloudadaptor.k8s import controller
+
+    env = merge_overrides(os.environ, {key: getattr(args, flag, None) for flag, key in _CONTROLLER_FLAGS.items()})
+    values, problems = parse_keys(controller.KEYS, env)
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        problems = exc.problems + problems
+        settings = None
+    if problems or settings is None:
+        _print_problems(problems)
+        return 2
+    _setup_logging(settings.log_level)
+    options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags)
+    try:
+        return asyncio.run(_controller_main(settings, options, values["PEERPOD_CONTROLLER_INTERVAL"], args.once))
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 2
+
+
+async def _controller_main(settings, options, interval: float, once: bool) -> int:
+    from cloudadaptor.k8s import controller
+    from cloudadaptor.k8s.client import KubeConfigError, connect
+    from cloudadaptor.k8s.peerpods import PeerPodApi
+    from cloudadaptor.providers.base import create_provider
+
+    try:
+        api = await connect(settings.provider_env)
+    except KubeConfigError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    if api is None:
+        print("cannot start: no Kubernetes configuration (set KUBECONFIG or run in a cluster)", file=sys.stderr)
+        return 1
+    provider = create_provider(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("PeerPod controller: provider %s, every %.0fs, sweep %s (grace %.0fs, tags %s)", options.provider_name,
+             interval, "on" if options.sweep else "off", options.sweep_grace, dict(options.sweep_tags) or "-")
+    try:
+        report = await controller.run(PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once)
+    finally:
+        with contextlib.suppress(Exception):
+            await provider.close()
+        await api.close()
+    if once and (report is None or report.errors):
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------- probe
+
+
+def build_probe_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Exit 0 when the adaptor answers a ttrpc Version call on its hypervisor socket "
+                          "(what the DaemonSet's startup probe runs), 1 otherwise.")
+    parser.add_argument("--socket", default=None, help=f"[SOCKET] hypervisor socket (default {DEFAULT_SOCKET})")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    socket = args.socket or os.environ.get("SOCKET") or DEFAULT_SOCKET
+    began = time.monotonic()
+    try:
+        version = asyncio.run(probe(socket, args.timeout))
+    except Exception as exc:
+        print(f"not ready: {socket}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"ready: cloud-api-adaptor {version} on {socket} ({(time.monotonic() - began) * 1000:.0f} ms)")
+    return 0
+
+
+async def probe(socket: str, timeout: float) -> str:
+    """One ttrpc ``hypervisor.Hypervisor/Version`` call on ``socket``; returns the daemon's version.
+
+    Raises ``OSError`` when nobody listens, ``TimeoutError`` after ``timeout``
+    seconds, ``TtrpcError`` for an error answer.
+    """
+    from cloudadaptor.protocols import hypervisor_pb2 as hv
+    from cloudadaptor.ttrpc.client import Client
+
+    async with asyncio.timeout(timeout):
+        client = await Client.connect_unix(socket)
+        try:
+            response = await client.call_message(
+                HYPERVISOR_SERVICE, "Version", hv.VersionRequest(version=__version__), hv.VersionResponse, timeout=timeout)
+        finally:
+            await client.close()
+    return response.version

@@ -1,0 +1,218 @@
+"""The PeerPod controller (`cloud-api-adaptor peerpod-controller`): no VM outlives its pod.
+
+One cluster-wide process (a Deployment) polls; each pass is ``reconcile()``:
+
+1. **Finalize.** A PeerPod being deleted (``deletionTimestamp``) that still
+   carries our finalizer means nobody deleted its VM — the adaptor died, the
+   node vanished. Delete ``spec.instanceID`` through the provider
+   (idempotent), then release the finalizer.
+2. **Orphaned PeerPods.** A PeerPod whose owner Pod is gone (or is another
+   Pod of the same name) is deleted, then finalized as in 1 — the garbage
+   collector would do the same, this does not depend on it.
+3. **Sweep.** VMs tagged ``peerpods.io/owner=cloud-api-adaptor`` (plus every
+   ``TAGS`` pair, so clusters sharing an account can be told apart) that no
+   PeerPod names and whose ``peerpods.io/pod`` is not a live Pod are deleted
+   once they have been seen unreferenced for ``PEERPOD_SWEEP_GRACE``. A Pod is
+   live while it exists and is neither Succeeded nor Failed; a Pod being
+   deleted still counts (its VM may be in use until it is gone).
+
+Every deletion is logged at warning level with its reason. An error in one
+step is logged and reported, and the pass goes on; when the PeerPod list
+itself cannot be read nothing is swept (nothing is known to be unreferenced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from cloudadaptor.config import Key, parse_bool, parse_duration
+from cloudadaptor.k8s.client import describe
+from cloudadaptor.k8s.peerpods import FINALIZER, JSON, PeerPodApi
+from cloudadaptor.providers.base import OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, Provider
+
+log = logging.getLogger(__name__)
+
+KEYS: tuple[Key, ...] = (
+    Key("PEERPOD_CONTROLLER_INTERVAL", parse_duration, 30.0, help="time between two reconcile passes (Go duration)"),
+    Key("PEERPOD_SWEEP", parse_bool, True, help="delete tagged VMs that no PeerPod or live pod references"),
+    Key("PEERPOD_SWEEP_GRACE", parse_duration, 600.0,
+        help="how long a VM must be seen unreferenced before the sweep deletes it (Go duration)"),
+)
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    provider_name: str
+    sweep: bool = True
+    sweep_grace: float = 600.0
+    sweep_tags: Mapping[str, str] = field(default_factory=dict)  # TAGS: a VM must carry them too
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], provider_name: str, tags: Mapping[str, str]) -> ControllerOptions:
+        return cls(provider_name=provider_name, sweep=values["PEERPOD_SWEEP"],
+                   sweep_grace=values["PEERPOD_SWEEP_GRACE"], sweep_tags=dict(tags))
+
+
+@dataclass
+class SweepState:
+    """Carried between passes: when each unreferenced VM was first seen (``now`` units)."""
+
+    first_seen: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ReconcileReport:
+    vms_deleted: list[str] = field(default_factory=list)
+    finalizers_released: list[str] = field(default_factory=list)  # "namespace/name"
+    peerpods_deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+async def reconcile(
+    peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, state: SweepState, now: float
+) -> ReconcileReport:
+    """One pass of finalize, orphaned-PeerPod and sweep (see the module doc).
+
+    Idempotent; safe to run concurrently with the adaptors (every delete is
+    idempotent, finalizer updates are conditional). Raises only when the
+    PeerPod list cannot be read; every other error is in the report.
+    """
+    report = ReconcileReport()
+    items = await peerpods.list_all()
+    for item in items:
+        if item["metadata"].get("deletionTimestamp"):
+            await _finalize(peerpods, provider, options, item, report)
+        else:
+            await _delete_if_orphaned(peerpods, provider, options, item, report)
+    if options.sweep:
+        referenced = {(item.get("spec") or {}).get("instanceID") for item in items}
+        await _sweep(peerpods, provider, options, state, referenced, now, report)
+    return report
+
+
+def _ref(item: JSON) -> str:
+    return f"{item['metadata'].get('namespace', '')}/{item['metadata']['name']}"
+
+
+async def _finalize(peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, item: JSON, report: ReconcileReport) -> None:
+    """Delete the VM of a PeerPod being deleted with our finalizer, then release the finalizer."""
+    if FINALIZER not in (item["metadata"].get("finalizers") or []):
+        return
+    spec = item.get("spec") or {}
+    instance_id = spec.get("instanceID") or ""
+    if spec.get("cloudProvider") != options.provider_name:
+        report.errors.append(f"PeerPod {_ref(item)}: cloud provider {spec.get('cloudProvider')!r} is not "
+                             f"{options.provider_name!r}; VM {instance_id} left alone")
+        log.error("%s", report.errors[-1])
+        return
+    try:
+        if instance_id:
+            await provider.delete_instance(instance_id)
+            report.vms_deleted.append(instance_id)
+            log.warning("deleted VM %s of PeerPod %s (pod gone, the adaptor did not delete it)", instance_id, _ref(item))
+        namespace, name = item["metadata"].get("namespace", ""), item["metadata"]["name"]
+        if await peerpods.remove_finalizer(namespace, name):
+            report.finalizers_released.append(_ref(item))
+            log.info("PeerPod %s: finalizer released", _ref(item))
+    except Exception as exc:
+        report.errors.append(f"PeerPod {_ref(item)}: VM {instance_id}: {describe(exc)}")
+        log.error("finalizing PeerPod %s failed, retried next pass: %s", _ref(item), describe(exc))
+
+
+async def _delete_if_orphaned(
+    peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, item: JSON, report: ReconcileReport
+) -> None:
+    owners = [ref for ref in item["metadata"].get("ownerReferences") or [] if ref.get("kind") == "Pod"]
+    if not owners:
+        return
+    owner, namespace = owners[0], item["metadata"].get("namespace", "")
+    try:
+        pod = await peerpods.pod(namespace, owner.get("name", ""))
+        if pod is not None and pod.uid == owner.get("uid"):
+            return
+        log.warning("PeerPod %s: owner pod %s (uid %s) is gone; deleting the PeerPod", _ref(item), owner.get("name"), owner.get("uid"))
+        deleted = await peerpods.delete(namespace, item["metadata"]["name"])
+        report.peerpods_deleted.append(_ref(item))
+    except Exception as exc:
+        report.errors.append(f"PeerPod {_ref(item)}: {describe(exc)}")
+        log.error("checking the owner of PeerPod %s failed: %s", _ref(item), describe(exc))
+        return
+    if deleted is not None and deleted["metadata"].get("deletionTimestamp"):
+        await _finalize(peerpods, provider, options, deleted, report)
+
+
+async def _sweep(
+    peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, state: SweepState,
+    referenced: set[str | None], now: float, report: ReconcileReport,
+) -> None:
+    try:
+        instances = await provider.list_owned({**options.sweep_tags, TAG_OWNER: OWNER_VALUE})
+    except Exception as exc:
+        report.errors.append(f"listing owned VMs: {describe(exc)}")
+        log.error("sweep: listing owned VMs failed: %s", describe(exc))
+        return
+    for instance in instances:
+        if instance.id in referenced or await _pod_alive(peerpods, instance, report):
+            state.first_seen.pop(instance.id, None)
+            continue
+        first = state.first_seen.setdefault(instance.id, now)
+        if now - first < options.sweep_grace:
+            continue
+        try:
+            await provider.delete_instance(instance.id)
+        except Exception as exc:
+            report.errors.append(f"deleting orphan VM {instance.id}: {describe(exc)}")
+            log.error("sweep: deleting orphan VM %s failed, retried next pass: %s", instance.id, describe(exc))
+            continue
+        state.first_seen.pop(instance.id, None)
+        report.vms_deleted.append(instance.id)
+        log.warning("sweep: deleted orphan VM %s (%s): no PeerPod and no live pod for %.0fs (pod %s, node %s, sandbox %s)",
+                    instance.id, instance.name, now - first, instance.tags.get(TAG_POD, "?"),
+                    instance.tags.get(TAG_NODE, "?"), instance.tags.get(TAG_SANDBOX, "?"))
+    listed = {instance.id for instance in instances}
+    for gone in set(state.first_seen) - listed:
+        del state.first_seen[gone]
+
+
+async def _pod_alive(peerpods: PeerPodApi, instance: Instance, report: ReconcileReport) -> bool:
+    """Is the VM's tagged pod a live Pod (on the tagged node)? True when unsure."""
+    namespace, sep, name = instance.tags.get(TAG_POD, "").partition("/")
+    if not (sep and namespace and name):
+        return False
+    try:
+        pod = await peerpods.pod(namespace, name)
+    except Exception as exc:
+        report.errors.append(f"VM {instance.id}: reading pod {namespace}/{name}: {describe(exc)}")
+        return True
+    if pod is None or pod.phase in ("Succeeded", "Failed"):
+        return False
+    node = instance.tags.get(TAG_NODE)
+    return not (node and pod.node_name and pod.node_name != node)
+
+
+async def run(
+    peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, *,
+    interval: float, stop: asyncio.Event, once: bool = False,
+) -> ReconcileReport | None:
+    """Reconcile every ``interval`` seconds until ``stop`` is set (or once). Returns the last report."""
+    state = SweepState()
+    report: ReconcileReport | None = None
+    while not stop.is_set():
+        try:
+            report = await reconcile(peerpods, provider, options, state, time.monotonic())
+            if report.vms_deleted or report.errors:
+                log.info("pass: %d VM(s) deleted, %d finalizer(s) released, %d error(s)",
+                         len(report.vms_deleted), len(report.finalizers_released), len(report.errors))
+        except Exception as exc:
+            log.error("reconcile pass failed (nothing swept): %s", describe(exc))
+        if once:
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
+    return report

@@ -1,0 +1,85 @@
+"""What the worker daemon (`serve`) does with Kubernetes, behind one object.
+
+    k8s = await connect_node(settings)        # None outside a cluster
+    if k8s is not None:
+        await k8s.start()                     # advertises kata.peerpods.io/vm (retried in the background)
+        observer = k8s.tracker                # a SandboxObserver for the lifecycle
+    ...
+    await k8s.close()
+
+Nothing here can stop the daemon from serving: an API server that is down
+is retried (capacity) or logged (PeerPods).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from kubernetes_asyncio import client as k8s
+
+from cloudadaptor.config import Settings
+from cloudadaptor.k8s.capacity import advertise_vm_capacity
+from cloudadaptor.k8s.client import connect, describe
+from cloudadaptor.k8s.peerpods import PeerPodTracker
+from cloudadaptor.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+
+class NodeIntegration:
+    """The daemon's Kubernetes side: node capacity and the PeerPod tracker."""
+
+    def __init__(self, api: k8s.ApiClient, settings: Settings, *, backoff: Backoff = Backoff(initial=1.0, maximum=60.0)) -> None:
+        self.api = api
+        self.node_name = settings.node_name
+        self.limit = settings.peerpods_limit_per_node
+        self.tracker = PeerPodTracker(api, node_name=settings.node_name)
+        self._backoff = backoff
+        self._advertiser: asyncio.Task[None] | None = None
+        self.advertised = asyncio.Event()
+
+    async def start(self) -> None:
+        """Advertise the node's VM capacity: tried once now, then retried in the background until it works."""
+        if await self._try_advertise():
+            return
+        self._advertiser = asyncio.create_task(self._advertise_until_done(), name="advertise-vm-capacity")
+
+    async def _try_advertise(self) -> bool:
+        try:
+            await advertise_vm_capacity(self.api, self.node_name, self.limit)
+        except Exception as exc:
+            log.warning("node %s: cannot advertise kata.peerpods.io/vm yet (peer pods will not be scheduled here): %s",
+                        self.node_name, describe(exc))
+            return False
+        self.advertised.set()
+        return True
+
+    async def _advertise_until_done(self) -> None:
+        for delay in self._backoff.delays():
+            await asyncio.sleep(delay)
+            if await self._try_advertise():
+                return
+
+    async def close(self) -> None:
+        """Stop retrying and close the API client. The capacity stays advertised (a restart keeps its pods)."""
+        if self._advertiser is not None:
+            self._advertiser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._advertiser
+        await self.api.close()
+
+
+async def connect_node(settings: Settings) -> NodeIntegration | None:
+    """The daemon's Kubernetes integration, or None when no cluster is configured.
+
+    Uses ``KUBECONFIG`` or the in-cluster service account from the settings'
+    environment; raises ``cloudadaptor.k8s.client.KubeConfigError`` when one is
+    named but unusable.
+    """
+    api = await connect(settings.provider_env)
+    if api is None:
+        log.info("no Kubernetes configuration (KUBECONFIG, in-cluster): no PeerPods, no node capacity")
+        return None
+    return NodeIntegration(api, settings)

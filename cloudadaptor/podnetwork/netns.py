@@ -1,0 +1,200 @@
+"""Reading the pod netns CNI made, and finding the worker address pod VMs reach.
+
+Blocking (pyroute2's synchronous API): call through ``asyncio.to_thread``.
+Nothing here changes any network state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+from typing import Any, Iterator
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cloudadaptor.podnetwork.api import DEVICE_PREFIX, NetnsInvalid, NetnsUnusable, PodNetworkError
+from cloudadaptor.userdata import PodInterface, PodNeighbour, PodRoute
+
+IFF_LOOPBACK = 0x8
+RTPROT_KERNEL = 2
+RTN_UNICAST = 1
+RT_TABLE_MAIN = 254
+RT_SCOPE_HOST = 254
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+_SELF_NETNS = "/proc/self/ns/net"
+
+
+# ---------------------------------------------------------------- opening a netns
+
+
+def check_netns(path: str) -> None:
+    """Raise ``NetnsInvalid`` unless ``path`` is a network namespace file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NetnsInvalid(f"network namespace {path} does not exist") from None
+    except OSError as exc:
+        raise NetnsInvalid(f"network namespace {path} cannot be read: {exc.strerror}") from None
+    if st.st_dev != os.stat(_SELF_NETNS).st_dev:  # every namespace file lives on nsfs
+        raise NetnsInvalid(f"{path} is not a network namespace (a namespace file such as /run/netns/<name> is expected)")
+
+
+def netns_exists(path: str) -> bool:
+    """True when ``path`` is (still) a namespace file."""
+    try:
+        check_netns(path)
+    except NetnsInvalid:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def open_netns(path: str) -> Iterator[IPRoute]:
+    """An ``IPRoute`` working in the netns at ``path``; never creates one."""
+    check_netns(path)
+    try:
+        ipr = IPRoute(netns=path, flags=0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise NetnsInvalid(f"{path} is not a network namespace: {exc}") from None
+        raise NetnsInvalid(f"cannot enter network namespace {path}: {exc}") from None
+    with ipr:
+        yield ipr
+
+
+# ------------------------------------------------------------------ inspection
+
+
+def inspect_pod_netns(path: str) -> PodInterface:
+    """The pod interface in ``path``: name, MAC, MTU, addresses, routes and
+    permanent neighbours. The pod interface is the one the default route uses,
+    else ``eth0``, else the first non-loopback interface with an address.
+
+    Raises ``NetnsInvalid`` / ``NetnsUnusable``; changes nothing.
+    """
+    with open_netns(path) as ipr:
+        links = {link["index"]: link for link in ipr.get_links()}
+        candidates = {
+            index: link for index, link in links.items()
+            if not link["flags"] & IFF_LOOPBACK and not link.get("IFLA_IFNAME", "").startswith(DEVICE_PREFIX)
+        }
+        addresses = _addresses_by_link(ipr)
+        routes = _main_routes(ipr)
+        index = _pod_link(candidates, addresses, routes)
+        if index is None:
+            found = ", ".join(sorted(link.get("IFLA_IFNAME", "?") for link in links.values())) or "none"
+            raise NetnsUnusable(
+                f"network namespace {path} has no pod interface: no interface besides lo holds an address "
+                f"(interfaces: {found}); CNI should have configured one"
+            )
+        link = links[index]
+        neighbours = _permanent_neighbours(ipr, index)
+    return PodInterface(
+        name=link.get("IFLA_IFNAME"),
+        mac=link.get("IFLA_ADDRESS"),
+        mtu=link.get("IFLA_MTU"),
+        addresses=tuple(addresses[index]),
+        routes=tuple(_pod_route(r) for r in routes if r.get("RTA_OIF") == index),
+        neighbours=tuple(neighbours),
+    )
+
+
+def _addresses_by_link(ipr: IPRoute) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    for msg in ipr.get_addr():
+        address = msg.get("IFA_ADDRESS")
+        if address is None or msg["scope"] == RT_SCOPE_HOST:
+            continue
+        ip = ipaddress.ip_address(address)
+        if ip.version == 6 and ip.is_link_local:
+            continue  # the VM derives its own from the (same) MAC
+        found.setdefault(msg["index"], []).append(f"{ip}/{msg['prefixlen']}")
+    return found
+
+
+def _main_routes(ipr: IPRoute) -> list[Any]:
+    """Unicast routes of the main table that CNI (not the kernel) made."""
+    routes = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for route in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if route["type"] == RTN_UNICAST and route["proto"] != RTPROT_KERNEL and route.get("RTA_OIF"):
+                routes.append(route)
+    return routes
+
+
+def _pod_link(candidates: dict[int, Any], addresses: dict[int, list[str]], routes: list[Any]) -> int | None:
+    with_address = [index for index in candidates if addresses.get(index)]
+    for route in routes:
+        if route["dst_len"] == 0 and route.get("RTA_OIF") in with_address:
+            return route.get("RTA_OIF")
+    for index in with_address:
+        if candidates[index].get("IFLA_IFNAME") == "eth0":
+            return index
+    return min(with_address) if with_address else None
+
+
+def _pod_route(route: Any) -> PodRoute:
+    family = route["family"]
+    default = "0.0.0.0" if family == socket.AF_INET else "::"
+    dst = f"{route.get('RTA_DST') or default}/{route['dst_len']}"
+    return PodRoute(
+        dst=str(ipaddress.ip_network(dst, strict=False)),
+        gateway=route.get("RTA_GATEWAY"),
+        scope=route["scope"],
+        src=route.get("RTA_PREFSRC"),
+        metric=route.get("RTA_PRIORITY"),
+        onlink=bool(route["flags"] & RTNH_F_ONLINK),
+    )
+
+
+def _permanent_neighbours(ipr: IPRoute, index: int) -> list[PodNeighbour]:
+    found = []
+    for msg in ipr.get_neighbours(ifindex=index):
+        if msg["state"] & NUD_PERMANENT and msg.get("NDA_DST") and msg.get("NDA_LLADDR"):
+            found.append(PodNeighbour(address=msg.get("NDA_DST"), mac=msg.get("NDA_LLADDR")))
+    return found
+
+
+# -------------------------------------------------------------- worker address
+
+
+def worker_address(vm_network_hint: str | None) -> str:
+    """The address of this (worker) netns that pod VMs reach: the preferred
+    source of the route towards ``vm_network_hint`` (an address in the VM
+    network), else that of the IPv4 default route. Raises ``PodNetworkError``."""
+    with IPRoute() as ipr:
+        if vm_network_hint:
+            address = _source_towards(ipr, vm_network_hint)
+            if address:
+                return address
+        for route in ipr.get_default_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+            address = route.get("RTA_PREFSRC") or _first_address(ipr, route.get("RTA_OIF"))
+            if address:
+                return address
+    towards = f"no route towards the VM network ({vm_network_hint}) and " if vm_network_hint else ""
+    raise PodNetworkError(
+        f"cannot tell which worker address pod VMs reach: {towards}no default route with a source address; "
+        "set VXLAN_WORKER_IP"
+    )
+
+
+def _source_towards(ipr: IPRoute, destination: str) -> str | None:
+    try:
+        [route] = ipr.route("get", dst=destination)
+    except NetlinkError:
+        return None
+    return route.get("RTA_PREFSRC") or _first_address(ipr, route.get("RTA_OIF"))
+
+
+def _first_address(ipr: IPRoute, index: int | None) -> str | None:
+    if not index:
+        return None
+    for msg in ipr.get_addr(index=index, family=socket.AF_INET):
+        if msg["scope"] != RT_SCOPE_HOST and msg.get("IFA_ADDRESS"):
+            return msg.get("IFA_ADDRESS")
+    return None

@@ -1,0 +1,203 @@
+"""The worker side of a pod's VXLAN tunnel (DESIGN §1).
+
+    pod netns: eth0 ◄─tc redirect─► ppvx<vni> ══UDP vxlan_port══► pod VM
+
+The VXLAN device is created in the worker's netns, so its UDP socket lives
+there (where the VM network is routed), then moved into the pod netns. There,
+two tc ingress filters (u32 match-all, mirred egress redirect) pass every
+frame entering the pod interface to the tunnel and every frame coming out of
+the tunnel to the pod interface: the pod netns itself never routes anything.
+
+Devices are named ``ppvx<vni>`` and the filters use priority
+``REDIRECT_PRIO``, so ``tunnel_down`` finds everything from the netns path
+and VNI alone, wherever a crash left it. Blocking: call through
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+from typing import Any, Callable, Collection
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cloudadaptor.podnetwork.api import NetnsUnusable, PodNetworkError, TunnelSpec, vni_of_device
+from cloudadaptor.podnetwork.netns import netns_exists, open_netns
+
+INGRESS = 0xFFFF0000  # the ingress qdisc's handle ("ffff:")
+ETH_P_ALL = 0x0003
+REDIRECT_PRIO = 1
+U32_CLASSID = 0x10001  # "flowid 1:1", as `tc ... u32 match u32 0 0 flowid 1:1` sets
+
+
+def tunnel_up(tunnel: TunnelSpec) -> None:
+    """Create the tunnel of ``tunnel`` (see the module docstring).
+
+    Leftovers of an earlier attempt for the same VNI are removed first; on
+    failure everything made is removed before ``PodNetworkError`` is raised.
+    """
+    if not tunnel.vm_ip:
+        raise PodNetworkError(f"tunnel {tunnel.device}: no VM address to tunnel to")
+    tunnel_down(tunnel)
+    try:
+        _create_and_move(tunnel)
+        with open_netns(tunnel.netns_path) as ipr:
+            pod = _index(ipr, tunnel.pod_ifname)
+            if pod is None:
+                raise NetnsUnusable(f"network namespace {tunnel.netns_path} has no interface {tunnel.pod_ifname}")
+            vxlan = _index(ipr, tunnel.device)
+            if vxlan is None:
+                raise PodNetworkError(f"{tunnel.device} vanished from {tunnel.netns_path}")
+            ipr.link("set", index=vxlan, state="up")
+            add_redirect(ipr, pod, vxlan)
+            add_redirect(ipr, vxlan, pod)
+    except BaseException as exc:
+        try:
+            tunnel_down(tunnel)
+        except PodNetworkError as cleanup:
+            raise PodNetworkError(f"{_describe(exc)}; cleanup also failed: {cleanup}") from exc
+        if isinstance(exc, PodNetworkError):
+            raise
+        if isinstance(exc, (OSError, NetlinkError)):
+            raise PodNetworkError(f"tunnel {tunnel.device} to {tunnel.vm_ip} in {tunnel.netns_path}: {_describe(exc)}") from exc
+        raise
+
+
+def _create_and_move(tunnel: TunnelSpec) -> None:
+    """The VXLAN device, made in this (worker) netns and moved into the pod netns."""
+    remote = ipaddress.ip_address(tunnel.vm_ip)
+    group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
+    fd = os.open(tunnel.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=tunnel.device, kind="vxlan", vxlan_id=tunnel.vni,
+                     vxlan_port=tunnel.vxlan_port, vxlan_learning=0, **group)
+            index = ipr.link_lookup(ifname=tunnel.device)[0]
+            ipr.link("set", index=index, net_ns_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def tunnel_down(tunnel: TunnelSpec) -> None:
+    """Remove the tunnel's device (from the worker and the pod netns) and our tc
+    filters on the pod interface. Idempotent; a pod netns that is gone is fine.
+    Raises ``PodNetworkError`` listing every part that could not be removed."""
+    problems: list[str] = []
+    name = tunnel.device
+    try:
+        with IPRoute() as ipr:
+            _delete_links(ipr, name)
+    except (OSError, NetlinkError) as exc:
+        problems.append(f"cannot delete {name} in the worker netns: {_describe(exc)}")
+    if netns_exists(tunnel.netns_path):
+        try:
+            with open_netns(tunnel.netns_path) as ipr:
+                pod = _index(ipr, tunnel.pod_ifname)
+                if pod is not None:
+                    remove_redirect(ipr, pod)
+                _delete_links(ipr, name)
+        except (OSError, NetlinkError, PodNetworkError) as exc:
+            problems.append(f"cannot clean {name} in {tunnel.netns_path}: {_describe(exc)}")
+    if problems:
+        raise PodNetworkError("; ".join(problems))
+
+
+def sweep_worker_devices(known_vnis: Collection[int]) -> list[str]:
+    """Delete ``ppvx<vni>`` devices in this (worker) netns whose VNI is not known;
+    one line per device deleted. Such a device is a crash's leftover: a live
+    tunnel's device lives in its pod netns."""
+    actions = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get("IFLA_IFNAME", "")
+            vni = vni_of_device(name)
+            if vni is not None and vni not in known_vnis:
+                _tolerate((errno.ENODEV,), ipr.link, "del", index=link["index"])
+                actions.append(f"deleted stale tunnel device {name} (VNI {vni}) in the worker netns")
+    return actions
+
+
+# --------------------------------------------------------------------- tc
+
+
+def add_redirect(ipr: IPRoute, from_index: int, to_index: int) -> None:
+    """Everything entering ``from_index`` leaves through ``to_index`` (ingress
+    qdisc, u32 match-all filter at ``REDIRECT_PRIO``, mirred egress redirect)."""
+    _tolerate((errno.EEXIST,), ipr.tc, "add", "ingress", from_index, "ffff:")
+    ipr.tc("add-filter", "u32", from_index, parent=INGRESS, prio=REDIRECT_PRIO, protocol=ETH_P_ALL,
+           target=U32_CLASSID, keys=["0x0/0x0+0"],
+           action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": to_index})
+
+
+def remove_redirect(ipr: IPRoute, index: int) -> None:
+    """Delete our filter on ``index``'s ingress; the ingress qdisc goes too unless
+    another filter still uses it. Nothing of ours there is fine (and changes nothing)."""
+    filters = ingress_filters(ipr, index)
+    if not any(_prio(f) == REDIRECT_PRIO for f in filters):
+        return
+    if any(_prio(f) != REDIRECT_PRIO for f in filters):
+        _tolerate((errno.ENOENT,), ipr.tc, "del-filter", "u32", index, parent=INGRESS, prio=REDIRECT_PRIO,
+                  protocol=ETH_P_ALL, target=U32_CLASSID)
+    else:
+        _tolerate((errno.EINVAL, errno.ENOENT), ipr.tc, "del", "ingress", index, "ffff:")
+
+
+def ingress_filters(ipr: IPRoute, index: int) -> list[Any]:
+    """The filters on ``index``'s ingress qdisc (empty without one)."""
+    try:
+        return list(ipr.get_filters(index=index, parent=INGRESS))
+    except NetlinkError as exc:
+        if exc.code in (errno.EINVAL, errno.ENOENT):
+            return []
+        raise
+
+
+def redirect_targets(ipr: IPRoute, index: int) -> list[int]:
+    """The interfaces our filters on ``index`` redirect to (for diagnostics and tests)."""
+    targets = []
+    for msg in ingress_filters(ipr, index):
+        options = msg.get("TCA_OPTIONS")
+        actions = options.get("TCA_U32_ACT") if options is not None else None
+        if _prio(msg) != REDIRECT_PRIO or actions is None:
+            continue
+        for _, action in actions["attrs"]:
+            parms = action.get_nested("TCA_ACT_OPTIONS", "TCA_MIRRED_PARMS")
+            if parms is not None:
+                targets.append(parms["ifindex"])
+    return targets
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _prio(msg: Any) -> int:
+    return msg["info"] >> 16
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _delete_links(ipr: IPRoute, name: str) -> None:
+    for index in ipr.link_lookup(ifname=name):
+        _tolerate((errno.ENODEV,), ipr.link, "del", index=index)
+
+
+def _tolerate(codes: tuple[int, ...], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Call a pyroute2 method, ignoring the netlink errors ``codes`` (EEXIST, ENODEV...)."""
+    try:
+        fn(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, NetlinkError):
+        return f"netlink error {exc.code} ({os.strerror(exc.code)})"
+    return str(exc) or type(exc).__name__
+

@@ -1,0 +1,180 @@
+"""The pod VM side of the tunnel: the pod's interface, re-created in netns ``podns``.
+
+    python -m cloudadaptor.podnetwork.vmside [--config /run/peerpod/apf.json] [--podns podns]
+
+The VM's boot runs this after ``process-user-data`` (which wrote apf.json)
+and before the kata-agent. From apf.json's ``network`` it creates, in the
+VM's own netns (so its UDP socket is on the VM's network), a VXLAN device
+towards the worker (``worker_ip``, ``vni``, ``vxlan_port``), moves it into
+``podns``, renames it to the pod's interface name and gives it the pod's MAC,
+addresses and MTU (capped at 1450: the frame plus 50 bytes of VXLAN must fit
+the underlay). Then the pod's routes are replayed (routes without a gateway
+first, so gateways are reachable) and its permanent neighbours.
+
+Idempotent: a re-run replaces what an earlier run made. Exit status 0 when
+done or when apf.json carries no network (nothing to do), 1 on failure (the
+reason is printed), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import os
+import socket
+import sys
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cloudadaptor import linuxns
+from cloudadaptor.podnetwork.api import VM_MAX_MTU, PodNetworkError, device_name
+from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig, PodInterface, PodNetworkConfig, UserDataError
+
+PODNS = "podns"
+IFA_F_NODAD = 0x02
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+
+
+def vm_mtu(pod_mtu: int) -> int:
+    """The pod interface's MTU in the VM: the pod's, at most ``VM_MAX_MTU``."""
+    return min(pod_mtu, VM_MAX_MTU)
+
+
+def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | None = None) -> str:
+    """Build the pod interface in ``podns`` (created if missing); returns a summary line.
+
+    ``vm_netns`` is the netns whose network reaches the worker (None: this
+    process's own, as in a VM; tests pass a path). Blocking. Raises
+    ``PodNetworkError`` naming the step that failed.
+    """
+    podns_path = linuxns.netns_path(podns)
+    if not os.path.exists(podns_path):
+        netns.create(podns)
+    device = device_name(net.vni)
+    pod = net.pod
+    try:
+        _clear_podns(podns_path, (device, pod.name))
+        _create_and_move(net, vm_netns, podns_path)
+        with IPRoute(netns=podns_path, flags=0) as ipr:
+            index = _configure_link(ipr, device, pod)
+            _replay_routes(ipr, index, pod)
+            for neighbour in pod.neighbours:
+                ipr.neigh("replace", dst=neighbour.address, lladdr=neighbour.mac, ifindex=index, state=NUD_PERMANENT)
+    except (OSError, NetlinkError) as exc:
+        raise PodNetworkError(f"setting up {pod.name} in {podns_path}: {_describe(exc)}") from exc
+    return (f"{pod.name} in {podns}: {', '.join(pod.addresses)} mac {pod.mac} mtu {vm_mtu(pod.mtu)}, "
+            f"VXLAN VNI {net.vni} to {net.worker_ip}:{net.vxlan_port}/udp, "
+            f"{len(pod.routes)} routes, {len(pod.neighbours)} neighbours")
+
+
+def _clear_podns(podns_path: str, names: tuple[str, ...]) -> None:
+    """Remove what an earlier run left in podns (and bring lo up)."""
+    with IPRoute(netns=podns_path, flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for name in names:
+            for index in ipr.link_lookup(ifname=name):
+                ipr.link("del", index=index)
+
+
+def _create_and_move(net: PodNetworkConfig, vm_netns: str | None, podns_path: str) -> None:
+    device = device_name(net.vni)
+    remote = ipaddress.ip_address(net.worker_ip)
+    group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
+    fd = os.open(podns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute(netns=vm_netns, flags=0) if vm_netns else IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=device):
+                ipr.link("del", index=index)
+            ipr.link("add", ifname=device, kind="vxlan", vxlan_id=net.vni, vxlan_port=net.vxlan_port,
+                     vxlan_learning=0, **group)
+            ipr.link("set", index=ipr.link_lookup(ifname=device)[0], net_ns_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _configure_link(ipr: IPRoute, device: str, pod: PodInterface) -> int:
+    """Rename the moved device to the pod's interface, with its MAC, MTU and addresses; up."""
+    index = ipr.link_lookup(ifname=device)[0]
+    ipr.link("set", index=index, ifname=pod.name, address=pod.mac, mtu=vm_mtu(pod.mtu))
+    for address in pod.addresses:
+        iface = ipaddress.ip_interface(address)
+        extra: dict[str, Any] = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
+        ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _replay_routes(ipr: IPRoute, index: int, pod: PodInterface) -> None:
+    """Routes without a gateway first (they make the gateways reachable)."""
+    for route in sorted(pod.routes, key=lambda r: r.gateway is not None):
+        network = ipaddress.ip_network(route.dst)
+        spec: dict[str, Any] = {
+            "dst": str(network), "oif": index, "scope": route.scope,
+            "family": socket.AF_INET if network.version == 4 else socket.AF_INET6,
+        }
+        if route.gateway:
+            spec["gateway"] = route.gateway
+        if route.src:
+            spec["prefsrc"] = route.src
+        if route.metric is not None:
+            spec["priority"] = route.metric
+        if route.onlink:
+            spec["flags"] = RTNH_F_ONLINK
+        try:
+            ipr.route("add", **spec)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:  # e.g. the prefix route adding the address made
+                raise PodNetworkError(f"route {route.dst} via {route.gateway or 'link'}: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, NetlinkError):
+        return f"netlink error {exc.code} ({os.strerror(exc.code)})"
+    return str(exc) or type(exc).__name__
+
+
+# ------------------------------------------------------------------ command
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the command's options to ``parser`` (for mounting as a CLI subcommand)."""
+    parser.add_argument("--config", default=APF_CONFIG_PATH, help=f"apf.json (default {APF_CONFIG_PATH})")
+    parser.add_argument("--podns", default=PODNS, help=f"the pod's network namespace in the VM (default {PODNS})")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Set the pod network up from ``args.config``; see the module docstring for the exit status."""
+    try:
+        with open(args.config, "rb") as f:
+            config = ForwarderConfig.from_json(f.read())
+    except OSError as exc:
+        print(f"pod-network: cannot read {args.config}: {exc.strerror}", file=sys.stderr, flush=True)
+        return 1
+    except UserDataError as exc:
+        print(f"pod-network: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if config.network is None:
+        print(f"pod-network: {args.config} carries no pod network; nothing to do", flush=True)
+        return 0
+    try:
+        summary = setup_vm_network(config.network, args.podns)
+    except PodNetworkError as exc:
+        print(f"pod-network: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(f"pod-network: {summary}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = (__doc__ or "").splitlines()[0]
+    parser = build_parser(argparse.ArgumentParser(prog="pod-network", description=summary))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The EC2 client and the one way AWS errors are classified and shown.
+
+Retries are botocore's (``standard`` or ``adaptive`` mode): throttling
+(RequestLimitExceeded, Throttling...), 5xx and connection errors are retried
+with exponential backoff and jitter inside each call, up to
+``AWS_MAX_ATTEMPTS``. Nothing above retries again; an error that reaches
+our code is permanent for that call and becomes a one-line message.
+
+Endpoints are boto3's business: ``AWS_ENDPOINT_URL`` /
+``AWS_ENDPOINT_URL_EC2`` (how tests reach moto) are never overridden.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import boto3
+import botocore.config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, WaiterError
+
+from cloudadaptor import __version__
+from cloudadaptor.providers.aws.config import AwsConfig
+
+# Codes that mean "the credentials (or their permissions) are the problem".
+AUTH_CODES = frozenset({
+    "AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
+    "ExpiredToken", "RequestExpired", "AccessDenied", "UnrecognizedClientException",
+    "OptInRequired", "Blocked",
+})
+INSTANCE_GONE_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
+CAPACITY_CODES = frozenset({
+    "InsufficientInstanceCapacity", "InstanceLimitExceeded", "VcpuLimitExceeded",
+    "InsufficientFreeAddressesInSubnet", "MaxSpotInstanceCountExceeded",
+})
+
+
+
+def _quiet_sdk_loggers() -> None:
+    """botocore logs request headers (the access key id) at debug level: keep it at info."""
+    for name in ("botocore", "boto3", "urllib3"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+def make_ec2_client(config: AwsConfig) -> Any:
+    """A thread-safe EC2 client for ``config.region`` with botocore retries.
+
+    Static credentials when configured, else boto3's default chain. Builds a
+    fresh session (sessions are not thread-safe; clients are).
+    """
+    _quiet_sdk_loggers()
+    creds = config.credentials
+    session = boto3.session.Session(
+        aws_access_key_id=creds.access_key_id,
+        aws_secret_access_key=creds.secret_access_key,
+        aws_session_token=creds.session_token,
+        region_name=config.region,
+    )
+    boto_config = botocore.config.Config(
+        # total_max_attempts counts the first try, like AWS_MAX_ATTEMPTS does.
+        retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},
+        connect_timeout=10,
+        read_timeout=60,
+        user_agent_extra=f"cloud-api-adaptor/{__version__}",
+    )
+    return session.client("ec2", config=boto_config)
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ``ClientError`` ("" for anything else)."""
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    return isinstance(exc, NoCredentialsError) or error_code(exc) in AUTH_CODES
+
+
+def describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
+    """One line for an AWS failure: code and message, never a secret."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        text = f"{err.get('Code', 'Error')}: {err.get('Message', '')}".rstrip(": ")
+    elif isinstance(exc, NoCredentialsError):
+        text = "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use an instance profile or IRSA)"
+    elif isinstance(exc, WaiterError):
+        text = f"waiting failed: {exc.last_response.get('Error', {}).get('Message') or exc}"
+    elif isinstance(exc, BotoCoreError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    for secret in secrets:
+        text = text.replace(secret, "<hidden>")
+    return text

@@ -1,0 +1,184 @@
+"""Credential, the SDK clients, the one retry policy, and how SDK calls are awaited.
+
+- Credential: ``ClientSecretCredential`` when ``AZURE_CLIENT_SECRET`` is set,
+  otherwise azure-identity's ``DefaultAzureCredential`` as is (workload
+  identity, managed identity, ...). A test passes its own ``TokenCredential``.
+- One ``ComputeManagementClient`` and one ``NetworkManagementClient`` per
+  provider, on ``AZURE_RESOURCE_MANAGER_ENDPOINT`` with that cloud's token
+  scope. Extra CA trust comes from the standard ``REQUESTS_CA_BUNDLE``.
+- Retries: azure-core's ``RetryPolicy`` (429, 408, 5xx and connection errors,
+  honouring ``Retry-After``) is the only HTTP retry; ``retry_until`` (the
+  adaptor's backoff helper) only retries resource states such as a NIC still
+  in use. Errors are classified once here (``is_not_found``, ``is_in_use``).
+- Blocking SDK calls run in worker threads (``call``); long-running
+  operations are awaited with ``wait`` without holding a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+from azure.core.polling import LROPoller
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+
+from cloudadaptor.providers.azure.config import AzureConfig
+
+T = TypeVar("T")
+
+# Errors meaning "a dependent resource is still attached; try again shortly".
+IN_USE_CODES = frozenset({
+    "NicInUse", "NicReservedForAnotherVm", "InUseNetworkInterfaceCannotBeDeleted",
+    "OperationNotAllowed", "DiskAttached", "AnotherOperationInProgress", "RetryableError",
+})
+MAX_MESSAGE = 300
+
+
+def make_credential(config: AzureConfig) -> TokenCredential:
+    """The credential for ``config``: client secret when set, else the default chain.
+
+    Nothing is fetched here; the first token is requested by the first call.
+    """
+    if config.client_secret:
+        from azure.identity import ClientSecretCredential
+
+        assert config.tenant_id and config.client_id  # from_values guarantees both
+        return ClientSecretCredential(config.tenant_id, config.client_id, config.client_secret)
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+@dataclass
+class AzureClients:
+    """The provider's SDK clients; ``close()`` releases their connections."""
+
+    credential: TokenCredential
+    compute: ComputeManagementClient
+    network: NetworkManagementClient
+    scope: str
+
+    def close(self) -> None:
+        """Close the clients (and the credential when it was made here). Blocking."""
+        self.compute.close()
+        self.network.close()
+        close = getattr(self.credential, "close", None)
+        if callable(close):
+            close()
+
+
+def build_clients(config: AzureConfig, credential: TokenCredential | None = None) -> AzureClients:
+    """Clients bound to ``config``'s subscription and endpoint, with the retry policy configured."""
+    _quiet_sdk_logs()
+    credential = credential or make_credential(config)
+    options: dict[str, Any] = {
+        "base_url": config.arm_endpoint,
+        "credential_scopes": [config.credential_scope],
+        "polling_interval": config.polling_interval,
+        "retry_total": config.retry_total,
+        "retry_backoff_factor": config.retry_backoff_factor,
+        "retry_backoff_max": config.retry_backoff_max,
+        "connection_timeout": 30,
+        "read_timeout": 120,
+    }
+    return AzureClients(
+        credential=credential,
+        compute=ComputeManagementClient(credential, config.subscription_id, **options),
+        network=NetworkManagementClient(credential, config.subscription_id, **options),
+        scope=config.credential_scope,
+    )
+
+
+def _quiet_sdk_logs() -> None:
+    """azure-core logs every request at INFO; keep that for LOG_LEVEL=debug only."""
+    for name in ("azure.core.pipeline.policies.http_logging_policy", "azure.identity"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            logger.setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------ awaiting
+
+
+async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run the blocking ``fn(*args, **kwargs)`` in a worker thread and return its result.
+
+    A request in flight cannot be interrupted: if the caller is cancelled, this
+    first lets it finish, so a cleanup that follows sees what it created.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+async def wait(poller: LROPoller[T]) -> T:
+    """The result of a long-running operation, polled by azure-core in its own thread.
+
+    Holds no worker thread while waiting and is cancellable at once (the
+    operation itself goes on in Azure). Raises what ``poller.result()`` raises
+    (``HttpResponseError`` for a failed operation).
+    """
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+    poller.add_done_callback(lambda _: loop.call_soon_threadsafe(finished.set))
+    if not poller.done():  # checked after registering: no wake-up can be lost
+        await finished.wait()
+    return poller.result()
+
+
+async def begin(fn: Callable[..., LROPoller[T]], *args: Any, **kwargs: Any) -> T:
+    """Start a long-running operation (``begin_*``) and await its result."""
+    poller = await call(fn, *args, **kwargs)
+    return await wait(poller)
+
+
+# -------------------------------------------------------------------- errors
+
+
+def text(value: Any) -> str:
+    """An SDK enum member (``SecurityRuleDirection.INBOUND``) or plain string as its wire text ("Inbound")."""
+    return str(getattr(value, "value", value) if value is not None else "")
+
+
+def error_code(exc: BaseException) -> str:
+    """ARM's error code (``ResourceNotFound``, ``NicInUse``...) or "" when there is none."""
+    error = getattr(exc, "error", None)
+    return str(getattr(error, "code", "") or "")
+
+
+def status_code(exc: BaseException) -> int | None:
+    return getattr(exc, "status_code", None) if isinstance(exc, HttpResponseError) else None
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """The resource (or its resource group) does not exist."""
+    return isinstance(exc, ResourceNotFoundError) or status_code(exc) == 404
+
+
+def is_in_use(exc: BaseException) -> bool:
+    """A delete refused because the resource is still attached or busy (worth retrying)."""
+    return isinstance(exc, HttpResponseError) and status_code(exc) in (400, 409) and error_code(exc) in IN_USE_CODES
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs and errors: ``Code (status): message``. Never contains credentials."""
+    if isinstance(exc, HttpResponseError):
+        error = getattr(exc, "error", None)
+        message = str(getattr(error, "message", "") or exc.reason or exc.message or "")
+        code = error_code(exc) or "Error"
+        text = f"{code} ({exc.status_code}): {message}" if exc.status_code else f"{code}: {message}"
+    elif isinstance(exc, AzureError):
+        text = f"{type(exc).__name__}: {exc.message}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."

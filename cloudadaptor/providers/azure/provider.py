@@ -1,0 +1,274 @@
+"""``AzureProvider``: pod VMs on Azure (create, delete, list owned, verify).
+
+A pod VM named ``<name>`` is three resources in ``AZURE_RESOURCE_GROUP``: the
+VM, its NIC ``<name>-nic`` and its OS disk ``<name>-osdisk``. NIC and disk
+are created with ``deleteOption: Delete`` so Azure removes them with the VM;
+a delete still removes whatever is left of the three, so a failed or
+interrupted create never leaks a NIC or a disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import AzureError, HttpResponseError
+
+from cloudadaptor import userdata
+from cloudadaptor.config import Key, Settings
+from cloudadaptor.providers.azure import checks, network, vms
+from cloudadaptor.providers.azure import client as az
+from cloudadaptor.providers.azure.config import (
+    AzureConfig, ImageRef, from_values, keys, parse_image_id, parse_vm_id, read_ssh_public_key,
+)
+from cloudadaptor.providers.azure.tags import from_azure_tags, matches
+from cloudadaptor.providers.base import TAG_SANDBOX, Instance, InstanceSpec, ProviderError
+from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, select_instance_type
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a create needs, decided before the first cloud write."""
+
+    name: str
+    sandbox_id: str
+    size: str
+    image: ImageRef
+    ssh_public_key: str
+    user_data: str
+    tags: Mapping[str, str]
+
+
+def _rg_and_name(resource_id: str) -> tuple[str, str]:
+    parts = resource_id.strip("/").split("/")
+    lower = [p.lower() for p in parts]
+    return parts[lower.index("resourcegroups") + 1], parts[-1]
+
+
+class AzureProvider:
+    """The ``azure`` provider. Holds its SDK clients and, once loaded, the
+    region's size catalog and the subnet's prefix (both immutable); nothing else."""
+
+    name = "azure"
+    KEYS: ClassVar[tuple[Key, ...]] = keys()
+
+    def __init__(self, config: AzureConfig, *, credential: TokenCredential | None = None) -> None:
+        self.config = config
+        self.clients = az.build_clients(config, credential)
+        self._catalog: dict[str, InstanceTypeInfo] | None = None
+        self._subnet_prefix: str | None = None
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any], settings: Settings, *,
+                    credential: TokenCredential | None = None) -> AzureProvider:
+        """Build from parsed KEYS; raises ``ConfigError`` for problems between keys."""
+        return cls(from_values(values, settings), credential=credential)
+
+    # ------------------------------------------------------------- interface
+
+    async def verify(self) -> list[str]:
+        """Startup checks (credentials, resource group, subnet, NSG, image, sizes,
+        SSH key); one line per problem naming the key. Keeps the size catalog
+        and the subnet prefix it learns."""
+        result = await checks.run(self.clients, self.config)
+        if result.catalog:
+            self._catalog = result.catalog
+        if result.subnet_prefix:
+            self._subnet_prefix = result.subnet_prefix
+        return result.problems
+
+    def network_hint(self) -> str | None:
+        """An address in the pod VMs' subnet (no I/O; known once ``verify`` ran), so
+        the worker's VXLAN address can be the source of its route there."""
+        if self._subnet_prefix is None:
+            return None
+        try:
+            network = ipaddress.ip_network(self._subnet_prefix, strict=False)
+        except ValueError:
+            return None
+        return str(network.network_address + min(4, network.num_addresses - 1))
+
+    async def create_instance(self, spec: InstanceSpec) -> Instance:
+        """Create the NIC, then the VM; block until both are provisioned.
+
+        A VM of the same name already provisioned for this sandbox is adopted.
+        On any failure (or cancellation) after the first write, the VM, NIC and
+        OS disk are deleted before this raises ``ProviderError``.
+        """
+        plan = await self._plan(spec)
+        adopted = await self._adoptable(plan)
+        if adopted is not None:
+            log.info("VM %s already exists for sandbox %s; adopting it", plan.name, plan.sandbox_id)
+            return adopted
+        try:
+            return await self._create(plan)
+        except BaseException as exc:
+            cleanup = asyncio.ensure_future(self._remove(self.config.resource_group, plan.name))
+            problems = await asyncio.shield(cleanup)
+            done = f"cleanup failed: {'; '.join(problems)}" if problems else "its VM, NIC and disk were removed"
+            if isinstance(exc, ProviderError):
+                raise ProviderError(f"{exc}; {done}") from exc
+            if isinstance(exc, (AzureError, OSError)):
+                raise ProviderError(f"creating VM {plan.name} failed: {az.describe(exc)}; {done}") from exc
+            raise
+
+    async def delete_instance(self, instance_id: str) -> None:
+        """Delete the VM, then any NIC or OS disk it left. A VM already gone is success."""
+        try:
+            vm = parse_vm_id(instance_id)
+        except ValueError as exc:
+            raise ProviderError(f"cannot delete {instance_id!r}: {exc}") from None
+        problems = await self._remove(vm.resource_group, vm.name)
+        if problems:
+            raise ProviderError(f"deleting VM {vm.name}: {'; '.join(problems)}")
+
+    async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
+        """VMs in AZURE_RESOURCE_GROUP carrying every one of ``tags``, plus the
+        remains (a tagged NIC without VM) of creates that died half-way, listed
+        under the id of the VM they belong to so ``delete_instance`` clears them."""
+        rg = self.config.resource_group
+        try:
+            found_vms = await az.call(lambda: list(self.clients.compute.virtual_machines.list(rg)))
+            nics = await az.call(lambda: list(self.clients.network.network_interfaces.list(rg)))
+        except AzureError as exc:
+            raise ProviderError(f"listing VMs in {rg}: {az.describe(exc)}") from exc
+        ips = {nic.id.lower(): ip for nic in nics if (ip := _first_ip(nic))}
+        instances, names = [], set()
+        for vm in found_vms:
+            names.add(vm.name.lower())
+            if matches(vm.tags, tags):
+                nic_ids = [ref.id.lower() for ref in (vm.network_profile.network_interfaces or [])] if vm.network_profile else []
+                vm_ips = tuple(ips[i] for i in nic_ids if i in ips)
+                instances.append(Instance(vm.id, vm.name, vm_ips, from_azure_tags(vm.tags)))
+        for nic in nics:
+            owner = nic.name[: -len(network.NIC_SUFFIX)] if nic.name.endswith(network.NIC_SUFFIX) else None
+            if owner and owner.lower() not in names and nic.virtual_machine is None and matches(nic.tags, tags):
+                vm_id = vms.vm_id(self.config.subscription_id, rg, owner)
+                instances.append(Instance(vm_id, owner, tuple(filter(None, [_first_ip(nic)])), from_azure_tags(nic.tags)))
+        return instances
+
+    async def close(self) -> None:
+        """Release the SDK clients' connections; VMs keep running."""
+        await az.call(self.clients.close)
+
+    # ---------------------------------------------------------------- create
+
+    async def _plan(self, spec: InstanceSpec) -> _Plan:
+        try:
+            userdata.check_size(spec.user_data, userdata.AZURE_USER_DATA_LIMIT, "Azure")
+        except userdata.UserDataTooLarge as exc:
+            raise ProviderError(f"VM {spec.name}: {exc}") from None
+        if spec.image:
+            try:
+                image = parse_image_id(spec.image)
+            except ValueError as exc:
+                raise ProviderError(f"image annotation {spec.image!r}: {exc}") from None
+        elif self.config.image is not None:
+            image = self.config.image
+        else:
+            raise ProviderError("no pod VM image: set AZURE_IMAGE_ID or the pod's image annotation")
+        catalog = await self._size_catalog()
+        try:
+            size = select_instance_type(
+                requested=spec.instance_type, vcpus=spec.vcpus, memory_mib=spec.memory_mib, gpus=spec.gpus,
+                default=self.config.size, allowed=self.config.sizes, catalog=catalog,
+            )
+        except SelectionError as exc:
+            raise ProviderError(str(exc).replace("PODVM_INSTANCE_TYPES", "AZURE_INSTANCE_SIZES")
+                                .replace("PODVM_INSTANCE_TYPE", "AZURE_INSTANCE_SIZE")) from None
+        if size not in catalog:
+            raise ProviderError(f"VM size {size} is not offered in {self.config.region} to this subscription")
+        try:
+            key = read_ssh_public_key(self.config.ssh_pub_key_path)
+        except ValueError as exc:
+            raise ProviderError(f"SSH_PUB_KEY_PATH: {exc}") from None
+        tags = {**self.config.extra_tags, **spec.tags}
+        return _Plan(spec.name, spec.sandbox_id, size, image, key, spec.user_data, tags)
+
+    async def _size_catalog(self) -> dict[str, InstanceTypeInfo]:
+        if self._catalog is None:
+            try:
+                self._catalog = await vms.load_catalog(self.clients, self.config)
+            except AzureError as exc:
+                raise ProviderError(f"listing VM sizes of {self.config.region}: {az.describe(exc)}") from exc
+        return self._catalog
+
+    async def _adoptable(self, plan: _Plan) -> Instance | None:
+        """The VM already provisioned under ``plan.name`` for this sandbox, if any.
+
+        ProviderError when that name is taken by another sandbox's VM.
+        """
+        try:
+            vm = await az.call(self.clients.compute.virtual_machines.get, self.config.resource_group, plan.name)
+        except AzureError as exc:
+            if az.is_not_found(exc):
+                return None
+            raise ProviderError(f"looking up VM {plan.name}: {az.describe(exc)}") from exc
+        owner = from_azure_tags(vm.tags).get(TAG_SANDBOX)
+        if owner != plan.sandbox_id:
+            raise ProviderError(f"a VM named {plan.name} already exists for sandbox {owner or '(untagged)'}")
+        if vm.provisioning_state != "Succeeded":
+            return None  # a failed or interrupted create: PUT again
+        nic_ref = vm.network_profile.network_interfaces[0].id
+        nic = await az.call(self.clients.network.network_interfaces.get, *_rg_and_name(nic_ref))
+        return Instance(vm.id, vm.name, (network.nic_of(nic).private_ip,), from_azure_tags(vm.tags))
+
+    async def _create(self, plan: _Plan) -> Instance:
+        config = self.config
+        try:
+            nic = await network.create_nic(self.clients, config, plan.name, plan.tags)
+        except HttpResponseError as exc:
+            raise ProviderError(f"creating NIC for VM {plan.name} in {config.subnet.text}: {az.describe(exc)}") from exc
+        body = vms.vm_body(config, name=plan.name, size=plan.size, image=plan.image, nic_id=nic.id,
+                           ssh_public_key=plan.ssh_public_key, user_data=plan.user_data, tags=plan.tags)
+        try:
+            vm = await az.begin(self.clients.compute.virtual_machines.begin_create_or_update,
+                                config.resource_group, plan.name, body)
+        except HttpResponseError as exc:
+            raise ProviderError(f"creating VM {plan.name} ({plan.size}): {az.describe(exc)}") from exc
+        if vm.provisioning_state != "Succeeded":
+            raise ProviderError(f"VM {plan.name} ended in provisioning state {vm.provisioning_state}")
+        log.info("created VM %s (%s) at %s", plan.name, plan.size, nic.private_ip)
+        return Instance(vm.id, vm.name, (nic.private_ip,), from_azure_tags(vm.tags))
+
+    # ---------------------------------------------------------------- delete
+
+    async def _remove(self, rg: str, name: str) -> list[str]:
+        """Delete the VM ``name``, then its NIC ``<name>-nic`` and OS disk
+        ``<name>-osdisk`` if the VM left them (or never got to use them).
+
+        Each of the three already gone is success. Returns the problems met;
+        [] when all three are gone.
+        """
+        compute = self.clients.compute
+        try:
+            await az.begin(compute.virtual_machines.begin_delete, rg, name)
+        except AzureError as exc:
+            if not az.is_not_found(exc):
+                return [f"VM {name}: {az.describe(exc)}"]
+        problems = []
+        try:
+            await network.delete_nic(self.clients, self.config, rg, network.nic_name(name))
+        except ProviderError as exc:
+            problems.append(str(exc))
+        disk = vms.os_disk_name(name)
+        try:
+            await network.delete_retrying_in_use(
+                self.config, f"disk {disk}", lambda: az.begin(compute.disks.begin_delete, rg, disk))
+        except ProviderError as exc:
+            problems.append(str(exc))
+        log.info("deleted VM %s%s", name, f" (problems: {'; '.join(problems)})" if problems else " with its NIC and disk")
+        return problems
+
+
+def _first_ip(nic: Any) -> str | None:
+    for config in getattr(nic, "ip_configurations", None) or []:
+        if getattr(config, "private_ip_address", None):
+            return config.private_ip_address
+    return None

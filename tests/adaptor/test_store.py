@@ -1,0 +1,96 @@
+"""SandboxStore: VNI allocation, the pod network column, migration of older databases."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted, VniInUse
+from cloudadaptor.userdata import MAX_VNI, PodInterface, PodNetworkConfig
+
+NETWORK = PodNetworkConfig(PodInterface("eth0", "02:00:00:00:00:0a", 1500, ("198.51.100.10/24",)), "192.0.2.1", 555000)
+
+
+def sandbox(sid: str, vni: int = 0, network: PodNetworkConfig | None = None) -> Sandbox:
+    return Sandbox(id=sid, pod_name="p", pod_namespace="ns", netns_path="/run/netns/x", vm_name="podvm-x",
+                   agent_socket=f"/run/pods/{sid}/agent.ttrpc", vni=vni, pod_network=network)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    opened = SandboxStore(tmp_path / "state.db")
+    yield opened
+    opened.close()
+
+
+def test_next_free_vni_is_the_lowest_unused_from_the_minimum(store):
+    assert store.next_free_vni(555000) == 555000
+    for sid, vni in (("a", 555000), ("b", 555001), ("c", 555003), ("low", 7)):
+        store.add(sandbox(sid, vni))
+    assert store.next_free_vni(555000) == 555002
+    store.remove("a")
+    assert store.next_free_vni(555000) == 555000, "a stopped sandbox's VNI is free again"
+    assert store.next_free_vni(555003) == 555004
+
+
+def test_a_vni_held_by_another_sandbox_is_refused(store):
+    store.add(sandbox("a", 555000))
+    with pytest.raises(VniInUse, match="555000"):
+        store.add(sandbox("b", 555000))
+    assert store.add(sandbox("a", 555000))[1] is False, "re-adding the same sandbox is not a conflict"
+    store.add(sandbox("c", 0))
+    store.add(sandbox("d", 0))  # rows without a tunnel do not collide
+
+
+def test_vnis_survive_a_reopened_store(tmp_path: Path):
+    first = SandboxStore(tmp_path / "state.db")
+    first.add(sandbox("a", first.next_free_vni(555000)))
+    first.add(sandbox("b", first.next_free_vni(555000)))
+    first.close()
+    again = SandboxStore(tmp_path / "state.db")
+    try:
+        assert again.next_free_vni(555000) == 555002
+        assert [s.vni for s in again.all()] == [555000, 555001]
+    finally:
+        again.close()
+
+
+def test_vnis_run_out_at_the_top_of_the_range(store):
+    store.add(sandbox("a", MAX_VNI))
+    with pytest.raises(VniExhausted, match=str(MAX_VNI)):
+        store.next_free_vni(MAX_VNI)
+
+
+def test_pod_network_round_trips(store):
+    store.add(sandbox("a", 555000, NETWORK))
+    assert store.get("a").pod_network == NETWORK
+    assert store.update("a", state=SandboxState.RUNNING).pod_network == NETWORK
+
+
+_OLD_SCHEMA = """CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY, pod_name TEXT NOT NULL, pod_namespace TEXT NOT NULL, netns_path TEXT NOT NULL,
+    vm_name TEXT NOT NULL, agent_socket TEXT NOT NULL, annotations TEXT NOT NULL, user_data TEXT NOT NULL,
+    state TEXT NOT NULL, instance_id TEXT NOT NULL, vm_ips TEXT NOT NULL, error TEXT NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL)"""
+
+
+def test_a_database_from_before_tunnels_is_migrated_and_keeps_its_rows(tmp_path: Path):
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.execute(_OLD_SCHEMA)
+    db.execute("INSERT INTO sandboxes VALUES ('old', 'p', 'ns', '/run/netns/x', 'podvm-x', '/s', '{}', '', "
+               "'running', 'i-1', '[\"192.0.2.5\"]', '', 1.0, 1.0)")
+    db.commit()
+    db.close()
+    store = SandboxStore(path)
+    try:
+        old = store.get("old")
+        assert (old.state, old.instance_id, old.vm_ips, old.vni, old.pod_network) == (
+            SandboxState.RUNNING, "i-1", ("192.0.2.5",), 0, None)
+        store.add(sandbox("new", store.next_free_vni(555000), NETWORK))
+        assert store.get("new").vni == 555000
+    finally:
+        store.close()
+    SandboxStore(path).close()  # opening a migrated database again is a no-op

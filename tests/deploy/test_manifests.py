@@ -1,0 +1,321 @@
+"""deploy/: every manifest validates against the Kubernetes schemas (offline), every
+kustomization names only files that exist, and the manifests agree with the code."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonpatch
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cloudadaptor.k8s import peerpods
+from cloudadaptor.k8s.capacity import VM_RESOURCE
+from cloudadaptor.webhook.server import MUTATE_PATH
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())  # matchConditions is GA from 1.30
+NAMESPACE = "openshift-sandboxed-containers-operator"
+KUSTOMIZATION = "kustomization.yaml"
+
+Doc = dict[str, Any]
+
+
+def load_docs(path: Path) -> list[Doc]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kustomizations() -> list[Path]:
+    return sorted(DEPLOY.rglob(KUSTOMIZATION))
+
+
+def manifest_files() -> list[Path]:
+    """Every YAML file under deploy/ that is not a kustomization."""
+    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != KUSTOMIZATION)
+
+
+def referenced_paths(kustomization: Path) -> Iterator[tuple[str, Path]]:
+    """(field, path) of every file or directory a kustomization names."""
+    spec = yaml.safe_load(kustomization.read_text())
+    base = kustomization.parent
+    for field in ("resources", "components", "crds"):
+        for entry in spec.get(field) or []:
+            yield field, base / entry
+    for patch in spec.get("patches") or []:
+        if "path" in patch:
+            yield "patches", base / patch["path"]
+    for generator in (spec.get("configMapGenerator") or []) + (spec.get("secretGenerator") or []):
+        for entry in generator.get("files") or []:
+            yield "generator", base / entry.split("=", 1)[-1]
+
+
+def build(directory: Path) -> list[Doc]:
+    """The objects a kustomization yields (resources, recursively, then its components' JSON patches)."""
+    spec = yaml.safe_load((directory / KUSTOMIZATION).read_text())
+    docs: list[Doc] = []
+    for entry in spec.get("resources") or []:
+        target = directory / entry
+        docs += build(target) if target.is_dir() else load_docs(target)
+    for component in spec.get("components") or []:
+        docs = apply_component(docs, directory / component)
+    namespace = spec.get("namespace")
+    for doc in docs:
+        if namespace and "namespace" in doc["metadata"]:
+            doc["metadata"]["namespace"] = namespace
+    return docs
+
+
+def apply_component(docs: list[Doc], directory: Path) -> list[Doc]:
+    spec = yaml.safe_load((directory / KUSTOMIZATION).read_text())
+    assert spec["kind"] == "Component"
+    result = copy.deepcopy(docs)
+    for patch in spec.get("patches") or []:
+        target = patch["target"]
+        matches = [i for i, d in enumerate(result) if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
+        assert matches, f"{directory.name}: patch target {target} matches nothing"
+        for i in matches:
+            result[i] = jsonpatch.apply_patch(result[i], yaml.safe_load(patch["patch"]))
+    return result
+
+
+def find(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def crd_schema() -> Doc:
+    crd = find(load_docs(DEPLOY / "base" / "peerpod-crd.yaml"), "CustomResourceDefinition")
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+# ------------------------------------------------------------------- structure
+
+
+def test_there_is_a_base_and_an_aws_and_an_azure_overlay():
+    for directory in ("base", "overlays/aws", "overlays/azure"):
+        assert (DEPLOY / directory / KUSTOMIZATION).is_file(), directory
+
+
+@pytest.mark.parametrize("kustomization", kustomizations(), ids=lambda p: str(p.parent.relative_to(DEPLOY)))
+def test_every_kustomization_names_only_files_that_exist(kustomization):
+    for field, path in referenced_paths(kustomization):
+        assert path.exists(), f"{kustomization.relative_to(DEPLOY)}: {field} names {path} which does not exist"
+        if path.is_dir():
+            assert (path / KUSTOMIZATION).is_file(), f"{path} is named as a kustomization but has none"
+
+
+def test_every_manifest_is_used_by_a_kustomization_or_is_an_example():
+    used = {path.resolve() for k in kustomizations() for _, path in referenced_paths(k)}
+    for path in manifest_files():
+        assert path.resolve() in used or path.parent.name == "examples", f"{path.relative_to(DEPLOY)} is not in any kustomization"
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_manifest_validates_against_the_kubernetes_schemas(path):
+    for doc in load_docs(path):
+        if doc.get("apiVersion") == peerpods.API_VERSION:
+            assert doc["kind"] == peerpods.KIND
+            jsonschema.validate(doc, crd_schema())
+            continue
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_an_invalid_manifest_would_be_caught():
+    daemonset = copy.deepcopy(find(load_docs(DEPLOY / "base" / "daemonset.yaml"), "DaemonSet"))
+    daemonset["spec"]["template"]["spec"]["containers"][0]["mountPropagaton"] = "typo"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("overlay", ["aws", "azure"])
+def test_each_overlay_builds_the_whole_installation_in_one_namespace(overlay):
+    docs = build(DEPLOY / "overlays" / overlay)
+    for kind, name in [("Namespace", NAMESPACE), ("CustomResourceDefinition", "peerpods.confidentialcontainers.org"),
+                       ("RuntimeClass", "kata-remote"), ("DaemonSet", "cloud-api-adaptor-daemonset"),
+                       ("Deployment", "peerpod-controller"), ("Deployment", "peer-pods-webhook"),
+                       ("Service", "peer-pods-webhook"), ("MutatingWebhookConfiguration", "peer-pods-webhook"),
+                       ("ConfigMap", "peer-pods-cm"), ("Secret", "peer-pods-secret")]:
+        find(docs, kind, name)
+    namespaces = {d["metadata"]["namespace"] for d in docs if "namespace" in d["metadata"]}
+    assert namespaces == {NAMESPACE}
+
+
+def test_the_peerpod_crd_matches_the_code_and_accepts_what_the_tracker_creates():
+    crd = find(load_docs(DEPLOY / "base" / "peerpod-crd.yaml"), "CustomResourceDefinition")
+    spec = crd["spec"]
+    assert (spec["group"], spec["names"]["kind"], spec["names"]["plural"]) == (peerpods.GROUP, peerpods.KIND, peerpods.PLURAL)
+    assert crd["metadata"]["name"] == f"{peerpods.PLURAL}.{peerpods.GROUP}"
+    assert [v["name"] for v in spec["versions"]] == [peerpods.VERSION]
+    pod = peerpods.PodRef(namespace="default", name="web", uid="u-1", node_name="n", phase="Running", deleting=False)
+    body = peerpods.peerpod_body(name="web-1", pod=pod, sandbox_id="s", node_name="n", instance_id="i-1", provider_name="aws")
+    jsonschema.validate(body, crd_schema())
+    body["spec"].pop("instanceID")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(body, crd_schema())
+
+
+# ------------------------------------------------------------ what must be true
+
+
+def test_the_daemonset_runs_the_adaptor_on_the_host_network_with_the_node_mounts():
+    ds = find(load_docs(DEPLOY / "base" / "daemonset.yaml"), "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["hostNetwork"] is True
+    assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert set(container["securityContext"]["capabilities"]["add"]) >= {"NET_ADMIN", "SYS_ADMIN"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/run/peerpod", "/run/netns"):
+        assert mounts[path].get("mountPropagation") == "HostToContainer", path
+        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path
+    assert {(e.get("configMapRef") or e.get("secretRef"))["name"] for e in container["envFrom"]} == {"peer-pods-cm", "peer-pods-secret"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert container["startupProbe"]["exec"]["command"][:2] == ["cloud-api-adaptor", "probe"]
+
+
+def test_every_command_in_the_manifests_is_a_real_subcommand():
+    from cloudadaptor.cli import build_parser
+
+    parser = build_parser()
+    docs = build(DEPLOY / "overlays" / "aws")
+    commands = []
+    for doc in docs:
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            commands.append(container["command"])
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if "exec" in container.get(probe, {}):
+                    commands.append(container[probe]["exec"]["command"])
+    assert len(commands) >= 4
+    for command in commands:
+        assert command[0] == "cloud-api-adaptor"
+        parser.parse_args(command[1:])  # exits (SystemExit) on an unknown subcommand or flag
+
+
+def test_the_runtime_class_has_the_documented_overhead():
+    rc = find(load_docs(DEPLOY / "base" / "runtimeclass.yaml"), "RuntimeClass")
+    assert (rc["metadata"]["name"], rc["handler"]) == ("kata-remote", "kata-remote")
+    assert rc["overhead"]["podFixed"] == {"memory": "120Mi", "cpu": "250m"}
+
+
+def webhook_parts(docs: list[Doc]) -> tuple[Doc, Doc, Doc, Doc]:
+    return (find(docs, "Deployment", "peer-pods-webhook"), find(docs, "Service", "peer-pods-webhook"),
+            find(docs, "MutatingWebhookConfiguration"), find(docs, "RuntimeClass"))
+
+
+def assert_webhook_consistent(docs: list[Doc]) -> str:
+    deployment, service, config, runtime_class = webhook_parts(docs)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    hook = config["webhooks"][0]
+    target = env["TARGET_RUNTIME_CLASS"]
+    assert target == runtime_class["metadata"]["name"], "the webhook must target the RuntimeClass deployed"
+    assert f"== '{target}'" in hook["matchConditions"][0]["expression"], "matchConditions must select that class"
+    client = hook["clientConfig"]["service"]
+    assert (client["name"], client["namespace"], client["path"]) == (service["metadata"]["name"], service["metadata"]["namespace"], MUTATE_PATH)
+    assert client["port"] == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    assert env["WEBHOOK_ADDRESS"].endswith(f":{container['ports'][0]['containerPort']}")
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
+    assert hook["rules"][0]["operations"] == ["CREATE"] and hook["rules"][0]["resources"] == ["pods"]
+    return target
+
+
+def test_the_webhook_service_configuration_and_runtime_class_agree():
+    assert assert_webhook_consistent(build(DEPLOY / "base")) == "kata-remote"
+
+
+def test_the_kata_remote_cc_component_renames_the_class_everywhere():
+    docs = apply_component(build(DEPLOY / "base"), DEPLOY / "components" / "kata-remote-cc")
+    assert assert_webhook_consistent(docs) == "kata-remote-cc"
+    for doc in webhook_parts(docs):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+
+
+def test_rbac_is_least_privilege():
+    docs = load_docs(DEPLOY / "base" / "rbac.yaml")
+    for role in (d for d in docs if d["kind"] == "ClusterRole"):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role["metadata"]["name"]
+            assert not {"secrets", "configmaps"} & set(rule["resources"]), "no role reads secrets or config maps"
+    adaptor = {(tuple(r["apiGroups"]), r["resources"][0]): set(r["verbs"]) for r in find(docs, "ClusterRole", "peerpods-cloud-api-adaptor")["rules"]}
+    assert adaptor == {((("",), "pods")): {"get"}, (("",), "nodes/status"): {"patch"},
+                       (("confidentialcontainers.org",), "peerpods"): {"get", "create", "patch", "delete"}}
+    webhook_sa = find(docs, "ServiceAccount", "peer-pods-webhook")
+    assert webhook_sa.get("automountServiceAccountToken") is False
+    bound = {(b["roleRef"]["name"], b["subjects"][0]["name"]) for b in docs if b["kind"] == "ClusterRoleBinding"}
+    assert bound == {("peerpods-cloud-api-adaptor", "cloud-api-adaptor"), ("peerpods-controller", "peerpod-controller")}
+
+
+# ------------------------------------------------------- configuration examples
+
+DESIGN_KEYS = {
+    "aws": ({"CLOUD_PROVIDER", "PODVM_AMI_ID", "PODVM_INSTANCE_TYPE", "SSH_KP_NAME", "USE_PODVM_LAUNCHTEMPLATE",
+             "PODVM_LAUNCHTEMPLATE_NAME", "VXLAN_PORT", "PEERPODS_LIMIT_PER_NODE"},
+            {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_SUBNET_ID", "AWS_VPC_ID", "AWS_SG_IDS"}),
+    "azure": ({"CLOUD_PROVIDER", "AZURE_INSTANCE_SIZE", "AZURE_INSTANCE_SIZES", "AZURE_SUBNET_ID", "AZURE_NSG_ID",
+               "AZURE_IMAGE_ID", "SSH_USERNAME", "ENABLE_SECURE_BOOT", "VXLAN_PORT", "PEERPODS_LIMIT_PER_NODE"},
+              {"AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_SUBSCRIPTION_ID", "AZURE_REGION",
+               "AZURE_RESOURCE_GROUP"}),
+}
+
+
+def example_env(overlay: str) -> tuple[dict[str, str], dict[str, str]]:
+    docs = build(DEPLOY / "overlays" / overlay)
+    return find(docs, "ConfigMap", "peer-pods-cm")["data"], find(docs, "Secret", "peer-pods-secret")["stringData"]
+
+
+@pytest.mark.parametrize("overlay", ["aws", "azure"])
+def test_the_example_config_carries_the_documented_keys(overlay):
+    cm, secret = example_env(overlay)
+    cm_keys, secret_keys = DESIGN_KEYS[overlay]
+    assert cm_keys <= set(cm), f"missing from peer-pods-cm: {sorted(cm_keys - set(cm))}"
+    assert secret_keys <= set(secret), f"missing from peer-pods-secret: {sorted(secret_keys - set(secret))}"
+    assert cm["CLOUD_PROVIDER"] == overlay
+    assert all(isinstance(v, str) for v in {**cm, **secret}.values()), "ConfigMap/Secret values must be strings"
+
+
+@pytest.mark.parametrize("overlay", ["aws", "azure"])
+def test_every_example_key_is_one_the_adaptor_knows_and_parses(overlay):
+    from cloudadaptor.config import check
+    from cloudadaptor.k8s import controller
+    from cloudadaptor.providers import base
+
+    if overlay not in base.provider_names():
+        pytest.skip(f"the {overlay} provider is not registered yet")
+    cm, secret = example_env(overlay)
+    env = {**cm, **secret}
+    rows, problems = check(env)
+    known = {key for key, _, _ in rows} | {k.name for k in controller.KEYS}
+    assert set(env) <= known, f"keys nobody reads: {sorted(set(env) - known)}"
+    assert [str(p) for p in problems] == []
+
+
+def test_the_vm_resource_name_is_the_one_the_webhook_requests():
+    from cloudadaptor.webhook.mutate import VM_RESOURCE as WEBHOOK_RESOURCE
+
+    assert VM_RESOURCE == WEBHOOK_RESOURCE == "kata.peerpods.io/vm"
+
+
+def test_the_containerfile_installs_our_wheel_and_runs_non_root():
+    text = (DEPLOY / "Containerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert sum(line.startswith("FROM ") for line in lines) == 2, "build stage + runtime stage"
+    assert any("pip wheel" in line for line in lines) and any("pip install" in line and "cloudadaptor" in line for line in lines)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] != "0" and users[-1] != "root", "the image must not default to root"
+    assert lines[-1] == 'CMD ["cloud-api-adaptor", "serve"]'
+    for line in (line for line in lines if line.startswith("COPY ") and "--from" not in line):
+        sources = [token for token in line.split()[1:-1] if not token.startswith("--")]
+        for name in sources:
+            assert (DEPLOY.parent / name).exists(), f"Containerfile copies {name}, which does not exist"

@@ -1,0 +1,160 @@
+"""The PeerPod controller's reconcile pass: finalize, orphaned PeerPods, sweep — and the crash scenario."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from cloudadaptor.k8s.controller import ControllerOptions, SweepState, reconcile
+from cloudadaptor.k8s.peerpods import FINALIZER, PeerPodApi, PeerPodTracker, peerpod_name
+from cloudadaptor.testing.kubeapi import PEERPODS, PODS, KubeApiServer
+
+SANDBOX = "feedface" * 8
+OPTIONS = ControllerOptions(provider_name="aws", sweep_grace=60.0)
+
+
+async def record_vm(api, cloud, pod: str = "web", namespace: str = "default", sandbox: str = SANDBOX) -> str:
+    """What the adaptor does in StartVM: create the VM, then its PeerPod."""
+    instance = cloud.add(pod=f"{namespace}/{pod}", sandbox=sandbox)
+    await PeerPodTracker(api, node_name="worker-1").vm_created(sandbox, namespace, pod, instance.id, cloud.name)
+    return instance.id
+
+
+async def test_adaptor_killed_after_vm_created_then_pod_deleted_ends_with_the_vm_deleted(api, kubeapi, cloud, add_pod):
+    add_pod("web")
+    vm = await record_vm(api, cloud)
+    # The adaptor dies here: no StopVM, no vm_deleted. The user deletes the pod;
+    # the garbage collector deletes the PeerPod, which waits on our finalizer.
+    kubeapi.delete(PODS, "web", "default")
+    waiting = kubeapi.get(PEERPODS, peerpod_name("web", SANDBOX), "default")
+    assert waiting is not None and waiting["metadata"]["deletionTimestamp"], "the finalizer must hold the PeerPod"
+    report = await reconcile(PeerPodApi(api), cloud, OPTIONS, SweepState(), now=0.0)
+    assert vm not in cloud.instances, "the VM must be deleted"
+    assert report.vms_deleted == [vm]
+    assert report.finalizers_released == [f"default/{peerpod_name('web', SANDBOX)}"]
+    assert kubeapi.all(PEERPODS) == [], "the PeerPod must be gone once the finalizer is released"
+
+
+async def test_without_garbage_collection_a_peerpod_whose_pod_is_gone_is_deleted_with_its_vm(cloud):
+    async with KubeApiServer(garbage_collect=False) as kubeapi:
+        api2 = client.ApiClient(kubeapi.configuration())
+        kubeapi.seed(PODS, {"metadata": {"name": "web", "namespace": "default"}, "spec": {"containers": [{"name": "c"}]}})
+        vm = await record_vm(api2, cloud)
+        kubeapi.delete(PODS, "web", "default")
+        assert kubeapi.get(PEERPODS, peerpod_name("web", SANDBOX), "default") is not None
+        report = await reconcile(PeerPodApi(api2), cloud, OPTIONS, SweepState(), now=0.0)
+        await api2.close()
+        assert vm not in cloud.instances and report.peerpods_deleted
+        assert kubeapi.all(PEERPODS) == []
+
+
+async def test_a_peerpod_of_a_recreated_pod_with_the_same_name_is_orphaned(api, kubeapi, cloud, add_pod):
+    add_pod("web")
+    vm = await record_vm(api, cloud)
+    kubeapi.store.objects.pop(("pods", "default", "web"))  # gone without garbage collection...
+    add_pod("web")  # ...and a new pod (new uid) of the same name
+    await reconcile(PeerPodApi(api), cloud, OPTIONS, SweepState(), now=0.0)
+    assert vm not in cloud.instances
+
+
+async def test_a_peerpod_with_a_live_pod_is_left_alone(api, kubeapi, cloud, add_pod):
+    add_pod("web")
+    vm = await record_vm(api, cloud)
+    report = await reconcile(PeerPodApi(api), cloud, OPTIONS, SweepState(), now=1e9)
+    assert vm in cloud.instances and not report.vms_deleted and not report.errors
+    assert kubeapi.get(PEERPODS, peerpod_name("web", SANDBOX), "default")["metadata"]["finalizers"] == [FINALIZER]
+
+
+async def test_a_failed_vm_delete_keeps_the_finalizer_and_is_retried_next_pass(api, kubeapi, cloud, add_pod):
+    add_pod("web")
+    vm = await record_vm(api, cloud)
+    kubeapi.delete(PODS, "web", "default")
+    cloud.fail_deletes = 1
+    first = await reconcile(PeerPodApi(api), cloud, OPTIONS, SweepState(), now=0.0)
+    assert first.errors and "throttled" in first.errors[0]
+    assert kubeapi.get(PEERPODS, peerpod_name("web", SANDBOX), "default") is not None, "finalizer must stay until the VM is gone"
+    await reconcile(PeerPodApi(api), cloud, OPTIONS, SweepState(), now=0.0)
+    assert vm not in cloud.instances and kubeapi.all(PEERPODS) == []
+
+
+async def test_a_peerpod_of_another_cloud_provider_is_not_touched(api, kubeapi, cloud, add_pod):
+    add_pod("web")
+    vm = await record_vm(api, cloud)
+    kubeapi.delete(PODS, "web", "default")
+    report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="azure", sweep=False), SweepState(), now=0.0)
+    assert vm in cloud.instances and report.errors
+    assert kubeapi.get(PEERPODS, peerpod_name("web", SANDBOX), "default") is not None
+
+
+async def test_sweep_deletes_an_unreferenced_vm_only_after_the_grace_period(api, cloud):
+    orphan = cloud.add(pod="default/ghost").id
+    state = SweepState()
+    peerpods = PeerPodApi(api)
+    assert (await reconcile(peerpods, cloud, OPTIONS, state, now=100.0)).vms_deleted == []
+    assert (await reconcile(peerpods, cloud, OPTIONS, state, now=159.0)).vms_deleted == [], "grace is 60 s"
+    assert (await reconcile(peerpods, cloud, OPTIONS, state, now=160.0)).vms_deleted == [orphan]
+    assert orphan not in cloud.instances and state.first_seen == {}
+
+
+async def test_sweep_spares_vms_of_peerpods_and_of_live_pods(api, cloud, add_pod):
+    add_pod("web")
+    tracked = await record_vm(api, cloud)
+    add_pod("db", node="worker-1")
+    live = cloud.add(pod="default/db", sandbox="s2").id  # its PeerPod was never written
+    state = SweepState()
+    for now in (0.0, 1000.0):
+        await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=now)
+    assert tracked in cloud.instances and live in cloud.instances
+
+
+async def test_sweep_counts_a_finished_pod_or_a_pod_on_another_node_as_gone(api, cloud, add_pod):
+    add_pod("job", phase="Succeeded")
+    add_pod("moved", node="worker-2")
+    done = cloud.add(pod="default/job", node="worker-1").id
+    moved = cloud.add(pod="default/moved", node="worker-1").id
+    state = SweepState()
+    await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=0.0)
+    report = await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=60.0)
+    assert sorted(report.vms_deleted) == sorted([done, moved])
+
+
+async def test_the_grace_period_restarts_when_a_live_pod_goes(api, kubeapi, cloud, add_pod):
+    add_pod("web")
+    vm = cloud.add(pod="default/web").id
+    state = SweepState()
+    await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=0.0)
+    kubeapi.delete(PODS, "web", "default")
+    await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=100.0)
+    assert vm in cloud.instances, "first seen unreferenced at 100: not yet"
+    await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=160.0)
+    assert vm not in cloud.instances
+
+
+async def test_sweep_only_touches_vms_carrying_the_configured_tags(api, cloud):
+    ours = cloud.add(pod="default/a", cluster="blue").id
+    theirs = cloud.add(pod="default/b", cluster="green").id
+    options = ControllerOptions(provider_name="aws", sweep_grace=0.0, sweep_tags={"cluster": "blue"})
+    await reconcile(PeerPodApi(api), cloud, options, SweepState(), now=0.0)
+    assert ours not in cloud.instances and theirs in cloud.instances
+
+
+async def test_sweep_disabled_deletes_nothing(api, cloud):
+    orphan = cloud.add(pod="default/ghost").id
+    await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep=False, sweep_grace=0.0), SweepState(), 0.0)
+    assert orphan in cloud.instances
+
+
+async def test_when_peerpods_cannot_be_listed_nothing_is_swept(api, kubeapi, cloud):
+    orphan = cloud.add(pod="default/ghost").id
+    kubeapi.fail("GET", "/peerpods$", 500, times=1)
+    with pytest.raises(ApiException):
+        await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep_grace=0.0), SweepState(), 0.0)
+    assert orphan in cloud.instances
+
+
+async def test_when_a_pod_cannot_be_read_its_vm_is_kept(api, kubeapi, cloud):
+    vm = cloud.add(pod="default/web").id
+    kubeapi.fail("GET", "/pods/web$", 503, times=1)
+    report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep_grace=0.0), SweepState(), 0.0)
+    assert vm in cloud.instances and report.errors

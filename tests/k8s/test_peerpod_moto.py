@@ -1,0 +1,109 @@
+"""The crash scenario against the real AWS provider: boto3 → moto server (HTTP on loopback) + the local Kubernetes API.
+
+"The adaptor is killed after the VM was created, then the Pod is deleted" must
+end with the EC2 instance terminated; so must a VM whose PeerPod was never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from cloudadaptor.config import load_settings
+from cloudadaptor.k8s.controller import ControllerOptions, SweepState, reconcile
+from cloudadaptor.k8s.peerpods import PeerPodApi, PeerPodTracker
+from cloudadaptor.providers import base
+from cloudadaptor.testing.kubeapi import PEERPODS, PODS
+
+REGION = "us-east-1"
+SANDBOX = "c0ffee00" * 8
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def ec2_provider(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """An AwsProvider (built from settings, as the controller builds it) over a fresh moto VPC."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(moto_endpoint + "/moto-api/reset", method="POST"), timeout=30).close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    for name in ("AWS_ENDPOINT_URL_EC2", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint,
+                       aws_access_key_id="AKIATESTTESTTEST1234", aws_secret_access_key="test-secret")
+    vpc = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="203.0.113.0/25")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="worker", Description="workers", VpcId=vpc)["GroupId"]
+    ami = ec2.register_image(Name="peer-pod-ami")["ImageId"]
+    settings = load_settings({
+        "CLOUD_PROVIDER": "aws", "NODE_NAME": "worker-1", "AWS_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "AKIATESTTESTTEST1234", "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_SUBNET_ID": subnet, "AWS_VPC_ID": vpc, "AWS_SG_IDS": sg, "PODVM_AMI_ID": ami,
+        "PODVM_INSTANCE_TYPE": "t3.medium",
+    })
+    provider = base.create_provider(settings)
+    provider.config = dataclasses.replace(provider.config, boot_poll_interval=0.2, boot_timeout=10.0)
+    yield provider, ec2
+    ec2.close()
+
+
+def state_of(ec2, instance_id: str) -> str:
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+
+async def start_vm(provider, pod: str) -> str:
+    spec = base.InstanceSpec(
+        name=f"podvm-{pod}-{SANDBOX[:8]}", sandbox_id=SANDBOX, user_data="#cloud-config\nwrite_files: []\n",
+        client_token=SANDBOX[:32], vcpus=1, memory_mib=2048,
+        tags={base.TAG_OWNER: base.OWNER_VALUE, base.TAG_NODE: "worker-1", base.TAG_SANDBOX: SANDBOX,
+              base.TAG_POD: f"default/{pod}"},
+    )
+    return (await provider.create_instance(spec)).id
+
+
+async def test_adaptor_killed_after_vm_created_then_pod_deleted_terminates_the_ec2_instance(ec2_provider, api, kubeapi, add_pod):
+    provider, ec2 = ec2_provider
+    add_pod("web")
+    instance_id = await start_vm(provider, "web")
+    await PeerPodTracker(api, node_name="worker-1").vm_created(SANDBOX, "default", "web", instance_id, "aws")
+    # The adaptor is killed here. The user deletes the pod; GC marks the PeerPod deleted.
+    kubeapi.delete(PODS, "web", "default")
+    report = await reconcile(PeerPodApi(api), provider, ControllerOptions(provider_name="aws"), SweepState(), now=0.0)
+    await provider.close()
+    assert report.vms_deleted == [instance_id] and not report.errors
+    assert state_of(ec2, instance_id) in ("shutting-down", "terminated")
+    assert kubeapi.all(PEERPODS) == []
+
+
+async def test_a_vm_whose_peerpod_was_never_written_is_swept_after_its_pod_goes(ec2_provider, api, kubeapi, add_pod):
+    provider, ec2 = ec2_provider
+    add_pod("web")
+    instance_id = await start_vm(provider, "web")  # killed before the PeerPod was written
+    options = ControllerOptions(provider_name="aws", sweep_grace=30.0)
+    state = SweepState()
+    await reconcile(PeerPodApi(api), provider, options, state, now=0.0)
+    assert state_of(ec2, instance_id) == "running", "its pod is live: the VM stays"
+    kubeapi.delete(PODS, "web", "default")
+    await reconcile(PeerPodApi(api), provider, options, state, now=10.0)
+    assert state_of(ec2, instance_id) == "running", "within the grace period"
+    report = await reconcile(PeerPodApi(api), provider, options, state, now=40.0)
+    await provider.close()
+    assert report.vms_deleted == [instance_id]
+    assert state_of(ec2, instance_id) in ("shutting-down", "terminated")
