@@ -1,0 +1,220 @@
+"""Azure: build ``peer-pod-vmimage`` (a managed image) from RHEL 9 (or ``--base-image``) with a builder VM.
+
+Temporaries, named after the build and deleted by name (so a lost reply
+cannot orphan one), VM first, then NIC, then OS disk:
+
+- the NIC ``peerpod-image-builder-<id>-nic`` in ``AZURE_SUBNET_ID`` with
+  ``AZURE_NSG_ID`` (Azure's default rules let the VNet reach 22/tcp);
+- the VM ``peerpod-image-builder-<id>`` (an ordinary VM, never confidential:
+  a managed image cannot back a confidential VM), its OS disk ``...-osdisk``,
+  logging in as ``SSH_USERNAME`` with the ``ssh-key-secret`` key pair
+  (``SSH_PUB_KEY_PATH`` and the private key next to it, or
+  ``--ssh-private-key``).
+
+After provisioning and ``seal`` (which runs ``waagent -deprovision+user``):
+deallocate, generalize, create the managed image from the VM (tags on it);
+an image that fails is deleted. Uses the provider's SDK clients
+(``build_clients``: azure-core retries, ``AZURE_RESOURCE_MANAGER_ENDPOINT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import paramiko
+from azure.core.exceptions import AzureError
+
+from cloudadaptor.config import ConfigError, load_settings, parse_keys
+from cloudadaptor.imagebuild.cleanup import CleanupStack
+from cloudadaptor.imagebuild.common import (
+    TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_name, temporary_tags,
+)
+from cloudadaptor.imagebuild.retrying import retry_call
+from cloudadaptor.providers.azure import client as az
+from cloudadaptor.providers.azure import network, vms
+from cloudadaptor.providers.azure.config import AzureConfig, ImageRef, from_values, keys, parse_image_id, read_ssh_public_key
+from cloudadaptor.providers.azure.tags import azure_tag_name, from_azure_tags, to_azure_tags
+
+DEFAULT_BASE_IMAGE = "RedHat:RHEL:9-lvm-gen2:latest"
+DEFAULT_SIZE = "Standard_B2als_v2"
+DEFAULT_HYPERV_GENERATION = "V2"
+
+
+def load_config(env: Mapping[str, str]) -> AzureConfig:
+    """The Azure keys (peer-pods-cm / peer-pods-secret) as the provider parses them; ConfigError listing problems."""
+    settings = load_settings({**env, "CLOUD_PROVIDER": "azure"})
+    values, problems = parse_keys(keys(), settings.provider_env)
+    if problems:
+        raise ConfigError(problems)
+    return from_values(values, settings)
+
+
+def default_private_key(config: AzureConfig) -> Path:
+    """The private half next to ``SSH_PUB_KEY_PATH``: ``id_rsa.pub`` -> ``id_rsa``."""
+    path = config.ssh_pub_key_path
+    return path.with_suffix("") if path.suffix == ".pub" else path.with_name(path.name + ".key")
+
+
+@dataclasses.dataclass(frozen=True)
+class MarketplaceImage:
+    """``publisher:offer:sku:version`` as an ARM ``imageReference``."""
+
+    publisher: str
+    offer: str
+    sku: str
+    version: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.publisher}:{self.offer}:{self.sku}:{self.version}"
+
+    def reference(self) -> dict[str, str]:
+        return {"publisher": self.publisher, "offer": self.offer, "sku": self.sku, "version": self.version}
+
+
+def parse_base_image(text: str) -> MarketplaceImage | ImageRef:
+    """A marketplace URN (``RedHat:RHEL:9-lvm-gen2:latest``) or an image id; BuildError saying what is accepted."""
+    parts = text.split(":")
+    if len(parts) == 4 and all(parts):
+        return MarketplaceImage(*parts)
+    try:
+        return parse_image_id(text)
+    except ValueError as exc:
+        raise BuildError(f"--base-image {text}: expected publisher:offer:sku:version or {exc}") from None
+
+
+def load_key_pair(config: AzureConfig, private_key: Path) -> tuple[str, paramiko.PKey]:
+    """(public key line, private key) of the ssh-key-secret; BuildError when unreadable or not a pair."""
+    try:
+        public = read_ssh_public_key(config.ssh_pub_key_path)
+    except ValueError as exc:
+        raise BuildError(f"SSH_PUB_KEY_PATH: {exc}") from None
+    try:
+        key = paramiko.PKey.from_path(private_key)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise BuildError(f"SSH private key {private_key}: {getattr(exc, 'strerror', None) or exc} "
+                         "(the ssh-key-secret must hold id_rsa next to id_rsa.pub, or pass --ssh-private-key)") from None
+    if key.get_base64() != public.split()[1]:
+        raise BuildError(f"SSH private key {private_key} does not belong to the public key in {config.ssh_pub_key_path}")
+    return public, key
+
+
+class AzureImageBackend:
+    """The Azure half of ``image build`` / ``list`` / ``delete`` (see the module docstring). Blocking."""
+
+    cloud = "azure"
+
+    def __init__(self, config: AzureConfig, clients: az.AzureClients, *, private_key: Path | None = None,
+                 hyper_v_generation: str = DEFAULT_HYPERV_GENERATION) -> None:
+        self.config = config
+        self.clients = clients
+        self.private_key = private_key or default_private_key(config)
+        self.hyper_v_generation = hyper_v_generation
+        self.rg = config.resource_group
+        self._vm_name: str | None = None
+
+    def close(self) -> None:
+        self.clients.close()
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except AzureError as exc:
+            raise BuildError(f"{what}: {az.describe(exc)}") from None
+
+    def _gone_ok(self, delete: Callable[[], Any]) -> None:
+        try:
+            delete()
+        except AzureError as exc:
+            if not az.is_not_found(exc):
+                raise
+
+    # ------------------------------------------------------------ images
+
+    def _info(self, image: Any) -> ImageInfo:
+        return ImageInfo(image.id, image.name, az.text(image.provisioning_state), "", from_azure_tags(image.tags))
+
+    def find_image(self, name: str) -> ImageInfo | None:
+        with self._errors(f"looking up image {name} in {self.rg}"):
+            try:
+                return self._info(self.clients.compute.images.get(self.rg, name))
+            except AzureError as exc:
+                if az.is_not_found(exc):
+                    return None
+                raise
+
+    def list_images(self) -> list[ImageInfo]:
+        with self._errors(f"listing images in {self.rg}"):
+            found = list(self.clients.compute.images.list_by_resource_group(self.rg))
+        ours = [self._info(i) for i in found if azure_tag_name(TAG_BUILT_BY) in (i.tags or {})]
+        return sorted(ours, key=lambda i: i.name)
+
+    def delete_image(self, image: ImageInfo) -> None:
+        with self._errors(f"deleting image {image.id}"):
+            self._gone_ok(lambda: self.clients.compute.images.begin_delete(self.rg, image.name).result())
+
+    def resolve_base_image(self, requested: str | None) -> str:
+        return parse_base_image(requested or DEFAULT_BASE_IMAGE).text
+
+    # ------------------------------------------------------------ builder VM
+
+    def launch(self, stack: CleanupStack, build_id: str, base_image: str, options: BuildOptions) -> SshAccess:
+        public, key = load_key_pair(self.config, self.private_key)
+        name = builder_name(build_id)
+        self._vm_name = name
+        tags = temporary_tags(build_id, self.config.extra_tags)
+        compute, net = self.clients.compute, self.clients.network
+        disk = vms.os_disk_name(name)
+        stack.push(f"OS disk {disk}", lambda: self._delete_in_use(lambda: compute.disks.begin_delete(self.rg, disk).result()))
+        nic_name = network.nic_name(name)
+        stack.push(f"NIC {nic_name}",
+                   lambda: self._delete_in_use(lambda: net.network_interfaces.begin_delete(self.rg, nic_name).result()))
+        with self._errors(f"NIC {nic_name}"):
+            nic = network.nic_of(net.network_interfaces.begin_create_or_update(
+                self.rg, nic_name, network.nic_body(self.config, tags)).result())
+        plain = dataclasses.replace(self.config, disable_cvm=True, secure_boot=False)
+        body = vms.vm_body(plain, name=name, size=options.instance_type or DEFAULT_SIZE,
+                           image=parse_base_image(base_image), nic_id=nic.id,  # type: ignore[arg-type]
+                           ssh_public_key=public, user_data="", tags=tags)
+        body["properties"].pop("userData", None)
+        stack.push(f"builder VM {name}",
+                   lambda: self._gone_ok(lambda: compute.virtual_machines.begin_delete(self.rg, name).result()))
+        with self._errors(f"builder VM {name}"):
+            compute.virtual_machines.begin_create_or_update(self.rg, name, body).result()
+        return SshAccess(nic.private_ip, 22, options.ssh_user or self.config.ssh_username, key)
+
+    def _delete_in_use(self, delete: Callable[[], Any]) -> None:
+        """A NIC/disk delete: gone is success, "in use" (its VM is just going) is retried."""
+        retry_call(lambda: self._gone_ok(delete), timeout=self.config.in_use_timeout,
+                   interval=self.config.in_use_backoff, retryable=az.is_in_use)
+
+    # ------------------------------------------------------------ image
+
+    def capture(self, stack: CleanupStack, build_id: str, options: BuildOptions, tags: Mapping[str, str],
+                before_create: Callable[[], None]) -> str:
+        name = self._vm_name
+        assert name is not None, "launch() first"
+        compute = self.clients.compute
+        with self._errors(f"deallocating and generalizing builder VM {name}"):
+            compute.virtual_machines.begin_deallocate(self.rg, name).result()
+            compute.virtual_machines.generalize(self.rg, name)
+        before_create()
+        image_name = options.name
+        stack.push(f"incomplete image {image_name}",
+                   lambda: self._gone_ok(lambda: compute.images.begin_delete(self.rg, image_name).result()),
+                   on_success=False)
+        body = {
+            "location": self.config.region,
+            "tags": to_azure_tags(tags),
+            "properties": {
+                "sourceVirtualMachine": {"id": vms.vm_id(self.config.subscription_id, self.rg, name)},
+                "hyperVGeneration": self.hyper_v_generation,
+            },
+        }
+        with self._errors(f"creating image {image_name}"):
+            image = compute.images.begin_create_or_update(self.rg, image_name, body).result()
+        return str(image.id)

@@ -1,0 +1,170 @@
+"""SSH to the builder VM with paramiko: wait until it answers, upload over SFTP, run with streamed output.
+
+The builder VM is new, so its host key cannot be known in advance: it is
+accepted and its fingerprint logged (the VM lives minutes, only in the
+configured subnet, and carries nothing secret). Authentication is by the
+build's private key only (no agent, no key files from ``~/.ssh``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import paramiko
+
+from cloudadaptor.imagebuild.common import BuildError, SshAccess
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 10.0
+KEEPALIVE = 30
+
+
+class SshUnavailable(BuildError):
+    """SSH on the builder VM did not become usable in time."""
+
+
+class _RecordHostKey(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        log.info("builder VM %s host key %s %s", hostname, key.get_name(), key.fingerprint)
+
+
+def _attempt(access: SshAccess, timeout: float) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_RecordHostKey())
+    try:
+        client.connect(
+            access.host, port=access.port, username=access.username, pkey=access.key,
+            timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+            allow_agent=False, look_for_keys=False,
+        )
+    except BaseException:
+        client.close()
+        raise
+    transport = client.get_transport()
+    if transport is not None:
+        transport.set_keepalive(KEEPALIVE)
+    return client
+
+
+def wait_for_ssh(access: SshAccess, *, timeout: float, interval: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> RemoteHost:
+    """Connect and log in, retrying refused connections, timeouts and failed logins (cloud-init may
+    not have installed the key yet) until ``timeout`` seconds have passed; then ``SshUnavailable``
+    naming the endpoint and the last error. Blocks."""
+    deadline = clock() + timeout
+    attempts = 0
+    last = "no attempt made"
+    while True:
+        attempts += 1
+        remaining = deadline - clock()
+        try:
+            return RemoteHost(_attempt(access, max(min(CONNECT_TIMEOUT, remaining), 0.5)))
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            last = _describe(exc)
+            log.debug("SSH %s:%d attempt %d: %s", access.host, access.port, attempts, last)
+        if clock() + interval > deadline:
+            raise SshUnavailable(
+                f"SSH on the builder VM ({access.username}@{access.host}:{access.port}) did not answer within "
+                f"{timeout:g}s ({attempts} attempts; last error: {last}). Check that the builder VM's security "
+                "group / NSG allows 22/tcp from where this runs and that the subnet is reachable from here."
+            )
+        sleep(interval)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, paramiko.AuthenticationException):
+        return f"authentication failed ({exc})"
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class RemoteHost:
+    """A logged-in SSH session to the builder VM. ``close()`` when done."""
+
+    def __init__(self, client: paramiko.SSHClient) -> None:
+        self.client = client
+
+    def close(self) -> None:
+        self.client.close()
+
+    def run(self, command: str, on_line: Callable[[str], None], *, timeout: float) -> int:
+        """Run ``command`` (a shell command line), passing each output line (stdout and stderr merged)
+        to ``on_line`` as it arrives; its exit status. BuildError when it runs longer than ``timeout``
+        or the connection drops before an exit status came. Blocks; an exception from ``on_line`` (Ctrl-C) closes the channel."""
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise BuildError("the SSH connection to the builder VM is closed")
+        channel = transport.open_session()
+        try:
+            channel.set_combine_stderr(True)
+            channel.settimeout(1.0)
+            channel.exec_command(command)
+            self._stream(channel, on_line, time.monotonic() + timeout, command)
+            status = channel.recv_exit_status()
+        finally:
+            channel.close()
+        if status == -1:  # paramiko: the channel closed without an exit status
+            raise BuildError(f"the SSH connection dropped while running: {command}")
+        return status
+
+    @staticmethod
+    def _stream(channel: paramiko.Channel, on_line: Callable[[str], None], deadline: float, command: str) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = channel.recv(32768)
+            except socket.timeout:
+                if time.monotonic() > deadline:
+                    raise BuildError(f"remote command still running after its time limit: {command}") from None
+                continue
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                on_line(line.decode("utf-8", "replace"))
+        if pending:
+            on_line(pending.decode("utf-8", "replace"))
+
+    def output(self, command: str, *, timeout: float = 60.0) -> str:
+        """The output of a short command; BuildError when it exits non-zero."""
+        lines: list[str] = []
+        status = self.run(command, lines.append, timeout=timeout)
+        if status != 0:
+            raise BuildError(f"{command} exited with status {status}: {' '.join(lines)[-300:]}")
+        return "\n".join(lines).strip()
+
+    def upload(self, files: dict[str, Path]) -> None:
+        """Copy local files to the remote paths (keys) over SFTP, creating parent directories."""
+        with self.client.open_sftp() as sftp:
+            made: set[str] = set()
+            for remote, local in files.items():
+                self._mkdirs(sftp, remote.rsplit("/", 1)[0], made)
+                sftp.put(str(local), remote)
+                sftp.chmod(remote, local.stat().st_mode & 0o777)
+
+    @staticmethod
+    def _mkdirs(sftp: paramiko.SFTPClient, directory: str, made: set[str]) -> None:
+        parts = directory.strip("/").split("/")
+        for depth in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:depth])
+            if path in made:
+                continue
+            try:
+                sftp.stat(path)
+            except FileNotFoundError:
+                sftp.mkdir(path, 0o755)
+            made.add(path)
+
+
+def quote(argv: list[str]) -> str:
+    return shlex.join(argv)
