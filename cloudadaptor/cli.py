@@ -2,7 +2,7 @@
 
 Worker side: ``serve`` (the daemon), ``config check``, ``demo``, ``aws open-ports``, ``azure open-ports``.
 Cluster side: ``peerpod-controller``, ``webhook``; ``probe`` (the DaemonSet's startup probe).
-Pod VM side: ``process-user-data``, ``forwarder``.
+Pod VM side: ``process-user-data``, ``forwarder``. Images: ``image build|list|delete``.
 Settings come from the environment (peer-pods-cm / peer-pods-secret keys,
 see README); flags override them.
 """
@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     azure = sub.add_parser("azure", help="Azure operator helpers (open-ports: the NSG rules peer pods need)")
     azure_command.build_parser(azure)
     azure.set_defaults(func=azure_command.run)
+
+    from cloudadaptor.imagebuild import command as image_command  # no SDK import until run
+
+    img = sub.add_parser("image", help="pod VM images: build peer-pod-ami / peer-pod-vmimage, list, delete")
+    image_command.build_parser(img)
+    img.set_defaults(func=image_command.run)
 
     from cloudadaptor.k8s import commands as k8s_commands  # no Kubernetes client import until run
     from cloudadaptor.webhook import command as webhook_command

@@ -80,6 +80,7 @@ class AwsImageBackend:
                  ssh_cidrs: tuple[str, ...] = (), timeout: float = 900.0) -> None:
         self.config = config
         self.ec2 = ec2 if ec2 is not None else make_ec2_client(config)
+        self.extra_tags = dict(config.tags)  # TAGS, on everything made
         self.poll = poll_interval
         self.ssh_cidrs = ssh_cidrs
         self.timeout = timeout  # bound of each wait for an instance state
@@ -162,7 +163,7 @@ class AwsImageBackend:
 
     def launch(self, stack: CleanupStack, build_id: str, base_image: str, options: BuildOptions) -> SshAccess:
         name = builder_name(build_id)
-        tags = temporary_tags(build_id, self.config.tags)
+        tags = temporary_tags(build_id, self.extra_tags)
         with self._errors(f"key pair {name}"):
             stack.push(f"key pair {name}", lambda: self.ec2.delete_key_pair(KeyName=name))
             made = self.ec2.create_key_pair(KeyName=name, KeyType="rsa", TagSpecifications=[_spec("key-pair", tags)])

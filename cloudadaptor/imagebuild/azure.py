@@ -111,6 +111,7 @@ class AzureImageBackend:
                  hyper_v_generation: str = DEFAULT_HYPERV_GENERATION) -> None:
         self.config = config
         self.clients = clients
+        self.extra_tags = dict(config.extra_tags)  # TAGS, on everything made
         self.private_key = private_key or default_private_key(config)
         self.hyper_v_generation = hyper_v_generation
         self.rg = config.resource_group
@@ -166,7 +167,7 @@ class AzureImageBackend:
         public, key = load_key_pair(self.config, self.private_key)
         name = builder_name(build_id)
         self._vm_name = name
-        tags = temporary_tags(build_id, self.config.extra_tags)
+        tags = temporary_tags(build_id, self.extra_tags)
         compute, net = self.clients.compute, self.clients.network
         disk = vms.os_disk_name(name)
         stack.push(f"OS disk {disk}", lambda: self._delete_in_use(lambda: compute.disks.begin_delete(self.rg, disk).result()))

@@ -122,6 +122,7 @@ def _prepare_vm(backend: ImageBackend, stack: CleanupStack, build_id: str, base_
                 options: BuildOptions, progress: Progress) -> RemoteHost:
     progress.step(LAUNCH)
     access = backend.launch(stack, build_id, base_image, options)
+    progress.info(f"builder VM {access.host} is running")
     if options.ssh_endpoint is not None:
         progress.info(f"reaching its SSH through {options.ssh_endpoint[0]}:{options.ssh_endpoint[1]} (--ssh-endpoint)")
         access = dataclasses.replace(access, host=options.ssh_endpoint[0], port=options.ssh_endpoint[1])

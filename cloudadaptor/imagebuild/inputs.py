@@ -70,6 +70,8 @@ def fetch_payload(source: str, workdir: Path, *, timeout: float = DOWNLOAD_TIMEO
                 if copied > MAX_PAYLOAD_BYTES:
                     raise BuildError(f"agent payload {source}: larger than {MAX_PAYLOAD_BYTES >> 20} MiB")
                 out.write(chunk)
+    except urllib.error.HTTPError as exc:
+        raise BuildError(f"agent payload {source}: download failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise BuildError(f"agent payload {source}: download failed: {reason}") from None

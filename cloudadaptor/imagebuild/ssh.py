@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import paramiko
+from paramiko.ssh_exception import NoValidConnectionsError
 
 from cloudadaptor.imagebuild.common import BuildError, SshAccess
 
@@ -78,6 +79,8 @@ def wait_for_ssh(access: SshAccess, *, timeout: float, interval: float,
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, NoValidConnectionsError) and exc.errors:
+        exc = next(iter(exc.errors.values()))  # the socket error behind "Unable to connect"
     if isinstance(exc, paramiko.AuthenticationException):
         return f"authentication failed ({exc})"
     if isinstance(exc, socket.timeout):

@@ -164,6 +164,7 @@ class FakeSshHost:
         except OSError:  # the client went away (Ctrl-C): stop the command, as sshd's SIGHUP would
             proc.kill()
         status = proc.wait()
+        status = status if status >= 0 else 128 - status  # killed by a signal: as a shell reports it
         with self.lock:
             self.statuses.append(status)
         # Exit status and EOF, but no close: the exec request's success reply may still be on its

@@ -63,19 +63,21 @@ class AzureClients:
     compute: ComputeManagementClient
     network: NetworkManagementClient
     scope: str
+    owns_credential: bool = True  # False: the caller's, left open
 
     def close(self) -> None:
         """Close the clients (and the credential when it was made here). Blocking."""
         self.compute.close()
         self.network.close()
         close = getattr(self.credential, "close", None)
-        if callable(close):
+        if self.owns_credential and callable(close):
             close()
 
 
 def build_clients(config: AzureConfig, credential: TokenCredential | None = None) -> AzureClients:
     """Clients bound to ``config``'s subscription and endpoint, with the retry policy configured."""
     _quiet_sdk_logs()
+    owns_credential = credential is None
     credential = credential or make_credential(config)
     options: dict[str, Any] = {
         "base_url": config.arm_endpoint,
@@ -92,6 +94,7 @@ def build_clients(config: AzureConfig, credential: TokenCredential | None = None
         compute=ComputeManagementClient(credential, config.subscription_id, **options),
         network=NetworkManagementClient(credential, config.subscription_id, **options),
         scope=config.credential_scope,
+        owns_credential=owns_credential,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from azure.core.exceptions import AzureError, HttpResponseError
 
@@ -77,7 +77,7 @@ async def delete_nic(clients: az.AzureClients, config: AzureConfig, resource_gro
     )
 
 
-async def delete_retrying_in_use(config: AzureConfig, what: str, attempt: Any) -> None:
+async def delete_retrying_in_use(config: AzureConfig, what: str, attempt: Callable[[], Awaitable[Any]]) -> None:
     """Run ``attempt()`` (a delete) until it succeeds or finds nothing to delete.
 
     Retries only "in use" refusals, up to ``config.in_use_timeout``; other

@@ -93,7 +93,14 @@ async def test_stopvm_during_startvm_terminates_the_instance(aws: Ec2World, aws_
         if aws.alive(**{base.TAG_SANDBOX: sandbox}) and aws_daemon.lifecycle.store.get(sandbox).instance_id:
             break
         await asyncio.sleep(0.05)
-    await shim.stop_vm(sandbox)
+    print("state before stop", aws_daemon.lifecycle.store.get(sandbox).state, aws.alive())
+    try:
+        await asyncio.wait_for(shim.stop_vm(sandbox), 15)
+    except BaseException as exc:
+        print("stop_vm:", repr(exc))
+        for t in asyncio.all_tasks():
+            t.print_stack(limit=8)
+        raise
     with pytest.raises(TtrpcError):
         await starting
     assert aws.alive() == []

@@ -1,0 +1,290 @@
+"""The image builder's parts: cleanup stack, signals, progress display, SSH waits, inputs, wheel, retries."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import signal
+import socket
+import threading
+import time
+import zipfile
+
+import paramiko
+import pytest
+from buildworld import AGENT, make_payload, run_cli
+
+from cloudadaptor import __version__
+from cloudadaptor.imagebuild import inputs
+from cloudadaptor.imagebuild.cleanup import CleanupError, CleanupStack, Terminated, interruptible
+from cloudadaptor.imagebuild.common import BuildError, SshAccess
+from cloudadaptor.imagebuild.progress import Progress
+from cloudadaptor.imagebuild.retrying import retry_call
+from cloudadaptor.imagebuild.ssh import SshUnavailable, wait_for_ssh
+from cloudadaptor.imagebuild.wheel import build_wheel, wheel_version
+from cloudadaptor.testing.sshserver import FakeSshHost
+
+# ------------------------------------------------------------------ cleanup stack
+
+
+def test_cleanup_runs_every_undo_newest_first_even_after_one_fails_and_reports_the_failure():
+    ran: list[str] = []
+    stack = CleanupStack(report=lambda text: None)
+    stack.push("disk", lambda: ran.append("disk"))
+    stack.push("nic", lambda: (_ for _ in ()).throw(RuntimeError("nic still in use")))
+    stack.push("vm", lambda: ran.append("vm"))
+    with pytest.raises(CleanupError) as caught:
+        with stack:
+            pass
+    assert ran == ["vm", "disk"]
+    assert [(f.what, f.error) for f in caught.value.failures] == [("nic", "nic still in use")]
+    assert "remove them by hand" in str(caught.value) and "nic: nic still in use" in str(caught.value)
+
+
+def test_cleanup_after_a_failure_keeps_the_original_error_and_runs_failure_only_undos():
+    ran: list[str] = []
+    with pytest.raises(BuildError, match="boom"):
+        with CleanupStack(report=lambda text: None) as stack:
+            stack.push("vm", lambda: ran.append("vm"))
+            stack.push("half-made image", lambda: ran.append("image"), on_success=False)
+            raise BuildError("boom")
+    assert ran == ["image", "vm"]
+
+
+def test_failure_only_undos_are_skipped_on_success():
+    ran: list[str] = []
+    with CleanupStack(report=lambda text: None) as stack:
+        stack.push("image", lambda: ran.append("image"), on_success=False)
+        stack.push("vm", lambda: ran.append("vm"))
+    assert ran == ["vm"]
+
+
+def test_cleanup_runs_on_ctrl_c_and_lets_the_interrupt_through():
+    ran: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with CleanupStack(report=lambda text: None) as stack:
+            stack.push("vm", lambda: ran.append("vm"))
+            raise KeyboardInterrupt
+    assert ran == ["vm"]
+
+
+def test_a_second_ctrl_c_during_cleanup_waits_until_every_undo_ran():
+    ran: list[str] = []
+
+    def slow_undo() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again while cleaning up
+        time.sleep(0.05)
+        ran.append("vm")
+
+    with pytest.raises(KeyboardInterrupt):
+        with CleanupStack(report=lambda text: None) as stack:
+            stack.push("key", lambda: ran.append("key"))
+            stack.push("vm", slow_undo)
+    assert ran == ["vm", "key"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cleanup_errors_after_an_interrupt_name_the_interrupt():
+    with pytest.raises(CleanupError) as caught:
+        with CleanupStack(report=lambda text: None) as stack:
+            stack.push("vm", lambda: (_ for _ in ()).throw(RuntimeError("throttled")))
+            raise Terminated
+    assert isinstance(caught.value.cause, Terminated)
+    assert str(caught.value).startswith("the build failed (terminated by SIGTERM), then")
+
+
+def test_sigterm_becomes_terminated_inside_interruptible_only():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with interruptible():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ------------------------------------------------------------------ progress
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_in_a_log_prints_steps_with_elapsed_time_and_every_remote_line():
+    out, clock = io.StringIO(), FakeClock()
+    progress = Progress(["launch", "provision"], out, live=False, clock=clock)
+    progress.step("launch")
+    clock.now += 75
+    progress.step("provision")
+    progress.remote("==> [2/7] OS packages")
+    progress.remote("installing")
+    clock.now += 5
+    progress.finish("image ami-1")
+    assert out.getvalue().splitlines() == [
+        "[1/2] launch  (elapsed 00:00)",
+        "[2/2] provision  (elapsed 01:15)",
+        "      | ==> [2/7] OS packages",
+        "      | installing",
+        "image ami-1  (total 01:20)",
+    ]
+    assert progress.durations == {"launch": 75, "provision": 5}
+    assert progress.remote_step == "2/7 OS packages"
+
+
+def test_progress_on_a_terminal_redraws_the_step_and_the_tail_of_the_remote_output():
+    out, clock = io.StringIO(), FakeClock()
+    progress = Progress(["provision"], out, live=True, clock=clock, tail_lines=2)
+    progress.step("provision")
+    for line in ("==> [4/7] pod VM components", "one", "two", "three"):
+        clock.now += 1
+        progress.remote(line)
+    screen = out.getvalue()
+    last = screen.rsplit("\x1b[J", 1)[1]
+    assert last.splitlines() == ["[1/1] provision  00:04  remote step 4/7 pod VM components", "      | two", "      | three"]
+    assert "\x1b[3F" in screen, "the previous block is overwritten"
+    assert progress.tail() == ["==> [4/7] pod VM components", "one", "two", "three"]
+
+
+# ------------------------------------------------------------------ SSH
+
+
+def test_wait_for_ssh_retries_refused_logins_until_the_key_is_installed():
+    key = paramiko.RSAKey.generate(2048)
+    with FakeSshHost(username="ec2-user", fail_logins=2) as vm:
+        host = wait_for_ssh(SshAccess("127.0.0.1", vm.port, "ec2-user", key), timeout=10, interval=0.01)
+        try:
+            lines: list[str] = []
+            assert host.run("echo out; echo err >&2; exit 7", lines.append, timeout=10) == 7
+            assert lines == ["out", "err"]
+        finally:
+            host.close()
+    assert len(vm.refused) == 2 and len(vm.logins) == 1
+
+
+def test_wait_for_ssh_gives_up_at_its_timeout_naming_the_endpoint_and_the_last_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(SshUnavailable) as caught:
+        wait_for_ssh(SshAccess("127.0.0.1", port, "ec2-user", paramiko.RSAKey.generate(1024)), timeout=0.3, interval=0.05)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert f"ec2-user@127.0.0.1:{port}" in message and "within 0.3s" in message and "refused" in message.lower()
+
+
+def test_a_remote_command_past_its_time_limit_is_an_error():
+    key = paramiko.RSAKey.generate(2048)
+    with FakeSshHost() as vm:
+        host = wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key), timeout=10, interval=0.01)
+        try:
+            with pytest.raises(BuildError, match="still running after its time limit"):
+                host.run("sleep 5", lambda line: None, timeout=0.2)
+        finally:
+            host.close()
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def test_payload_is_downloaded_from_an_http_url_and_checked(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = make_payload(served / "payload.tar.gz")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = Quiet
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/payload.tar.gz"
+        fetched = inputs.fetch_payload(url, tmp_path)
+        assert fetched.read_bytes() == archive.read_bytes()
+        with pytest.raises(BuildError, match="download failed: HTTP 404"):
+            inputs.fetch_payload(url.replace("payload", "missing"), tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_gather_checks_payload_and_wheel_before_anything_else(tmp_path, payload, wheel):
+    gathered = inputs.gather(str(payload), wheel, None, tmp_path)
+    assert gathered.podvm_dir == inputs.SOURCE_PODVM and gathered.wheel_version == __version__
+    assert gathered.agent_sha256 == __import__("hashlib").sha256(AGENT).hexdigest()
+    with pytest.raises(BuildError, match="no such file"):
+        inputs.gather(str(tmp_path / "nope.tar"), wheel, None, tmp_path)
+    with pytest.raises(BuildError, match="--wheel: .* is not a wheel file name"):
+        inputs.gather(str(payload), payload, None, tmp_path)
+    with pytest.raises(BuildError, match="pass --podvm-files"):
+        inputs.gather(str(payload), wheel, tmp_path, tmp_path)
+
+
+def test_the_wheel_holds_the_package_and_its_metadata_and_is_reproducible(tmp_path):
+    first = build_wheel(tmp_path / "a")
+    second = build_wheel(tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
+    assert wheel_version(first) == __version__
+    with zipfile.ZipFile(first) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(f"cloudadaptor-{__version__}.dist-info/METADATA").decode()
+    assert {"cloudadaptor/cli.py", "cloudadaptor/podvm/forwarder.py"} <= names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert "Requires-Dist: pyroute2" in metadata
+
+
+# ------------------------------------------------------------------ retries and CLI
+
+
+def test_retry_call_retries_only_the_retryable_error_until_it_passes():
+    attempts: list[int] = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("DependencyViolation")
+        return "done"
+
+    assert retry_call(flaky, timeout=5, interval=0, retryable=lambda e: "Dependency" in str(e)) == "done"
+    assert len(attempts) == 3
+    with pytest.raises(ValueError):
+        retry_call(lambda: (_ for _ in ()).throw(ValueError("other")), timeout=5, interval=0,
+                   retryable=lambda e: isinstance(e, RuntimeError))
+
+
+def test_replace_and_keep_existing_exclude_each_other():
+    from cloudadaptor.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["image", "build", "aws", "--replace", "--keep-existing"])
+    args = build_parser().parse_args(["image", "build", "azure", "--ssh-endpoint", "127.0.0.1:2222", "--ssh-timeout", "90s"])
+    assert args.ssh_endpoint == ("127.0.0.1", 2222) and args.ssh_timeout == 90.0
+
+
+def test_update_configmap_without_kubernetes_fails_clearly(tmp_path, payload, wheel):
+    from cloudadaptor.imagebuild import configmap
+
+    with pytest.raises(BuildError, match="no Kubernetes configuration"):
+        configmap.update({}, "ns", "PODVM_AMI_ID", "ami-1")
+    with pytest.raises(BuildError, match="KUBECONFIG"):
+        configmap.update({"KUBECONFIG": str(tmp_path / "missing")}, "ns", "PODVM_AMI_ID", "ami-1")
+
+
+def test_configuration_problems_reach_the_operator_as_one_line_each(tmp_path):
+    def factory(cloud, env, args):
+        from cloudadaptor.imagebuild import azure
+
+        azure.load_config(env)
+
+    code, out, err = run_cli(["build", "azure"], {"AZURE_REGION": "East US", "AZURE_SUBSCRIPTION_ID": "nope"}, factory)
+    assert code == 2 and out == ""
+    assert "AZURE_SUBSCRIPTION_ID=\"nope\"" in err and "AZURE_RESOURCE_GROUP is not set" in err
