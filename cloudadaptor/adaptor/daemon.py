@@ -40,6 +40,7 @@ class Daemon:
         self._ttrpc = Server()
         self._grpc = None
         self._store: SandboxStore | None = None
+        self._k8s = None  # cloudadaptor.k8s.node.NodeIntegration in a cluster
         self.closed = False
 
     async def start(self) -> None:
@@ -54,6 +55,13 @@ class Daemon:
         except TlsError as exc:
             raise StartupError(f"TLS: {exc}") from None
         self._store = SandboxStore(settings.state_dir / "state.db")
+        from cloudadaptor.k8s.client import KubeConfigError
+        from cloudadaptor.k8s.node import connect_node  # the Kubernetes client is imported only here
+
+        try:
+            self._k8s = await connect_node(settings)
+        except KubeConfigError as exc:
+            raise StartupError(f"Kubernetes: {exc}") from None
         if self.pod_network is None:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
@@ -67,17 +75,21 @@ class Daemon:
                 tls_min_version=settings.tls_min_version,
                 vxlan_port=settings.vxlan_port,
                 vxlan_min_id=settings.vxlan_min_id,
+                vm_limit=settings.peerpods_limit_per_node,
             ),
             store=self._store,
             provider=self.provider,
             pod_network=self.pod_network,
             tls=tls,
+            observer=self._k8s.tracker if self._k8s else None,
         )
         await self.lifecycle.recover()
         service = HypervisorService(self.lifecycle)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
         log.info("hypervisor service listening on %s (provider %s, node %s)", settings.socket, settings.cloud_provider, settings.node_name)
+        if self._k8s is not None:
+            await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
             from cloudadaptor.adaptor.grpc_binding import GrpcBinding
 
@@ -94,6 +106,8 @@ class Daemon:
         await self._ttrpc.close()
         if self.lifecycle is not None:
             await self.lifecycle.close()
+        if self._k8s is not None:
+            await self._k8s.close()
         if self.provider is not None:
             await self.provider.close()
         if self._store is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
 from cloudadaptor.adaptor.proxy import AGENT_PORT, AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
@@ -60,6 +61,7 @@ class LifecycleOptions:
     tls_min_version: str = "1.2"
     vxlan_port: int = 9000
     vxlan_min_id: int = 555000
+    vm_limit: int | None = None  # PEERPODS_LIMIT_PER_NODE: pod VMs this node may run
 
 
 ProxyFactory = Callable[[str, AgentEndpoint], AgentProxy]
@@ -75,6 +77,7 @@ class SandboxLifecycle:
         pod_network: PodNetwork,
         tls: AdaptorTls | None,
         proxy_factory: ProxyFactory = AgentProxy,
+        observer: SandboxObserver | None = None,
     ) -> None:
         self.options = options
         self.store = store
@@ -82,6 +85,7 @@ class SandboxLifecycle:
         self.network = SandboxNetwork(pod_network)
         self.tls = tls
         self._proxy_factory = proxy_factory
+        self.observer = observer or NoopObserver()
         self._proxies: dict[str, AgentProxy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting: dict[str, asyncio.Task] = {}
@@ -179,13 +183,32 @@ class SandboxLifecycle:
                 return
             if sandbox.state is SandboxState.STOPPING:
                 raise LifecycleError(Code.FAILED_PRECONDITION, f"sandbox {sandbox_id} is being stopped")
+            self._check_vm_limit(sandbox_id)
             task = asyncio.current_task()
             assert task is not None
+            # No await between the limit check and this registration: two
+            # concurrent StartVMs cannot both pass the last free slot.
             self._starting[sandbox_id] = task
             try:
                 await self._start(sandbox)
             finally:
                 self._starting.pop(sandbox_id, None)
+
+    def _check_vm_limit(self, sandbox_id: str) -> None:
+        """Second line of defence behind the scheduler's ``kata.peerpods.io/vm`` resource."""
+        limit = self.options.vm_limit
+        if limit is None:
+            return
+        busy = {
+            s.id for s in self.store.all()
+            if s.state in (SandboxState.STARTING, SandboxState.RUNNING) or s.instance_id
+        } | set(self._starting)
+        busy.discard(sandbox_id)
+        if len(busy) >= limit:
+            raise LifecycleError(
+                Code.RESOURCE_EXHAUSTED,
+                f"node {self.options.node_name} already runs {len(busy)} pod VMs (PEERPODS_LIMIT_PER_NODE={limit})",
+            )
 
     async def _start(self, sandbox: Sandbox) -> None:
         began = time.monotonic()
@@ -200,6 +223,7 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
             sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
             log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
+            await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name)
             await self.network.up(sandbox)
             proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
             self._proxies[sandbox.id] = proxy
@@ -246,6 +270,8 @@ class SandboxLifecycle:
             log.error("StartVM %s: cleanup incomplete, recorded for the next StopVM or restart: %s",
                       sandbox_id, "; ".join(problems))
             return f"{'; '.join(problems)}; it is recorded for cleanup"
+        if sandbox.instance_id or deleted:
+            await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
         self.store.update(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
         log.warning("StartVM %s failed (%s); deleted %s", sandbox_id, reason, ", ".join(deleted) or "no VM")
         await self._notify()
@@ -329,6 +355,7 @@ class SandboxLifecycle:
             except PodNetworkError as exc:
                 self.store.update(sandbox_id, error=f"tunnel removal failed: {exc}")
                 raise LifecycleError(Code.INTERNAL, f"StopVM {sandbox_id}: removing the VXLAN tunnel failed: {exc}") from exc
+            await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
             shutil.rmtree(Path(sandbox.agent_socket).parent, ignore_errors=True)
             self.store.remove(sandbox_id)
             self._remember_stopped(sandbox_id)

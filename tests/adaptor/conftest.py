@@ -165,14 +165,16 @@ def short_dir():
 async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvider, pod_network: FakePodNetwork):
     made: list[tuple[SandboxLifecycle, SandboxStore]] = []
 
-    def make(agent_port: int, proxy_timeout: float = 5.0) -> SandboxLifecycle:
+    def make(agent_port: int, proxy_timeout: float = 5.0, vm_limit: int | None = None, observer=None) -> SandboxLifecycle:
         store = SandboxStore(tmp_path / "state" / "state.db")
         lifecycle = SandboxLifecycle(
-            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", proxy_timeout=proxy_timeout, agent_port=agent_port),
+            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", proxy_timeout=proxy_timeout,
+                                     agent_port=agent_port, vm_limit=vm_limit),
             store=store,
             provider=provider,
             pod_network=pod_network,
             tls=None,
+            observer=observer,
         )
         made.append((lifecycle, store))
         return lifecycle

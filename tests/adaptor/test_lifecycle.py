@@ -211,3 +211,50 @@ def test_vm_name_is_sanitized_and_bounded():
     assert name.startswith("podvm-my-pod-with-a-very-long-name-") and name.endswith("-01234567")
     assert len(name) <= 63
     assert vm_name_for("", "deadbeefcafe") == "podvm-deadbeef"
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    async def vm_created(self, sandbox_id, pod_namespace, pod_name, instance_id, provider_name):
+        self.events.append(("created", sandbox_id, f"{pod_namespace}/{pod_name}", instance_id, provider_name))
+
+    async def vm_deleted(self, sandbox_id, pod_namespace, pod_name, instance_id):
+        self.events.append(("deleted", sandbox_id, f"{pod_namespace}/{pod_name}", instance_id))
+
+
+async def test_startvm_beyond_the_node_limit_is_resource_exhausted(lifecycle_factory, provider, agent, netns_file):
+    lifecycle = lifecycle_factory(agent_port=agent.port, vm_limit=1)
+    other = "b" * 64
+    await lifecycle.create(SANDBOX, shim_annotations("web", "prod"), netns_file)
+    await lifecycle.create(other, shim_annotations("api", "prod"), netns_file)
+    await lifecycle.start(SANDBOX)
+    with pytest.raises(LifecycleError) as err:
+        await lifecycle.start(other)
+    assert err.value.code == Code.RESOURCE_EXHAUSTED
+    assert "PEERPODS_LIMIT_PER_NODE=1" in err.value.message
+    assert len(provider.created) == 1, "no VM is requested beyond the limit"
+    await lifecycle.stop(SANDBOX)
+    await lifecycle.start(other)  # the slot is free again
+    assert lifecycle.store.get(other).state is SandboxState.RUNNING
+
+
+async def test_observer_hears_of_every_vm_created_and_deleted(lifecycle_factory, provider, agent, netns_file, unused_tcp_port):
+    observer = RecordingObserver()
+    lifecycle = lifecycle_factory(agent_port=agent.port, observer=observer)
+    await lifecycle.create(SANDBOX, shim_annotations("web", "prod"), netns_file)
+    await lifecycle.start(SANDBOX)
+    await lifecycle.stop(SANDBOX)
+    assert observer.events == [
+        ("created", SANDBOX, "prod/web", "i-fake-1", "fake"),
+        ("deleted", SANDBOX, "prod/web", "i-fake-1"),
+    ]
+    failing = lifecycle_factory(agent_port=unused_tcp_port, proxy_timeout=0.3, observer=observer)
+    await failing.create("c" * 64, shim_annotations("db", "prod"), netns_file)
+    with pytest.raises(LifecycleError):
+        await failing.start("c" * 64)
+    assert observer.events[-2:] == [
+        ("created", "c" * 64, "prod/db", "i-fake-2", "fake"),
+        ("deleted", "c" * 64, "prod/db", "i-fake-2"),
+    ]
