@@ -186,7 +186,7 @@ class AzureImageBackend:
                    lambda: self._gone_ok(lambda: compute.virtual_machines.begin_delete(self.rg, name).result()))
         with self._errors(f"builder VM {name}"):
             compute.virtual_machines.begin_create_or_update(self.rg, name, body).result()
-        return SshAccess(nic.private_ip, 22, options.ssh_user or self.config.ssh_username, key)
+        return SshAccess(nic.private_ip, 22, self.config.ssh_username, key)  # the VM's admin user
 
     def _delete_in_use(self, delete: Callable[[], Any]) -> None:
         """A NIC/disk delete: gone is success, "in use" (its VM is just going) is retried."""

@@ -22,7 +22,7 @@ from cloudadaptor.imagebuild import inputs as build_inputs
 from cloudadaptor.imagebuild import remote
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
-    BuildInputs, BuildOptions, ImageBackend, ImageExists, ImageInfo, image_tags, new_build_id,
+    BuildInputs, BuildOptions, ImageBackend, ImageExists, ImageInfo, image_tags, new_build_id, source_label,
 )
 from cloudadaptor.imagebuild.progress import Progress
 from cloudadaptor.imagebuild.ssh import RemoteHost, wait_for_ssh
@@ -74,7 +74,7 @@ def build_image(backend: ImageBackend, options: BuildOptions, spec: InputSpec, p
     with tempfile.TemporaryDirectory(prefix="peerpod-image-") as tmp:
         progress.step(CHECK_INPUTS)
         inputs = build_inputs.gather(spec.payload, spec.wheel, spec.podvm_files, Path(tmp))
-        progress.info(f"kata-agent sha256 {inputs.agent_sha256} from {remote.source_label(inputs.payload_source)}")
+        progress.info(f"kata-agent sha256 {inputs.agent_sha256} from {source_label(inputs.payload_source)}")
         progress.info(f"pod VM components {inputs.wheel.name}")
         progress.step(CHECK_NAME)
         existing = backend.find_image(options.name)

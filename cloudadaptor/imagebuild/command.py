@@ -59,7 +59,8 @@ def _add_build(sub: Any) -> None:
     build.add_argument("--instance-type", help="builder VM type (default t3.medium / Standard_B2als_v2)")
     build.add_argument("--wheel", type=Path, help="our wheel to install (default: the one shipped, else built now)")
     build.add_argument("--podvm-files", type=Path, help="the images/podvm directory (provision.py, files/)")
-    build.add_argument("--ssh-user", help="login user on the builder VM (default ec2-user / SSH_USERNAME)")
+    build.add_argument("--ssh-user", help="AWS: login user on the builder VM (default ec2-user, RHEL's); "
+                       "Azure always uses SSH_USERNAME, the VM's admin user")
     build.add_argument("--ssh-private-key", type=Path, help="Azure: the private key of SSH_PUB_KEY_PATH "
                        "[SSH_PRIVATE_KEY_PATH] (default: SSH_PUB_KEY_PATH without .pub)")
     build.add_argument("--ssh-cidr", action="append", help="AWS: also allow SSH to the builder VM from this CIDR "

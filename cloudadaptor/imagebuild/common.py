@@ -10,6 +10,7 @@ versions it was built from.
 from __future__ import annotations
 
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Protocol
@@ -37,6 +38,18 @@ class BuildError(Exception):
 
 class ImageExists(BuildError):
     """An image of the requested name exists (and neither --replace nor --keep-existing was given)."""
+
+
+def source_label(source: str) -> str:
+    """Where the payload came from, safe to show and record: a URL without credentials, query or fragment
+    (a presigned URL's signature stays out of logs and tags)."""
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme.lower() in ("http", "https"):
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return source
 
 
 def new_build_id() -> str:
@@ -85,7 +98,7 @@ class BuildOptions:
     keep_existing: bool = False
     base_image: str | None = None
     instance_type: str | None = None
-    ssh_user: str | None = None
+    ssh_user: str | None = None  # AWS only (Azure logs in as SSH_USERNAME)
     ssh_endpoint: tuple[str, int] | None = None
     ssh_timeout: float = 300.0
     ssh_poll_interval: float = 5.0
@@ -116,7 +129,7 @@ def image_tags(inputs: BuildInputs, base_image: str, build_id: str, extra: Mappi
         TAG_PODVM_VERSION: inputs.wheel_version,
         TAG_BASE_IMAGE: base_image[-256:],
         TAG_AGENT_SHA256: inputs.agent_sha256,
-        TAG_AGENT_PAYLOAD: inputs.payload_source.rsplit("/", 1)[-1][:256],
+        TAG_AGENT_PAYLOAD: source_label(inputs.payload_source).rsplit("/", 1)[-1][:256],
         TAG_BUILD: build_id,
     })
     return tags

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from cloudadaptor.imagebuild import wheel as wheels
-from cloudadaptor.imagebuild.common import BuildError, BuildInputs
+from cloudadaptor.imagebuild.common import BuildError, BuildInputs, source_label
 
 SHIPPED_PODVM = Path("/usr/share/cloud-api-adaptor/images/podvm")
 SOURCE_PODVM = Path(__file__).resolve().parents[2] / "images" / "podvm"
@@ -60,6 +60,7 @@ def fetch_payload(source: str, workdir: Path, *, timeout: float = DOWNLOAD_TIMEO
         if not path.is_file():
             raise BuildError(f"agent payload {source}: no such file (expected a tar archive holding usr/bin/kata-agent)")
         return path
+    label = source_label(source)
     name = Path(urllib.parse.urlsplit(source).path).name or "payload.tar"
     target = workdir / name
     try:
@@ -68,18 +69,19 @@ def fetch_payload(source: str, workdir: Path, *, timeout: float = DOWNLOAD_TIMEO
             while chunk := response.read(1 << 20):
                 copied += len(chunk)
                 if copied > MAX_PAYLOAD_BYTES:
-                    raise BuildError(f"agent payload {source}: larger than {MAX_PAYLOAD_BYTES >> 20} MiB")
+                    raise BuildError(f"agent payload {label}: larger than {MAX_PAYLOAD_BYTES >> 20} MiB")
                 out.write(chunk)
     except urllib.error.HTTPError as exc:
-        raise BuildError(f"agent payload {source}: download failed: HTTP {exc.code} {exc.reason}") from None
+        raise BuildError(f"agent payload {label}: download failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise BuildError(f"agent payload {source}: download failed: {reason}") from None
+        raise BuildError(f"agent payload {label}: download failed: {reason}") from None
     return target
 
 
 def check_payload(path: Path, source: str, provision: ModuleType) -> str:
     """The kata-agent's sha256 in the payload archive; BuildError saying what is wrong with it."""
+    source = source_label(source)
     try:
         with tarfile.open(path, "r:*") as archive:
             member = provision.find_agent(archive)

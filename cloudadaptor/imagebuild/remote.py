@@ -9,11 +9,10 @@ so the image carries no build files.
 from __future__ import annotations
 
 import re
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudadaptor.imagebuild.common import BuildError, BuildInputs, BuildOptions
+from cloudadaptor.imagebuild.common import BuildError, BuildInputs, BuildOptions, source_label
 from cloudadaptor.imagebuild.progress import Progress
 from cloudadaptor.imagebuild.ssh import RemoteHost, quote
 
@@ -22,14 +21,6 @@ FAILED_STEP = re.compile(r"^provision: step (\d+/\d+) \((.*)\) failed: (.*)$")
 
 class ProvisioningFailed(BuildError):
     """provision.py exited non-zero; the message names its step and shows the end of its output."""
-
-
-def source_label(source: str) -> str:
-    """Where the payload came from, safe to record: a URL without credentials, query or fragment."""
-    parts = urllib.parse.urlsplit(source)
-    if parts.scheme.lower() in ("http", "https"):
-        return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
-    return source
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ class RemoteHost:
         channel = transport.open_session()
         try:
             channel.set_combine_stderr(True)
-            channel.settimeout(1.0)
+            channel.settimeout(min(1.0, max(timeout / 5, 0.05)))  # how often the time limit is checked
             channel.exec_command(command)
             self._stream(channel, on_line, time.monotonic() + timeout, command)
             status = channel.recv_exit_status()

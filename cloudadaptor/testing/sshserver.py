@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
+import time
 from typing import Any
 
 import paramiko
@@ -156,13 +158,15 @@ class FakeSshHost:
         with self.lock:
             self.commands.append(command)
         proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, cwd=self._dir, env=self.environment())
+                                stderr=subprocess.STDOUT, cwd=self._dir, env=self.environment(),
+                                start_new_session=True)
         assert proc.stdout is not None
+        self._spawn(self._hang_up, "fake-ssh-hangup", channel, proc)
         try:
             while chunk := proc.stdout.read1(4096):
                 channel.sendall(chunk)
-        except OSError:  # the client went away (Ctrl-C): stop the command, as sshd's SIGHUP would
-            proc.kill()
+        except OSError:  # the client went away (Ctrl-C): _hang_up stops the command
+            pass
         status = proc.wait()
         status = status if status >= 0 else 128 - status  # killed by a signal: as a shell reports it
         with self.lock:
@@ -175,6 +179,18 @@ class FakeSshHost:
             channel.shutdown_write()
         except (OSError, EOFError):
             pass
+
+
+    def _hang_up(self, channel: paramiko.Channel, proc: subprocess.Popen) -> None:
+        """Kill the command once its channel closes or the host stops (sshd's SIGHUP)."""
+        while proc.poll() is None:
+            if channel.closed or self._stopping.is_set():
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole command, like sshd's hang-up
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.02)
 
 
 class _Server(paramiko.ServerInterface):

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -182,10 +183,13 @@ def test_a_remote_command_past_its_time_limit_is_an_error():
     with FakeSshHost() as vm:
         host = wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key), timeout=10, interval=0.01)
         try:
+            started = time.monotonic()
             with pytest.raises(BuildError, match="still running after its time limit"):
-                host.run("sleep 5", lambda line: None, timeout=0.2)
+                host.run("sleep 30", lambda line: None, timeout=0.2)
+            assert time.monotonic() - started < 5
         finally:
             host.close()
+    assert vm.statuses == [137], "the command is killed when its channel closes (as sshd hangs up)"
 
 
 # ------------------------------------------------------------------ inputs
@@ -210,8 +214,9 @@ def test_payload_is_downloaded_from_an_http_url_and_checked(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}/payload.tar.gz"
         fetched = inputs.fetch_payload(url, tmp_path)
         assert fetched.read_bytes() == archive.read_bytes()
-        with pytest.raises(BuildError, match="download failed: HTTP 404"):
-            inputs.fetch_payload(url.replace("payload", "missing"), tmp_path)
+        with pytest.raises(BuildError, match="download failed: HTTP 404") as caught:
+            inputs.fetch_payload(url.replace("payload", "missing") + "?X-Amz-Signature=s3cr3t", tmp_path)
+        assert "s3cr3t" not in str(caught.value), "a presigned URL's signature stays out of messages"
     finally:
         server.shutdown()
         server.server_close()
@@ -288,3 +293,13 @@ def test_configuration_problems_reach_the_operator_as_one_line_each(tmp_path):
     code, out, err = run_cli(["build", "azure"], {"AZURE_REGION": "East US", "AZURE_SUBSCRIPTION_ID": "nope"}, factory)
     assert code == 2 and out == ""
     assert "AZURE_SUBSCRIPTION_ID=\"nope\"" in err and "AZURE_RESOURCE_GROUP is not set" in err
+
+
+def test_payload_urls_are_recorded_without_credentials_or_query():
+    from cloudadaptor.imagebuild.common import TAG_AGENT_PAYLOAD, BuildInputs, image_tags, source_label
+
+    url = "https://user:pw@downloads.example.com:8443/podvm/payload.tar.gz?X-Amz-Signature=s3cr3t#x"
+    assert source_label(url) == "https://downloads.example.com:8443/podvm/payload.tar.gz"
+    assert source_label("/srv/payload.tar.gz") == "/srv/payload.tar.gz"
+    inputs_ = BuildInputs(Path("."), Path("w.whl"), "1", Path("p"), url, "0" * 64)
+    assert image_tags(inputs_, "ami-1", "b1", {})[TAG_AGENT_PAYLOAD] == "payload.tar.gz"

@@ -132,7 +132,14 @@ async def wait(poller: LROPoller[T]) -> T:
     """
     loop = asyncio.get_running_loop()
     finished = asyncio.Event()
-    poller.add_done_callback(lambda _: loop.call_soon_threadsafe(finished.set))
+
+    def wake(_: object) -> None:  # runs in the poller's thread
+        try:
+            loop.call_soon_threadsafe(finished.set)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits for this operation any more
+
+    poller.add_done_callback(wake)
     if not poller.done():  # checked after registering: no wake-up can be lost
         await finished.wait()
     return poller.result()
