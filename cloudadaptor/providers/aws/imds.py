@@ -88,7 +88,8 @@ def needs_discovery(config: AwsConfig) -> bool:
 
 
 def fill_from_imds(config: AwsConfig, client: ImdsClient) -> tuple[AwsConfig, list[str]]:
-    """``config`` with empty region/subnet/VPC/SGs taken from the worker's metadata.
+    """``config`` with empty region/subnet/VPC/SGs taken from the worker's metadata
+    (only the region when a launch template supplies the network).
 
     Returns (config, problems): a problem only for a key that is still needed
     and could not be discovered (region always; subnet unless a launch
@@ -108,6 +109,10 @@ def fill_from_imds(config: AwsConfig, client: ImdsClient) -> tuple[AwsConfig, li
         if config.subnet_id is None and not config.use_launch_template:
             problems.append(f"AWS_SUBNET_ID {why}")
         return config, problems
+    if config.use_launch_template:  # the template carries subnet and security groups
+        filled = dataclasses.replace(config, region=config.region or found.region)
+        log.info("from instance metadata: region %s", filled.region)
+        return filled, []
     filled = dataclasses.replace(
         config,
         region=config.region or found.region,

@@ -18,6 +18,25 @@ from awsworld import ACCESS_KEY, REGION, SECRET_KEY, Ec2World, Hooks
 from moto.server import ThreadedMotoServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_botocore_models() -> Iterator[None]:
+    """Parse botocore's service models once for the session instead of once
+    per client (each provider makes its own session): speed only."""
+    import botocore.loaders
+    import botocore.session
+
+    loaders: dict[object, botocore.loaders.Loader] = {}
+
+    def create_loader(search_path_string: object = None) -> botocore.loaders.Loader:
+        if search_path_string not in loaders:
+            loaders[search_path_string] = botocore.loaders.create_loader(search_path_string)
+        return loaders[search_path_string]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(botocore.session, "create_loader", create_loader)
+        yield
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto server on 127.0.0.1, any free port, for the whole session."""

@@ -105,6 +105,14 @@ async def test_configured_keys_are_not_replaced_by_metadata(aws: Ec2World, imds:
     assert provider.config.vpc_id is None, "the worker's VPC says nothing about a configured subnet"
 
 
+async def test_with_a_launch_template_only_the_region_comes_from_metadata(aws: Ec2World, imds: FakeImds):
+    aws.ec2.create_launch_template(LaunchTemplateName="kata", LaunchTemplateData={"ImageId": aws.ami_id})
+    provider = aws.provider(**EMPTY, USE_PODVM_LAUNCHTEMPLATE="true", AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
+    assert await provider.verify() == []
+    assert provider.config.region == REGION
+    assert (provider.config.subnet_id, provider.config.security_group_ids) == (None, ())
+
+
 async def test_metadata_is_not_asked_when_nothing_is_missing(aws: Ec2World, imds: FakeImds):
     provider = aws.provider(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
     assert await provider.verify() == []

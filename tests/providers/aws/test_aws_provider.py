@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import threading
 import urllib.parse
 from typing import Any
@@ -219,6 +218,8 @@ async def test_secrets_never_appear_in_reprs_or_errors(aws: Ec2World, hooks: Hoo
     assert SECRET_KEY not in str(err.value) + repr(provider) + repr(provider.config)
 
 
-def test_instance_spec_fixture_matches_lifecycle_tags():
-    spec = spec_for()
-    assert dataclasses.asdict(spec)["tags"][base.TAG_OWNER] == base.OWNER_VALUE
+async def test_network_hint_is_an_address_in_the_vm_subnet_once_verified(aws: Ec2World):
+    provider = aws.provider()
+    assert provider.network_hint() is None
+    assert await provider.verify() == []
+    assert provider.network_hint() == "203.0.113.1"
