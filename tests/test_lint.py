@@ -15,3 +15,11 @@ def test_ruff_finds_no_mistakes():
     result = subprocess.run([ruff, "check", "--output-format", "concise", *paths],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_layers_hold():
+    """pyproject's import-linter contracts: ttrpc knows no kata, the lifecycle no SDK, providers no netns."""
+    lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    assert lint_imports, "import-linter is a test dependency: pip install -e '.[test]'"
+    result = subprocess.run([lint_imports], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
