@@ -184,13 +184,18 @@ class SandboxLifecycle:
             if sandbox.state is SandboxState.STOPPING:
                 raise LifecycleError(Code.FAILED_PRECONDITION, f"sandbox {sandbox_id} is being stopped")
             self._check_vm_limit(sandbox_id)
-            task = asyncio.current_task()
-            assert task is not None
-            # No await between the limit check and this registration: two
-            # concurrent StartVMs cannot both pass the last free slot.
-            self._starting[sandbox_id] = task
+            # The work runs in its own task so StopVM can cancel it while this
+            # call still answers the shim. No await between the limit check
+            # and this registration: two StartVMs cannot share the last slot.
+            work = asyncio.ensure_future(self._start(sandbox))
+            self._starting[sandbox_id] = work
             try:
-                await self._start(sandbox)
+                await work
+            except asyncio.CancelledError:
+                caller = asyncio.current_task()
+                if caller is not None and caller.cancelling():
+                    raise  # the caller gave up; _start has rolled back
+                raise LifecycleError(Code.ABORTED, f"StartVM {sandbox_id}: stopped by StopVM while starting; VM and tunnel removed") from None
             finally:
                 self._starting.pop(sandbox_id, None)
 
