@@ -16,24 +16,36 @@ from ``Settings.provider_env`` with ``parse_keys``.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
-import os
-import re
 import socket as _socket
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
+    SHIM_STARTVM_DEADLINE,
+    TLS_VERSIONS,
+    parse_duration,
+    format_duration,
+    parse_bool,
+    int_range,
+    parse_port,
+    parse_ip,
+    parse_csv,
+    parse_tags,
+    parse_tls_version,
+    parse_proxy_timeout,
+    parse_abs_path,
+    parse_readable_file,
+    parse_host_port,
+    DURATION_EXPECTED,
+)
 
 HIDDEN = "<hidden>"
 UNSET = "<unset>"
 
-# StartVM is given max(10 s, remote_hypervisor_timeout) = 600 s by default.
-SHIM_STARTVM_DEADLINE = 600.0
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TLS_VERSIONS = ("1.2", "1.3")
 
 
 # --------------------------------------------------------------------------- keys
@@ -120,182 +132,6 @@ def parse_keys(keys: Iterable[Key], env: Mapping[str, str]) -> tuple[dict[str, A
             problems.append(Problem(key.name, text, expected, key.secret))
             values[key.name] = key.default
     return values, problems
-
-
-# ------------------------------------------------------------------------ parsers
-
-_DURATION_UNITS = {
-    "ns": Fraction(1, 10**9),
-    "us": Fraction(1, 10**6),
-    "µs": Fraction(1, 10**6),  # U+00B5 micro sign
-    "μs": Fraction(1, 10**6),  # U+03BC greek mu
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-DURATION_EXPECTED = "expected a duration like 300ms, 90s, 5m or 1h30m (units ns, us, ms, s, m, h)"
-
-
-def parse_duration(text: str) -> float:
-    """Go ``time.ParseDuration`` syntax without a sign, to seconds: "1h30m" -> 5400.0."""
-    text = text.strip()
-    if text == "0":
-        return 0.0
-    if not text:
-        raise ValueError(DURATION_EXPECTED)
-    total = Fraction(0)
-    pos = 0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            raise ValueError(DURATION_EXPECTED)
-        total += Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    return float(total)
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as a Go-style duration: 300 -> "5m", 5400 -> "1h30m", 0.3 -> "300ms"."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000, 3):g}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = []
-    if hours:
-        parts.append(f"{int(hours)}h")
-    if minutes:
-        parts.append(f"{int(minutes)}m")
-    if secs:
-        parts.append(f"{round(secs, 3):g}s")
-    return "".join(parts)
-
-
-_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-
-
-def parse_bool(text: str) -> bool:
-    """Go ``strconv.ParseBool``: 1 t T TRUE true True / 0 f F FALSE false False."""
-    text = text.strip()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError("expected true or false (or 1/0, t/f)")
-
-
-def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    """A parser for a decimal integer within [lo, hi] (either bound may be open)."""
-    if lo is not None and hi is not None:
-        expected = f"expected an integer from {lo} to {hi}"
-    elif lo is not None:
-        expected = f"expected an integer of at least {lo}"
-    elif hi is not None:
-        expected = f"expected an integer of at most {hi}"
-    else:
-        expected = "expected an integer"
-
-    def parse(text: str) -> int:
-        text = text.strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise ValueError(expected)
-        value = int(text)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(expected)
-        return value
-
-    return parse
-
-
-_port = int_range(1, 65535)
-
-
-def parse_port(text: str) -> int:
-    """A TCP/UDP port number, 1..65535."""
-    try:
-        return _port(text)
-    except ValueError:
-        raise ValueError("expected a port number from 1 to 65535") from None
-
-
-def parse_ip(text: str) -> str:
-    """An IPv4 or IPv6 address, normalized."""
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise ValueError("expected an IP address such as 192.0.2.1") from None
-
-
-def parse_csv(text: str) -> tuple[str, ...]:
-    """"a, b,,c" -> ("a", "b", "c"): items stripped, empty items dropped."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def parse_tags(text: str) -> dict[str, str]:
-    """"k=v,k2=v2" -> {"k": "v", "k2": "v2"}; the first bad pair is named."""
-    tags: dict[str, str] = {}
-    for pair in text.split(","):
-        if not pair.strip():
-            continue
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"expected key=value pairs separated by commas; bad pair {pair.strip()!r}")
-        if key in tags:
-            raise ValueError(f"expected key=value pairs with distinct keys; {key!r} appears twice")
-        tags[key] = value.strip()
-    return tags
-
-
-def parse_tls_version(text: str) -> str:
-    """"1.2" or "1.3" (also "TLS1.2", "TLSv1.3", Go's "VersionTLS12"); 1.0/1.1 are refused."""
-    norm = text.strip().lower().replace("versiontls", "").replace("tlsv", "").replace("tls", "")
-    norm = {"12": "1.2", "13": "1.3", "10": "1.0", "11": "1.1"}.get(norm, norm)
-    if norm in TLS_VERSIONS:
-        return norm
-    if norm in ("1.0", "1.1"):
-        raise ValueError(f"TLS {norm} is not allowed (insecure); expected 1.2 or 1.3")
-    raise ValueError("expected 1.2 or 1.3")
-
-
-def parse_proxy_timeout(text: str) -> float:
-    seconds = parse_duration(text)
-    if not 0 < seconds < SHIM_STARTVM_DEADLINE:
-        raise ValueError(
-            "expected a duration greater than 0 and below 10m "
-            "(the shim's StartVM deadline is 600 s)"
-        )
-    return seconds
-
-
-def parse_abs_path(text: str) -> Path:
-    if not os.path.isabs(text):
-        raise ValueError("expected an absolute path")
-    return Path(text)
-
-
-def parse_readable_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise ValueError("expected a readable file")
-    return path
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """"host:port", "[v6]:port" or ":port" (all interfaces) -> (host, port)."""
-    expected = 'expected "host:port" (e.g. 127.0.0.1:50051, [::1]:50051 or :50051)'
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]+)\]:(\d+)|([^:\[\]\s]*):(\d+)", text.strip())
-    if match is None:
-        raise ValueError(expected)
-    host = match.group(1) if match.group(1) is not None else match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 1 <= port <= 65535:
-        raise ValueError(expected + " with a port from 1 to 65535")
-    return host, port
 
 
 def _parse_grpc_endpoint(text: str) -> str:
