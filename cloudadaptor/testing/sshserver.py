@@ -165,7 +165,7 @@ class FakeSshHost:
         try:
             while chunk := proc.stdout.read1(4096):
                 channel.sendall(chunk)
-        except OSError:  # the client went away (Ctrl-C): _hang_up stops the command
+        except (OSError, EOFError):  # the client went away (Ctrl-C): _hang_up stops the command
             pass
         status = proc.wait()
         status = status if status >= 0 else 128 - status  # killed by a signal: as a shell reports it
