@@ -159,3 +159,40 @@ async def local_cloud(private_ns: None, tmp_path: Path) -> AsyncIterator[LocalCl
 @pytest.fixture
 def local_provider(local_cloud: LocalCloud):  # -> LocalProvider
     return local_cloud.provider()
+
+
+# ------------------------------------------------------------------------ moto
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto server (HTTP on 127.0.0.1, any free port) for the whole session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def fresh_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """moto reset to empty; boto3 reaches it through AWS_ENDPOINT_URL only, with no
+    profile, credentials file, retry override or instance metadata of the machine."""
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(moto_endpoint + "/moto-api/reset", method="POST"), timeout=30):
+        pass
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    for name in ("AWS_ENDPOINT_URL_EC2", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # boto3's own credential lookups
+    return moto_endpoint

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -49,30 +47,10 @@ def builder_vm() -> Iterator[FakeSshHost]:
 # ------------------------------------------------------------------ AWS
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def aws(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsWorld]:
+def aws(fresh_moto: str) -> Iterator[AwsWorld]:
     """A fresh EC2 in moto, reached through AWS_ENDPOINT_URL only."""
-    with urllib.request.urlopen(urllib.request.Request(moto_server + "/moto-api/reset", method="POST"), timeout=30):
-        pass
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    for name in ("AWS_ENDPOINT_URL_EC2", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_server,
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=fresh_moto,
                        aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
     vpc = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="203.0.113.0/25")["Subnet"]["SubnetId"]

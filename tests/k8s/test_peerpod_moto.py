@@ -7,12 +7,9 @@ end with the EC2 instance terminated; so must a VM whose PeerPod was never writt
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import Iterator
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from cloudadaptor.config import load_settings
 from cloudadaptor.k8s.controller import ControllerOptions, SweepState, reconcile
@@ -24,28 +21,10 @@ REGION = "us-east-1"
 SANDBOX = "c0ffee00" * 8
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def ec2_provider(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+def ec2_provider(fresh_moto: str):
     """An AwsProvider (built from settings, as the controller builds it) over a fresh moto VPC."""
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(moto_endpoint + "/moto-api/reset", method="POST"), timeout=30).close()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    for name in ("AWS_ENDPOINT_URL_EC2", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    moto_endpoint = fresh_moto
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint,
                        aws_access_key_id="AKIATESTTESTTEST1234", aws_secret_access_key="test-secret")
     vpc = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]

@@ -8,14 +8,11 @@ registered AMI.
 
 from __future__ import annotations
 
-import logging
-import urllib.request
 from typing import Iterator
 
 import boto3
 import pytest
 from awsworld import ACCESS_KEY, REGION, SECRET_KEY, Ec2World, Hooks
-from moto.server import ThreadedMotoServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,17 +35,6 @@ def shared_botocore_models() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """A moto server on 127.0.0.1, any free port, for the whole session."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(scope="session")
 def moto_ec2(moto_endpoint: str):
     """The tests' own EC2 client for arranging and inspecting (no hooks on it)."""
     client = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint,
@@ -57,23 +43,10 @@ def moto_ec2(moto_endpoint: str):
     client.close()
 
 
-def _reset(endpoint: str) -> None:
-    with urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset", method="POST"), timeout=30):
-        pass
-
-
 @pytest.fixture
-def aws(moto_endpoint: str, moto_ec2, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ec2World]:
+def aws(fresh_moto: str, moto_ec2) -> Iterator[Ec2World]:
     """A fresh EC2 world in moto; boto3 is pointed at it through AWS_ENDPOINT_URL only."""
-    _reset(moto_endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    for name in ("AWS_ENDPOINT_URL_EC2", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # boto3's own credential lookups
+    moto_endpoint = fresh_moto
     ec2 = moto_ec2
     vpc_id = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]
     subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock="203.0.113.0/25")["Subnet"]["SubnetId"]
