@@ -2,7 +2,7 @@
 
 Worker side: ``serve`` (the daemon), ``config check``, ``demo``, ``aws open-ports``, ``azure open-ports``.
 Cluster side: ``peerpod-controller``, ``webhook``; ``probe`` (the DaemonSet's startup probe).
-Pod VM side: ``process-user-data``, ``forwarder``. Images: ``image build|list|delete``.
+Pod VM side: ``process-user-data``, ``pod-network``, ``forwarder``. Images: ``image build|list|delete``.
 Settings come from the environment (peer-pods-cm / peer-pods-secret keys,
 see README); flags override them.
 """
@@ -117,9 +117,32 @@ def _aws_command(parser: argparse.ArgumentParser):
     return run
 
 
+# Subcommands that live in their own module: (name, help, module, parser builder, runner).
+# Each module keeps its SDK imports inside the runner, so --help stays fast.
+_MODULE_COMMANDS = (
+    ("forwarder", "(pod VM) agent-protocol-forwarder: mTLS on 15150 in front of the kata-agent",
+     "cloudadaptor.podvm.forwarder", "build_parser", "run"),
+    ("pod-network", "(pod VM) join the VM's podns to the worker's pod network (VXLAN, from apf.json)",
+     "cloudadaptor.podnetwork.vmside", "build_parser", "run"),
+    ("process-user-data", "(pod VM) fetch user data and write the allow-listed files",
+     "cloudadaptor.podvm.process_user_data", "build_parser", "run"),
+    ("azure", "Azure operator helpers (open-ports: the NSG rules peer pods need)",
+     "cloudadaptor.providers.azure.command", "build_parser", "run"),
+    ("image", "pod VM images: build peer-pod-ami / peer-pod-vmimage, list, delete",
+     "cloudadaptor.imagebuild.command", "build_parser", "run"),
+    ("peerpod-controller", "delete VMs of PeerPods whose pod is gone; sweep unreferenced tagged VMs",
+     "cloudadaptor.k8s.commands", "build_controller_parser", "run_controller"),
+    ("webhook", "mutating admission webhook for peer pods (HTTPS)",
+     "cloudadaptor.webhook.command", "build_parser", "run"),
+    ("probe", "exit 0 when the adaptor answers on its hypervisor socket (startup probe)",
+     "cloudadaptor.k8s.commands", "build_probe_parser", "run_probe"),
+    ("demo", "run 3 peer pods end to end on the local provider, in a private namespace",
+     "cloudadaptor.demo", "build_parser", "run"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cloudadaptor import demo
-    from cloudadaptor.podvm import forwarder, process_user_data
+    import importlib
 
     parser = argparse.ArgumentParser(prog="cloud-api-adaptor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cloud-api-adaptor {__version__}")
@@ -135,53 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(check)
     check.set_defaults(func=cmd_config_check)
 
-    fwd = sub.add_parser("forwarder", help="(pod VM) agent-protocol-forwarder: mTLS on 15150 in front of the kata-agent")
-    forwarder.build_parser(fwd)
-    fwd.set_defaults(func=forwarder.run)
-
-    from cloudadaptor.podnetwork import vmside
-
-    pnet = sub.add_parser("pod-network", help="(pod VM) join the VM's podns to the worker's pod network (VXLAN, from apf.json)")
-    vmside.build_parser(pnet)
-    pnet.set_defaults(func=vmside.run)
-
-    pud = sub.add_parser("process-user-data", help="(pod VM) fetch user data and write the allow-listed files")
-    process_user_data.build_parser(pud)
-    pud.set_defaults(func=process_user_data.run)
-
     aws = sub.add_parser("aws", help="AWS operator helpers (open-ports: the security-group rules peer pods need)")
     aws.set_defaults(func=_aws_command(aws))
 
-    from cloudadaptor.providers.azure import command as azure_command  # no SDK import until run
-
-    azure = sub.add_parser("azure", help="Azure operator helpers (open-ports: the NSG rules peer pods need)")
-    azure_command.build_parser(azure)
-    azure.set_defaults(func=azure_command.run)
-
-    from cloudadaptor.imagebuild import command as image_command  # no SDK import until run
-
-    img = sub.add_parser("image", help="pod VM images: build peer-pod-ami / peer-pod-vmimage, list, delete")
-    image_command.build_parser(img)
-    img.set_defaults(func=image_command.run)
-
-    from cloudadaptor.k8s import commands as k8s_commands  # no Kubernetes client import until run
-    from cloudadaptor.webhook import command as webhook_command
-
-    ctrl = sub.add_parser("peerpod-controller", help="delete VMs of PeerPods whose pod is gone; sweep unreferenced tagged VMs")
-    k8s_commands.build_controller_parser(ctrl)
-    ctrl.set_defaults(func=k8s_commands.run_controller)
-
-    hook = sub.add_parser("webhook", help="mutating admission webhook for peer pods (HTTPS)")
-    webhook_command.build_parser(hook)
-    hook.set_defaults(func=webhook_command.run)
-
-    prb = sub.add_parser("probe", help="exit 0 when the adaptor answers on its hypervisor socket (startup probe)")
-    k8s_commands.build_probe_parser(prb)
-    prb.set_defaults(func=k8s_commands.run_probe)
-
-    dem = sub.add_parser("demo", help="run 3 peer pods end to end on the local provider, in a private namespace")
-    demo.build_parser(dem)
-    dem.set_defaults(func=demo.run)
+    for name, help_text, module_name, build, run in _MODULE_COMMANDS:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text)
+        getattr(module, build)(command)
+        command.set_defaults(func=getattr(module, run))
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
