@@ -196,3 +196,24 @@ def fresh_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # boto3's own credential lookups
     return moto_endpoint
+
+
+# ----------------------------------------------------------------------- Azure
+
+
+@pytest.fixture
+def arm(monkeypatch: pytest.MonkeyPatch):
+    """The local ARM endpoint (HTTPS, its own CA trusted through REQUESTS_CA_BUNDLE)."""
+    from cloudadaptor.testing.armserver import FakeArm
+
+    with FakeArm() as arm:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)
+        yield arm
+
+
+@pytest.fixture
+def ssh_key(tmp_path: Path) -> Path:
+    """The operator's SSH public key (ssh-key-secret's id_rsa.pub)."""
+    path = tmp_path / "id_rsa.pub"
+    path.write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 operator@example\n")
+    return path

@@ -21,25 +21,16 @@ from cloudadaptor import userdata
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings
 from cloudadaptor.providers.base import TAG_NODE, TAG_SANDBOX
-from cloudadaptor.testing.armserver import FakeArm, azure_env, fast_provider
+from cloudadaptor.testing.armserver import azure_env, fast_provider
 from cloudadaptor.testing.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
 
 @pytest.fixture
-def arm(monkeypatch):
-    with FakeArm() as arm:
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)
-        yield arm
-
-
-@pytest.fixture
-async def azure_daemon(private_ns, arm, tmp_path):
+async def azure_daemon(private_ns, arm, ssh_key):
     seeded = arm.populate(prefix="203.0.113.0/24")
-    key = tmp_path / "id_rsa.pub"
-    key.write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 operator@example\n")
     root = Path(tempfile.mkdtemp(prefix="e2e-az-", dir="/run"))  # short: unix socket paths
-    env = azure_env(arm, seeded, key, STATE_DIR=str(root), SOCKET=str(root / "hv.sock"), PODS_DIR=str(root / "pods"),
+    env = azure_env(arm, seeded, ssh_key, STATE_DIR=str(root), SOCKET=str(root / "hv.sock"), PODS_DIR=str(root / "pods"),
                     NODE_NAME="azure-worker-1", PROXY_TIMEOUT="2s", VXLAN_WORKER_IP="203.0.113.250")
     daemon = Daemon(load_settings(env), provider=fast_provider(env))
     await daemon.start()

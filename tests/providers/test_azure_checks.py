@@ -7,16 +7,9 @@ from azure.core.exceptions import ClientAuthenticationError
 
 from cloudadaptor.adaptor.daemon import Daemon, StartupError
 from cloudadaptor.config import load_settings
-from cloudadaptor.testing.armserver import FakeArm, StaticTokenCredential, azure_env, fast_provider
+from cloudadaptor.testing.armserver import StaticTokenCredential, azure_env, fast_provider
 
 OTHER_SUB = "11111111-1111-4111-8111-111111111111"
-
-
-@pytest.fixture
-def arm(monkeypatch):
-    with FakeArm() as arm:
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)
-        yield arm
 
 
 @pytest.fixture
@@ -25,10 +18,8 @@ def seeded(arm):
 
 
 @pytest.fixture
-def env(arm, seeded, tmp_path):
-    key = tmp_path / "id_rsa.pub"
-    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI operator@example\n")
-    return azure_env(arm, seeded, key)
+def env(arm, seeded, ssh_key):
+    return azure_env(arm, seeded, ssh_key)
 
 
 @pytest.fixture

@@ -7,14 +7,7 @@ import pytest
 from cloudadaptor import cli
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure import network
-from cloudadaptor.testing.armserver import FakeArm, StaticTokenCredential, azure_env, fast_provider
-
-
-@pytest.fixture
-def arm(monkeypatch):
-    with FakeArm() as arm:
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)
-        yield arm
+from cloudadaptor.testing.armserver import StaticTokenCredential, azure_env, fast_provider
 
 
 @pytest.fixture

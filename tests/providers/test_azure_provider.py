@@ -17,22 +17,8 @@ NAME = "podvm-web-0123abcd"
 
 
 @pytest.fixture
-def arm(monkeypatch):
-    with FakeArm() as arm:
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)
-        yield arm
-
-
-@pytest.fixture
 def seeded(arm):
     return arm.populate()
-
-
-@pytest.fixture
-def ssh_key(tmp_path):
-    path = tmp_path / "id_rsa.pub"
-    path.write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 operator@example\n")
-    return path
 
 
 @pytest.fixture
