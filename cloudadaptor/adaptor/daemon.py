@@ -9,7 +9,6 @@ sandboxes in its store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -133,5 +132,7 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down (VMs keep running; a restart re-serves them)")
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await daemon.close()
+        except Exception:  # shutting down anyway: report, VMs and records stay for the restart
+            log.exception("error while shutting down")

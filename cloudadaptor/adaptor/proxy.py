@@ -20,6 +20,7 @@ from pathlib import Path
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.ttrpc.client import Client
+from cloudadaptor.ttrpc.framing import close_writer
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class AgentProxy:
             up_r, up_w = await self.endpoint.open()
         except (OSError, ssl.SSLError) as exc:
             log.warning("agent proxy %s: cannot reach agent at %s: %s", self.socket_path, self.endpoint, exc)
-            down_w.close()
+            await close_writer(down_w)
             return
         try:
             done, pending = await _first_completed(_copy(down_r, up_w), _copy(up_r, down_w))
@@ -138,11 +139,7 @@ class AgentProxy:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         finally:
-            for writer in (up_w, down_w):
-                writer.close()
-            for writer in (up_w, down_w):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 1)
+            await asyncio.gather(close_writer(up_w), close_writer(down_w))
 
 
 async def _first_completed(*coros) -> tuple[set[asyncio.Task], set[asyncio.Task]]:
