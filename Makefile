@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 ## Run the whole test suite inside a private user+net+mount namespace.
 test: $(STAMP)
-	$(BIN)/python -m cloudadaptor.testing.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m cloudadaptor.dev.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Regenerate cloudadaptor/protocols from protos/.
 protos: $(STAMP)

@@ -1,6 +1,6 @@
 """TCP throughput through the pod VXLAN tunnel next to the same transfer over a plain veth.
 
-    .venv/bin/python -m cloudadaptor.testing.privatens -- .venv/bin/python bench/tunnel_throughput.py [--seconds 3]
+    .venv/bin/python -m cloudadaptor.dev.privatens -- .venv/bin/python bench/tunnel_throughput.py [--seconds 3]
 
 Runs inside the private namespace (nothing on the machine's network changes).
 It builds a fake cloud (a bridge with the worker's address, one "VM" netns on
@@ -28,9 +28,9 @@ import time
 from cloudadaptor.podnetwork import tunnel, vmside
 from cloudadaptor.podnetwork.api import TunnelSpec
 from cloudadaptor.podnetwork.netns import inspect_pod_netns
-from cloudadaptor.testing import privatens
-from cloudadaptor.testing.datapath import CloudNet, socket_in_netns
-from cloudadaptor.testing.podnet import create_pod_netns
+from cloudadaptor.dev import privatens
+from cloudadaptor.dev.datapath import CloudNet, socket_in_netns
+from cloudadaptor.dev.podnet import create_pod_netns
 from cloudadaptor.userdata import PodNetworkConfig
 
 CHUNK = 1 << 20
@@ -103,7 +103,7 @@ def main() -> int:
     parser.add_argument("--vxlan-port", type=int, default=9000, help="VXLAN UDP port (default 9000)")
     args = parser.parse_args()
     if not privatens.inside():
-        print("run inside the private namespace: python -m cloudadaptor.testing.privatens -- "
+        print("run inside the private namespace: python -m cloudadaptor.dev.privatens -- "
               f"{sys.executable} {' '.join(sys.argv)}", file=sys.stderr)
         return 2
     print(f"TCP throughput, one stream, {args.seconds:g} s each, {os.cpu_count()} CPUs:")

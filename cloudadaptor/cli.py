@@ -137,7 +137,7 @@ _MODULE_COMMANDS = (
     ("probe", "exit 0 when the adaptor answers on its hypervisor socket (startup probe)",
      "cloudadaptor.k8s.commands", "build_probe_parser", "run_probe"),
     ("demo", "run 3 peer pods end to end on the local provider, in a private namespace",
-     "cloudadaptor.demo", "build_parser", "run"),
+     "cloudadaptor.dev.demo", "build_parser", "run"),
 )
 
 

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from cloudadaptor.testing import privatens
+from cloudadaptor.dev import privatens
 
 _serial = itertools.count(1)
 
@@ -39,7 +39,7 @@ def private_ns() -> None:
 @pytest.fixture
 def make_pod_netns(private_ns: None) -> Iterator[Callable[..., object]]:
     """Factory: ``make_pod_netns("198.51.100.10/24", "198.51.100.1")`` -> PodNetns; all deleted at teardown."""
-    from cloudadaptor.testing import podnet
+    from cloudadaptor.dev import podnet
 
     made: list[podnet.PodNetns] = []
 
@@ -204,7 +204,7 @@ def fresh_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def arm(monkeypatch: pytest.MonkeyPatch):
     """The local ARM endpoint (HTTPS, its own CA trusted through REQUESTS_CA_BUNDLE)."""
-    from cloudadaptor.testing.armserver import FakeArm
+    from fakes.armserver import FakeArm
 
     with FakeArm() as arm:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)

@@ -23,8 +23,8 @@ from cloudadaptor.config import load_settings
 from cloudadaptor.podnetwork import tunnel
 from cloudadaptor.podnetwork.api import DEVICE_PREFIX
 from cloudadaptor.podnetwork.netns import open_netns
-from cloudadaptor.testing.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
-from cloudadaptor.testing.shim import AgentSession, ShimEmulator, shim_annotations, start_pod, stop_pod
+from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
+from cloudadaptor.dev.shim import AgentSession, ShimEmulator, shim_annotations, start_pod, stop_pod
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
 _serial = itertools.count(1)

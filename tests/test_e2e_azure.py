@@ -21,8 +21,8 @@ from cloudadaptor import userdata
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings
 from cloudadaptor.providers.base import TAG_NODE, TAG_SANDBOX
-from cloudadaptor.testing.armserver import azure_env, fast_provider
-from cloudadaptor.testing.shim import ShimEmulator, shim_annotations
+from fakes.armserver import azure_env, fast_provider
+from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
 

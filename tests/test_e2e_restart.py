@@ -25,8 +25,8 @@ from cloudadaptor.config import load_settings
 from cloudadaptor.podnetwork import tunnel
 from cloudadaptor.podnetwork.api import DEVICE_PREFIX, device_name
 from cloudadaptor.podnetwork.netns import open_netns
-from cloudadaptor.testing.datapath import ECHO_SERVER, tcp_round_trip
-from cloudadaptor.testing.shim import ShimEmulator, shim_annotations, start_pod, stop_pod
+from cloudadaptor.dev.datapath import ECHO_SERVER, tcp_round_trip
+from cloudadaptor.dev.shim import ShimEmulator, shim_annotations, start_pod, stop_pod
 
 _serial = itertools.count(1)
 
@@ -180,7 +180,7 @@ async def test_killed_daemon_restart_rolls_back_an_interrupted_start_and_keeps_a
 
 
 async def _reattach(run):
-    from cloudadaptor.testing.shim import AgentSession
+    from cloudadaptor.dev.shim import AgentSession
 
     run.session = await AgentSession.dial(run.agent_socket, timeout=10)
     return run

@@ -73,7 +73,7 @@ STOP_GRACE = 3.0
 
 
 def default_agent_command() -> str:
-    return shlex.join([sys.executable, "-m", "cloudadaptor.testing.devagent", "--socket", "{socket}"])
+    return shlex.join([sys.executable, "-m", "cloudadaptor.dev.devagent", "--socket", "{socket}"])
 
 
 def agent_argv(command: str, socket_path: str = AGENT_SOCKET) -> list[str]:

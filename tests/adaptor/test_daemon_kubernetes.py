@@ -12,8 +12,8 @@ from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings
 from cloudadaptor.k8s.peerpods import FINALIZER, peerpod_name
 from cloudadaptor.protocols import health_pb2
-from cloudadaptor.testing.kubeapi import NODES, PEERPODS, PODS, KubeApiServer
-from cloudadaptor.testing.shim import ShimEmulator, shim_annotations
+from fakes.kubeapi import NODES, PEERPODS, PODS, KubeApiServer
+from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.server import Server, unary
 
 SANDBOX = "d" * 64

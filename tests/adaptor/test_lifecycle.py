@@ -11,7 +11,7 @@ from cloudadaptor.adaptor.lifecycle import LifecycleError, vm_name_for
 from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.providers import base as providers
-from cloudadaptor.testing.shim import shim_annotations
+from cloudadaptor.dev.shim import shim_annotations
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.errors import Code
 

@@ -8,7 +8,7 @@ from cloudadaptor import userdata
 from cloudadaptor.adaptor.lifecycle import LifecycleError
 from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.podnetwork.api import NetnsInvalid, NetnsUnusable, PodNetworkError
-from cloudadaptor.testing.shim import shim_annotations
+from cloudadaptor.dev.shim import shim_annotations
 from cloudadaptor.ttrpc.errors import Code
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64

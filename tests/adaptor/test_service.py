@@ -13,7 +13,7 @@ from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.protocols import hypervisor_pb2 as hv
 from cloudadaptor.protocols import podvminfo_pb2 as pvi
-from cloudadaptor.testing.shim import AgentSession, ShimEmulator, shim_annotations
+from cloudadaptor.dev.shim import AgentSession, ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.server import Server

@@ -27,7 +27,7 @@ NAMESPACE = "openshift-sandboxed-containers-operator"
 
 
 def _configmaps() -> Any:
-    from cloudadaptor.testing.kubeapi import Resource
+    from fakes.kubeapi import Resource
 
     return Resource("", "v1", "configmaps", "ConfigMap", True, status_subresource=False)
 
@@ -178,7 +178,7 @@ class AzureWorld:
         """Backends as the CLI makes them, with a static token and no waits between polls."""
         from cloudadaptor.imagebuild import azure
         from cloudadaptor.providers.azure.client import build_clients
-        from cloudadaptor.testing.armserver import FAST_TUNING, StaticTokenCredential
+        from fakes.armserver import FAST_TUNING, StaticTokenCredential
 
         def make(cloud: str, env: Mapping[str, str], args: argparse.Namespace) -> Any:
             config = dataclasses.replace(azure.load_config(env), **FAST_TUNING)
@@ -203,7 +203,7 @@ class KubeInThread:
     """``KubeApiServer`` on its own event loop thread, for the synchronous builder to talk to."""
 
     def __init__(self, resources: tuple[Any, ...]) -> None:
-        from cloudadaptor.testing.kubeapi import KubeApiServer
+        from fakes.kubeapi import KubeApiServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="kubeapi", daemon=True)

@@ -11,9 +11,9 @@ import pytest
 from buildworld import ACCESS_KEY, CONFIGMAPS, NAMESPACE, REGION, SECRET_KEY, AwsWorld, AzureWorld, KubeInThread, make_payload
 
 from cloudadaptor.imagebuild.wheel import build_wheel
-from cloudadaptor.testing.armimages import RHEL9, ImageFakeArm
-from cloudadaptor.testing.armserver import DEFAULT_SIZES
-from cloudadaptor.testing.sshserver import FakeSshHost
+from fakes.armimages import RHEL9, ImageFakeArm
+from fakes.armserver import DEFAULT_SIZES
+from fakes.sshserver import FakeSshHost
 
 
 

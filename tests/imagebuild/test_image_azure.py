@@ -15,7 +15,7 @@ from buildworld import CONFIGMAPS, NAMESPACE, assert_pod_vm_installed, run_cli
 from cloudadaptor import __version__
 from cloudadaptor.imagebuild.common import TAG_BASE_IMAGE, TAG_BUILDER_VERSION, TAG_BUILT_BY
 from cloudadaptor.providers.azure.tags import azure_tag_name
-from cloudadaptor.testing.sshserver import FakeSshHost
+from fakes.sshserver import FakeSshHost
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from cloudadaptor.imagebuild.progress import Progress
 from cloudadaptor.imagebuild.retrying import retry_call
 from cloudadaptor.imagebuild.ssh import SshUnavailable, wait_for_ssh
 from cloudadaptor.imagebuild.wheel import build_wheel, wheel_version
-from cloudadaptor.testing.sshserver import FakeSshHost
+from fakes.sshserver import FakeSshHost
 
 # ------------------------------------------------------------------ cleanup stack
 

@@ -9,7 +9,7 @@ from typing import AsyncIterator, Mapping
 import pytest
 
 from cloudadaptor.providers.base import OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, InstanceSpec
-from cloudadaptor.testing.kubeapi import NODES, PODS, KubeApiServer
+from fakes.kubeapi import NODES, PODS, KubeApiServer
 
 _ids = itertools.count(1)
 

@@ -9,7 +9,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from cloudadaptor.k8s.client import KubeConfigError, connect, describe, retry_on_conflict
-from cloudadaptor.testing.kubeapi import PODS, KubeApiServer
+from fakes.kubeapi import PODS, KubeApiServer
 from cloudadaptor.tls import CertificateAuthority
 
 

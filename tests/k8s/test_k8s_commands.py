@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cloudadaptor.k8s.peerpods import FINALIZER
 from cloudadaptor.protocols import hypervisor_pb2 as hv
-from cloudadaptor.testing.kubeapi import PEERPODS, KubeApiServer
+from fakes.kubeapi import PEERPODS, KubeApiServer
 from cloudadaptor.ttrpc.server import Server, unary
 
 

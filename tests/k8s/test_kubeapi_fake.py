@@ -9,7 +9,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from cloudadaptor.testing.kubeapi import PEERPODS, PODS, KubeApiServer
+from fakes.kubeapi import PEERPODS, PODS, KubeApiServer
 
 G, V, P = "confidentialcontainers.org", "v1alpha1", "peerpods"
 MERGE = "application/merge-patch+json"

@@ -11,7 +11,7 @@ from cloudadaptor.config import Settings
 from cloudadaptor.k8s.capacity import VM_RESOURCE, advertise_vm_capacity, node_vm_capacity
 from cloudadaptor.k8s.node import NodeIntegration, connect_node
 from cloudadaptor.retry import Backoff
-from cloudadaptor.testing.kubeapi import NODES
+from fakes.kubeapi import NODES
 
 
 async def test_capacity_and_allocatable_are_set_through_the_status_subresource(api, kubeapi, add_node):

@@ -8,7 +8,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from cloudadaptor.k8s.controller import ControllerOptions, SweepState, reconcile
 from cloudadaptor.k8s.peerpods import FINALIZER, PeerPodApi, PeerPodTracker, peerpod_name
-from cloudadaptor.testing.kubeapi import PEERPODS, PODS, KubeApiServer
+from fakes.kubeapi import PEERPODS, PODS, KubeApiServer
 
 SANDBOX = "feedface" * 8
 OPTIONS = ControllerOptions(provider_name="aws", sweep_grace=60.0)

@@ -15,7 +15,7 @@ from cloudadaptor.config import load_settings
 from cloudadaptor.k8s.controller import ControllerOptions, SweepState, reconcile
 from cloudadaptor.k8s.peerpods import PeerPodApi, PeerPodTracker
 from cloudadaptor.providers import base
-from cloudadaptor.testing.kubeapi import PEERPODS, PODS
+from fakes.kubeapi import PEERPODS, PODS
 
 REGION = "us-east-1"
 SANDBOX = "c0ffee00" * 8

@@ -7,7 +7,7 @@ import time
 
 from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
 from cloudadaptor.k8s.peerpods import ANN_NODE, ANN_SANDBOX, FINALIZER, PeerPodTracker, peerpod_name
-from cloudadaptor.testing.kubeapi import PEERPODS, KubeApiServer
+from fakes.kubeapi import PEERPODS, KubeApiServer
 
 SANDBOX = "0123456789abcdef" * 4
 

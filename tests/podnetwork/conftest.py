@@ -13,7 +13,7 @@ from cloudadaptor import linuxns
 from cloudadaptor.podnetwork import tunnel, vmside
 from cloudadaptor.podnetwork.api import TunnelSpec
 from cloudadaptor.podnetwork.netns import inspect_pod_netns
-from cloudadaptor.testing.datapath import CloudNet
+from cloudadaptor.dev.datapath import CloudNet
 from cloudadaptor.userdata import PodNetworkConfig
 
 _serial = itertools.count(1)

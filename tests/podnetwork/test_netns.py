@@ -12,7 +12,7 @@ from cloudadaptor.config import ConfigError, load_settings
 from cloudadaptor.podnetwork.api import NetnsInvalid, NetnsUnusable, PodNetwork, PodNetworkError
 from cloudadaptor.podnetwork.netns import inspect_pod_netns, worker_address
 from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
-from cloudadaptor.testing.datapath import in_netns
+from cloudadaptor.dev.datapath import in_netns
 from cloudadaptor.userdata import PodNeighbour, PodRoute
 
 

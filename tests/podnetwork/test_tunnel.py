@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from cloudadaptor.podnetwork import tunnel
 from cloudadaptor.podnetwork.api import NetnsUnusable, TunnelSpec, device_name
 from cloudadaptor.podnetwork.netns import open_netns
-from cloudadaptor.testing.datapath import Sniffer, icmp_echo, mentions, socket_in_netns, udp_destination_ports
+from cloudadaptor.dev.datapath import Sniffer, icmp_echo, mentions, socket_in_netns, udp_destination_ports
 
 
 def serve_once(listener: socket.socket, seen: dict) -> threading.Thread:

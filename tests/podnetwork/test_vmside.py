@@ -11,7 +11,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from cloudadaptor.podnetwork import vmside
-from cloudadaptor.testing.datapath import CloudNet
+from cloudadaptor.dev.datapath import CloudNet
 from cloudadaptor.userdata import ForwarderConfig, PodInterface, PodNeighbour, PodNetworkConfig, PodRoute
 
 # Calico style: the gateway is a link-local address reachable only through a
@@ -105,7 +105,7 @@ def write_apf(path: Path, network: PodNetworkConfig | None) -> str:
 def run_command(vm_netns: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m cloudadaptor.podnetwork.vmside`` run inside the VM's netns, as the VM boot does."""
     return subprocess.run(
-        [sys.executable, "-m", "cloudadaptor.testing.nsexec", "--net", vm_netns, "--",
+        [sys.executable, "-m", "cloudadaptor.dev.nsexec", "--net", vm_netns, "--",
          sys.executable, "-m", "cloudadaptor.podnetwork.vmside", *args],
         capture_output=True, text=True, timeout=30,
     )

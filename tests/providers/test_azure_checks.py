@@ -7,7 +7,7 @@ from azure.core.exceptions import ClientAuthenticationError
 
 from cloudadaptor.adaptor.daemon import Daemon, StartupError
 from cloudadaptor.config import load_settings
-from cloudadaptor.testing.armserver import StaticTokenCredential, azure_env, fast_provider
+from fakes.armserver import StaticTokenCredential, azure_env, fast_provider
 
 OTHER_SUB = "11111111-1111-4111-8111-111111111111"
 

@@ -7,7 +7,7 @@ import pytest
 from cloudadaptor import cli
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure import network
-from cloudadaptor.testing.armserver import StaticTokenCredential, azure_env, fast_provider
+from fakes.armserver import StaticTokenCredential, azure_env, fast_provider
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cloudadaptor.providers.base import TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, InstanceSpec, ProviderError
-from cloudadaptor.testing.armserver import FakeArm, StaticTokenCredential, azure_env, fast_provider
+from fakes.armserver import FakeArm, StaticTokenCredential, azure_env, fast_provider
 
 SANDBOX = "0123abcd" + "e" * 56
 NAME = "podvm-web-0123abcd"

@@ -320,7 +320,7 @@ async def test_boot_delay_is_honoured(local_cloud):
 
 
 async def test_agent_command_is_configurable(local_cloud):
-    command = (f"sh -c 'echo custom agent on $0; exec \"$1\" -m cloudadaptor.testing.devagent --socket \"$0\"' "
+    command = (f"sh -c 'echo custom agent on $0; exec \"$1\" -m cloudadaptor.dev.devagent --socket \"$0\"' "
                f"{{socket}} {sys.executable}")
     provider = local_cloud.provider(agent_command=command)
     instance = await provider.create_instance(spec())

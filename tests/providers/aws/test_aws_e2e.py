@@ -19,7 +19,7 @@ from awsworld import Ec2World
 
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.providers import base
-from cloudadaptor.testing.shim import ShimEmulator, shim_annotations
+from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
 

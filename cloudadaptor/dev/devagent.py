@@ -6,7 +6,7 @@ ttrpc server on a unix socket serving ``grpc.Health`` and the part of
 the container's network namespace (``OCI.Linux.Namespaces`` entry of type
 ``network``; in a pod VM that is ``/run/netns/podns``, appended by the
 forwarder) — and nothing else is isolated: no rootfs, users, cgroups or PID
-namespace. Each process starts through ``cloudadaptor.testing.nsexec`` in its
+namespace. Each process starts through ``cloudadaptor.dev.nsexec`` in its
 own session, so signals and kills reach its whole process group.
 
 Behaviour worth knowing (chosen to match what the kata shim expects):
@@ -37,7 +37,7 @@ Behaviour worth knowing (chosen to match what the kata shim expects):
 - **Not modelled.** Terminal (a pty), users/groups (``string_user``),
   storages, devices, rootfs: processes run as the agent's user on its files.
 
-    python -m cloudadaptor.testing.devagent --socket /run/kata-containers/agent.sock
+    python -m cloudadaptor.dev.devagent --socket /run/kata-containers/agent.sock
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from google.protobuf import empty_pb2
 
 from cloudadaptor import __version__
 from cloudadaptor.protocols import agent_pb2, health_pb2
-from cloudadaptor.testing.nsexec import DEFAULT_PATH
+from cloudadaptor.dev.nsexec import DEFAULT_PATH
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.server import CallContext, Server, unary
 
@@ -328,7 +328,7 @@ class DevAgent:
             _find_executable(process.args, env)
             command = ["--", *process.args]
         cwd = process.cwd if process.cwd and os.path.isdir(process.cwd) else "/"
-        argv = [sys.executable, "-m", "cloudadaptor.testing.nsexec", "--cwd", cwd]
+        argv = [sys.executable, "-m", "cloudadaptor.dev.nsexec", "--cwd", cwd]
         if process.netns:
             argv += ["--net", process.netns]
         argv += [f"--env={e}" for e in env] if env else ["--env=PATH=" + DEFAULT_PATH]

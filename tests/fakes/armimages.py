@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudadaptor.testing.armserver import FakeArm
-from cloudadaptor.testing.armstate import ArmError, ArmState, Json, Path, Reply, parse_path
+from fakes.armserver import FakeArm
+from fakes.armstate import ArmError, ArmState, Json, Path, Reply, parse_path
 
 RHEL9 = ("RedHat", "RHEL", "9-lvm-gen2")
 

@@ -10,7 +10,7 @@
 - ``ECHO_SERVER`` / ``tcp_round_trip``: a one-shot TCP echo server to run in a
   pod (through ExecProcess) and the worker-side client.
 
-Needs the private namespace (``python -m cloudadaptor.testing.privatens``).
+Needs the private namespace (``python -m cloudadaptor.dev.privatens``).
 Blocking: call through ``asyncio.to_thread`` from async code.
 """
 

@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from cloudadaptor.protocols import agent_pb2, health_pb2
-from cloudadaptor.testing import devagent
+from cloudadaptor.dev import devagent
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
@@ -299,7 +299,7 @@ def _process_group_alive(pgid: int) -> bool:
 
 async def test_the_command_serves_until_sigterm_and_kills_its_processes(tmp_path: Path):
     socket_path = str(tmp_path / "agent.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "cloudadaptor.testing.devagent", "--socket", socket_path],
+    proc = subprocess.Popen([sys.executable, "-m", "cloudadaptor.dev.devagent", "--socket", socket_path],
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudadaptor.testing import privatens
+from cloudadaptor.dev import privatens
 
 SOCKET = "/run/peerpod/hypervisor.sock"
 STATE_DB = Path("/run/peerpod/state.db")
@@ -67,7 +67,7 @@ def _say(text: str) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from cloudadaptor.testing.podnet import create_pod_netns
+    from cloudadaptor.dev.podnet import create_pod_netns
 
     log_file = tempfile.NamedTemporaryFile(prefix="cloud-api-adaptor-demo-", suffix=".log", delete=False)
     env = {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": args.boot_delay,
@@ -119,7 +119,7 @@ async def _wait_for_socket(daemon: subprocess.Popen, timeout: float = 30.0) -> N
 
 
 async def _run_pods(count: int, pod_netns: list) -> bool:
-    from cloudadaptor.testing.shim import ShimEmulator, start_pod, stop_pod
+    from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
 
     shim = ShimEmulator(SOCKET)
     _say(f"hypervisor service version {await shim.version()}; starting {count} peer pods through the shim emulator")
@@ -164,7 +164,7 @@ async def _run_pods(count: int, pod_netns: list) -> bool:
 async def _probe_data_path(run, row: Row, pod_ip: str) -> bool:
     """The pod IP as the VM's podns shows it (`ip -br addr` through ExecProcess), and
     a TCP round trip from the worker to a one-shot echo server on it in the pod."""
-    from cloudadaptor.testing.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
+    from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
 
     shown = await run.exec(POD_ADDR_COMMAND)
     lines = [line.split() for line in shown.stdout.decode().splitlines()]

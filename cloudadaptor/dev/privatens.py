@@ -5,7 +5,7 @@ namespaces, veth pairs, bridges, VXLAN devices and tc filters, while the
 machine's own network is never touched. ``/run`` is a private tmpfs so
 ``/run/netns`` and ``/run/peerpod`` start empty and vanish with the namespace.
 
-    python -m cloudadaptor.testing.privatens -- COMMAND [ARGS...]
+    python -m cloudadaptor.dev.privatens -- COMMAND [ARGS...]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def exec_inside(command: list[str]) -> None:
         unshare,
         [
             unshare, "--user", "--map-root-user", "--net", "--mount", "--propagation", "private",
-            sys.executable, "-m", "cloudadaptor.testing.privatens", "--inner", "--", *command,
+            sys.executable, "-m", "cloudadaptor.dev.privatens", "--inner", "--", *command,
         ],
     )
 

@@ -1,7 +1,7 @@
 """Run a command inside a network namespace: setns, then exec (test/dev helper).
 
-    python -m cloudadaptor.testing.nsexec [--net PATH] [--cwd DIR] [--env K=V ...] -- CMD [ARGS...]
-    python -m cloudadaptor.testing.nsexec [--net PATH] --pause
+    python -m cloudadaptor.dev.nsexec [--net PATH] [--cwd DIR] [--env K=V ...] -- CMD [ARGS...]
+    python -m cloudadaptor.dev.nsexec [--net PATH] --pause
 
 The development agent starts every container process through this helper, so
 the process lives in the container's network namespace and nothing else is

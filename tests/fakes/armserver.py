@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from azure.core.credentials import AccessToken
 
-from cloudadaptor.testing.armstate import ArmState, Fault, Json
+from fakes.armstate import ArmState, Fault, Json
 from cloudadaptor.tls import CertificateAuthority
 
 SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"

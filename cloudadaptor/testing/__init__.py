@@ -1,1 +1,0 @@
-"""Test and demo support: private namespace, shim emulator, development agent."""

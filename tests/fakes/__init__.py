@@ -1,0 +1,4 @@
+"""Test doubles of clouds and APIs: the ARM endpoint, the Kubernetes API, an SSH server.
+
+They live with the tests and are never installed: the wheel holds no fake.
+"""
