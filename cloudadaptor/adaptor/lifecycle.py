@@ -31,7 +31,7 @@ from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.errors import Code
-from cloudadaptor import userdata
+from cloudadaptor import podconfig, userdata
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class SandboxLifecycle:
                 vni = self.store.next_free_vni(self.options.vxlan_min_id)
             except VniExhausted as exc:
                 raise LifecycleError(Code.RESOURCE_EXHAUSTED, f"CreateVM {sandbox_id}: {exc}") from None
-            network = userdata.PodNetworkConfig(pod, worker_ip, vni, self.options.vxlan_port)
+            network = podconfig.PodNetworkConfig(pod, worker_ip, vni, self.options.vxlan_port)
             sandbox = Sandbox(
                 id=sandbox_id,
                 pod_name=pod_name,
@@ -152,9 +152,9 @@ class SandboxLifecycle:
 
     def _render_user_data(
         self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str, annotations: Mapping[str, str],
-        network: userdata.PodNetworkConfig,
+        network: podconfig.PodNetworkConfig,
     ) -> str:
-        config = userdata.ForwarderConfig(
+        config = podconfig.ForwarderConfig(
             sandbox_id=sandbox_id,
             pod_name=pod_name,
             pod_namespace=pod_namespace,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Collection, Protocol, runtime_checkable
 
-from cloudadaptor.userdata import PodInterface
+from cloudadaptor.podconfig import PodInterface
 
 # Every VXLAN device we create is named after its VNI, so it can be found again
 # (after a crash, in the worker netns or the pod netns) without any record.

@@ -31,7 +31,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cloudadaptor import linuxns
 from cloudadaptor.podnetwork.api import VM_MAX_MTU, PodNetworkError, device_name
-from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig, PodInterface, PodNetworkConfig, UserDataError
+from cloudadaptor.podconfig import ApfConfigError, ForwarderConfig, PodInterface, PodNetworkConfig
+from cloudadaptor.userdata import APF_CONFIG_PATH
 
 PODNS = "podns"
 IFA_F_NODAD = 0x02
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"pod-network: cannot read {args.config}: {exc.strerror}", file=sys.stderr, flush=True)
         return 1
-    except UserDataError as exc:
+    except ApfConfigError as exc:
         print(f"pod-network: {exc}", file=sys.stderr, flush=True)
         return 1
     if config.network is None:

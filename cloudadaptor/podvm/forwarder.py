@@ -29,7 +29,8 @@ from cloudadaptor.tls import server_context
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.framing import close_writer
 from cloudadaptor.ttrpc.relay import relay
-from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig
+from cloudadaptor.podconfig import ForwarderConfig
+from cloudadaptor.userdata import APF_CONFIG_PATH
 
 log = logging.getLogger("cloudadaptor.podvm.forwarder")
 

@@ -19,7 +19,7 @@ from cloudadaptor.podnetwork.api import TunnelSpec
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderError
 from cloudadaptor.ttrpc.server import Server, unary
-from cloudadaptor.userdata import PodInterface, PodRoute
+from cloudadaptor.podconfig import PodInterface, PodRoute
 
 POD_INTERFACE = PodInterface(
     name="eth0", mac="02:00:00:00:00:0a", mtu=1500, addresses=("198.51.100.10/24",),

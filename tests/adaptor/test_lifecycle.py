@@ -55,12 +55,12 @@ async def test_repeated_createvm_keeps_one_sandbox(lifecycle_factory, netns_file
 
 
 async def test_createvm_renders_user_data_with_forwarder_config(lifecycle_factory, netns_file):
-    from cloudadaptor import userdata
+    from cloudadaptor import podconfig, userdata
 
     lifecycle = lifecycle_factory(agent_port=1)
     await lifecycle.create(SANDBOX, shim_annotations("web", "prod", {"io.katacontainers.config.hypervisor.cc_init_data": "aW5pdA=="}), netns_file)
     files = userdata.parse(lifecycle.store.get(SANDBOX).user_data)
-    config = userdata.ForwarderConfig.from_json(files[userdata.APF_CONFIG_PATH])
+    config = podconfig.ForwarderConfig.from_json(files[userdata.APF_CONFIG_PATH])
     assert (config.sandbox_id, config.pod_name, config.pod_namespace) == (SANDBOX, "web", "prod")
     assert files[userdata.INITDATA_PATH] == "aW5pdA=="
 
