@@ -1,4 +1,4 @@
-"""Certificates for the adaptor <-> pod VM link (mutual TLS on port 15150).
+"""Certificates for the adaptor <-> pod VM link (mutual TLS on ``wire.AGENT_PORT``).
 
 The adaptor keeps a small CA under ``<STATE_DIR>/tls/`` (persisted, so a
 restarted adaptor can redial the VMs it already runs). For every pod VM it
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloudadaptor.files import write_atomic
+from cloudadaptor.wire import TLS_VERSIONS
 
 if TYPE_CHECKING:
     from cloudadaptor.config import Settings
@@ -47,9 +48,6 @@ CA_DAYS = 3650
 CERT_DAYS = 1825
 # Pod VMs boot with their own clock; accept a skew this large.
 BACKDATE = datetime.timedelta(hours=1)
-
-_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
 
 class TlsError(Exception):
     """TLS material is missing, unreadable or inconsistent; the message names the file."""
@@ -251,9 +249,9 @@ class CertificateAuthority:
 
 def _min_version(version: str) -> ssl.TLSVersion:
     try:
-        return _TLS_VERSIONS[version]
+        return TLS_VERSIONS[version]
     except KeyError:
-        raise ValueError(f"TLS minimum version must be 1.2 or 1.3, not {version!r}") from None
+        raise ValueError(f"TLS minimum version must be {' or '.join(TLS_VERSIONS)}, not {version!r}") from None
 
 
 def _load_chain(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
-from cloudadaptor.adaptor.proxy import AGENT_PORT, AgentEndpoint, AgentProxy, AgentUnreachable
+from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
@@ -32,6 +32,7 @@ from cloudadaptor.providers import base as providers
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.errors import Code
 from cloudadaptor import podconfig, userdata
+from cloudadaptor.wire import AGENT_PORT, DEFAULT_TLS_MIN_VERSION, VXLAN_MIN_ID, VXLAN_PORT
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ class LifecycleOptions:
     proxy_timeout: float = 300.0
     agent_port: int = AGENT_PORT
     extra_tags: Mapping[str, str] = field(default_factory=dict)
-    tls_min_version: str = "1.2"
-    vxlan_port: int = 9000
-    vxlan_min_id: int = 555000
+    tls_min_version: str = DEFAULT_TLS_MIN_VERSION
+    vxlan_port: int = VXLAN_PORT
+    vxlan_min_id: int = VXLAN_MIN_ID
     vm_limit: int | None = None  # PEERPODS_LIMIT_PER_NODE: pod VMs this node may run
 
 

@@ -2,7 +2,7 @@
 
 The shim dials ``agent.ttrpc`` (a unix socket in the sandbox's pod dir); each
 connection is piped byte for byte to the VM's agent-protocol-forwarder over
-(m)TLS on port 15150, so every AgentService and Health call reaches the agent
+(m)TLS on ``wire.AGENT_PORT``, so every AgentService and Health call reaches the agent
 untouched. One TLS connection per shim connection keeps ttrpc stream ids and
 flow exactly as the shim sent them.
 """
@@ -21,10 +21,10 @@ from cloudadaptor.protocols import health_pb2
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.framing import close_writer
+from cloudadaptor.wire import AGENT_PORT
 
 log = logging.getLogger(__name__)
 
-AGENT_PORT = 15150
 _COPY_CHUNK = 1 << 16
 
 

@@ -1,6 +1,6 @@
 """Development agent: speaks kata-agent's ttrpc services and really runs commands.
 
-It stands in for kata-agent the way moto stands in for EC2 (DESIGN §5): a
+It stands in for kata-agent the way moto stands in for EC2 (docs/ARCHITECTURE.md, "How we test"): a
 ttrpc server on a unix socket serving ``grpc.Health`` and the part of
 ``grpc.AgentService`` a pod's life uses. Container processes really run, in
 the container's network namespace (``OCI.Linux.Namespaces`` entry of type

@@ -20,9 +20,6 @@ from cloudadaptor.podconfig import PodInterface
 DEVICE_PREFIX = "ppvx"
 _DEVICE = re.compile(DEVICE_PREFIX + r"(\d{1,8})")
 
-# The VM side: the pod interface's MTU is capped so a full frame plus the
-# 50-byte VXLAN/UDP/IP overhead fits a 1500-byte underlay.
-VM_MAX_MTU = 1450
 
 
 def device_name(vni: int) -> str:

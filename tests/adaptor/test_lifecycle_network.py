@@ -96,7 +96,7 @@ async def test_stopvm_removes_the_tunnel_after_the_vm(lifecycle_factory, netns_f
 
     pod_network.tunnel_down = tunnel_down
     await lifecycle.stop(A)
-    assert deleted_before_down == [["i-fake-1"]], "DESIGN §1: VM deleted, then tunnel down"
+    assert deleted_before_down == [["i-fake-1"]], "VM deleted, then tunnel down"
     assert pod_network.up == {} and lifecycle.store.all() == []
 
 
