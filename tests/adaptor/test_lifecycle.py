@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from cloudadaptor.adaptor.lifecycle import LifecycleError, vm_name_for
+from cloudadaptor.adaptor.lifecycle import LifecycleError
+from cloudadaptor.adaptor.validation import instance_spec, vm_name_for
 from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.providers import base as providers
@@ -187,7 +188,7 @@ async def test_recover_deletes_vm_of_start_interrupted_by_crash(lifecycle_factor
     await first.create(SANDBOX, shim_annotations("web", "prod"), netns_file)
     # Crash between "VM requested" and "instance id recorded": only the tag knows.
     first.store.update(SANDBOX, state=SandboxState.STARTING)
-    await provider.create_instance(first._instance_spec(first.store.get(SANDBOX)))
+    await provider.create_instance(instance_spec(first.store.get(SANDBOX), first.options.node_name, first.options.extra_tags))
     second = lifecycle_factory(agent_port=1)
     await second.recover()
     assert provider.instances == {}
