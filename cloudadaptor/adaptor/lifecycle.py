@@ -86,7 +86,7 @@ class SandboxLifecycle:
         self.observer = observer or NoopObserver()
         self._proxies: dict[str, AgentProxy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._starting: dict[str, asyncio.Task] = {}
+        self._starting: dict[str, asyncio.Future[None]] = {}
         self._changed = asyncio.Condition()
         # Ids stopped recently: a repeated StopVM is harmless, not NOT_FOUND.
         self._stopped: OrderedDict[str, float] = OrderedDict()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,7 @@ class AgentProxy:
             await asyncio.gather(close_writer(up_w), close_writer(down_w))
 
 
-async def _first_completed(*coros) -> tuple[set[asyncio.Task], set[asyncio.Task]]:
+async def _first_completed(*coros: Awaitable[object]) -> tuple[set[asyncio.Future[object]], set[asyncio.Future[object]]]:
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
