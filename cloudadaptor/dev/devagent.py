@@ -54,7 +54,7 @@ from google.protobuf import empty_pb2
 
 from cloudadaptor import __version__
 from cloudadaptor.protocols import agent_pb2, health_pb2
-from cloudadaptor.dev.devprocess import Process, read_or_drain, signal_group, spawn
+from cloudadaptor.dev.devprocess import BlockedCalls, Process, read_or_drain, signal_group, spawn
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.server import CallContext, Server, unary
 
@@ -96,6 +96,7 @@ class DevAgent:
 
     def __init__(self) -> None:
         self.containers: dict[str, _Container] = {}
+        self.blocked = BlockedCalls()
         self.sandbox_id: str | None = None
         self.hostname: str | None = None
 
@@ -211,7 +212,8 @@ class DevAgent:
 
     async def wait_process(self, req: agent_pb2.WaitProcessRequest, ctx: CallContext) -> agent_pb2.WaitProcessResponse:
         process = self._process(req.container_id, req.exec_id)
-        await process.exited.wait()
+        async with self.blocked.at("wait"):
+            await process.exited.wait()
         if process.status is None:
             raise TtrpcError(Code.NOT_FOUND, f"process {process.exec_id} was removed before it ran")
         return agent_pb2.WaitProcessResponse(status=process.status)
@@ -276,7 +278,8 @@ class DevAgent:
     async def _running(self, cid: str, eid: str) -> Process:
         """The process, once started (an init waits for StartContainer)."""
         process = self._process(cid, eid)
-        await process.started.wait()
+        async with self.blocked.at("start"):
+            await process.started.wait()
         if process.proc is None:
             raise TtrpcError(Code.NOT_FOUND, f"process {process.exec_id} was removed before it ran")
         return process
@@ -294,10 +297,11 @@ class DevAgent:
             waiter.cancel()
 
 
-async def serve(socket_path: str, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Serve on ``socket_path`` until ``stop`` is set (or cancellation); then kill
-    every process and remove the socket. ``ready`` is set once listening."""
-    agent = DevAgent()
+async def serve(socket_path: str, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                agent: DevAgent | None = None) -> None:
+    """Serve ``agent`` (a new one by default) on ``socket_path`` until ``stop`` is set (or
+    cancellation); then kill every process and remove the socket. ``ready`` is set once listening."""
+    agent = agent or DevAgent()
     server = Server()
     agent.register(server)
     await server.serve_unix(socket_path, mode=0o600)

@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import sys
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cloudadaptor.dev.nsexec import DEFAULT_PATH
@@ -22,6 +24,30 @@ from cloudadaptor.ttrpc.errors import Code, TtrpcError
 log = logging.getLogger("cloudadaptor.devagent")
 
 DRAIN_AFTER_EXIT = 0.5  # seconds
+
+
+class BlockedCalls:
+    """How many calls wait at each blocking point ("wait" for an exit, "start" for
+    StartContainer), so a test can act once a call really waits instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def at(self, point: str) -> AsyncIterator[None]:
+        self.counts[point] += 1
+        async with self._changed:
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            self.counts[point] -= 1
+
+    async def until(self, point: str, calls: int = 1) -> None:
+        """Block until at least ``calls`` calls wait at ``point``."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.counts[point] >= calls)
 
 
 @dataclass(eq=False)
