@@ -1,4 +1,4 @@
-"""Certificates for the adaptor <-> pod VM link (mutual TLS on port 15150).
+"""Certificates for the adaptor <-> pod VM link (mutual TLS on ``wire.AGENT_PORT``).
 
 The adaptor keeps a small CA under ``<STATE_DIR>/tls/`` (persisted, so a
 restarted adaptor can redial the VMs it already runs). For every pod VM it
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloudadaptor.files import write_atomic
+from cloudadaptor.wire import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 
 if TYPE_CHECKING:
     from cloudadaptor.config import Settings
@@ -47,9 +48,6 @@ CA_DAYS = 3650
 CERT_DAYS = 1825
 # Pod VMs boot with their own clock; accept a skew this large.
 BACKDATE = datetime.timedelta(hours=1)
-
-_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
 
 class TlsError(Exception):
     """TLS material is missing, unreadable or inconsistent; the message names the file."""
@@ -115,6 +113,33 @@ def _cert_pem(cert: x509.Certificate) -> str:
 # ------------------------------------------------------------------------- CA
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int, *,
+             ca: bool, not_after: datetime.datetime | None = None) -> x509.CertificateBuilder:
+    """What every certificate we sign shares: a random serial, validity backdated by
+    ``BACKDATE`` (pod VM clocks drift) for ``days`` but never past ``not_after``,
+    critical basic constraints and key usage (certificate signing only for a CA)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    until = now + datetime.timedelta(days=days)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(until if not_after is None else min(until, not_after))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=ca, crl_sign=ca,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+
+
 class CertificateAuthority:
     """A persisted ECDSA P-256 CA that issues server and client certificates."""
 
@@ -138,26 +163,9 @@ class CertificateAuthority:
         """A new CA held in memory only."""
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
+            _builder(name, name, key, days, ca=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
         return cls(cert, key)
@@ -212,25 +220,10 @@ class CertificateAuthority:
         ``server`` selects the extended key usage: serverAuth or clientAuth.
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(min(now + datetime.timedelta(days=days), self._cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=False, crl_sign=False,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
+            _builder(name, self._cert.subject, key, days, ca=False, not_after=self._cert.not_valid_after_utc)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
@@ -251,9 +244,9 @@ class CertificateAuthority:
 
 def _min_version(version: str) -> ssl.TLSVersion:
     try:
-        return _TLS_VERSIONS[version]
+        return TLS_VERSIONS[version]
     except KeyError:
-        raise ValueError(f"TLS minimum version must be 1.2 or 1.3, not {version!r}") from None
+        raise ValueError(f"TLS minimum version must be {' or '.join(TLS_VERSIONS)}, not {version!r}") from None
 
 
 def _load_chain(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
@@ -270,7 +263,7 @@ def _load_chain(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def server_context(material: ServerTlsMaterial, min_version: str = "1.2") -> ssl.SSLContext:
+def server_context(material: ServerTlsMaterial, min_version: str = DEFAULT_TLS_MIN_VERSION) -> ssl.SSLContext:
     """A server context presenting ``material``'s cert; clients must present a cert
     signed by ``material.client_ca_pem``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -281,13 +274,8 @@ def server_context(material: ServerTlsMaterial, min_version: str = "1.2") -> ssl
     return context
 
 
-def client_context(
-    cert_pem: str,
-    key_pem: str,
-    server_ca_pem: str | None,
-    min_version: str = "1.2",
-    skip_verify: bool = False,
-) -> ssl.SSLContext:
+def client_context(cert_pem: str, key_pem: str, server_ca_pem: str | None,
+                   min_version: str = DEFAULT_TLS_MIN_VERSION, skip_verify: bool = False) -> ssl.SSLContext:
     """A client context presenting ``cert_pem``; verifies the server (name included)
     against ``server_ca_pem`` unless ``skip_verify``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -324,7 +312,7 @@ class AdaptorTls:
         client_key_pem: str,
         vm_client_ca_pem: str,
         *,
-        min_version: str = "1.2",
+        min_version: str = DEFAULT_TLS_MIN_VERSION,
         skip_verify: bool = False,
     ):
         _min_version(min_version)
@@ -351,7 +339,7 @@ class AdaptorTls:
         tls_dir = Path(settings.state_dir) / "tls"
         ca = CertificateAuthority.load_or_create(tls_dir)
         if settings.cacert_file and settings.cert_file and settings.cert_key:
-            cert_pem, key_pem = _load_operator_pair(Path(settings.cert_file), Path(settings.cert_key))
+            _, cert_pem, key_pem = _load_pair(Path(settings.cert_file), Path(settings.cert_key))
             client_ca = _read(Path(settings.cacert_file))
             _load_cert(Path(settings.cacert_file), client_ca)
             vm_client_ca = client_ca.decode()
@@ -380,12 +368,14 @@ class AdaptorTls:
         return self._client_context
 
 
-def _load_operator_pair(cert_path: Path, key_path: Path) -> tuple[str, str]:
+def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, str, str]:
+    """(certificate, cert PEM, key PEM) read from the two files; ``TlsError`` naming the
+    file that is unreadable or not PEM, or the key when it does not match the certificate."""
     cert_data, key_data = _read(cert_path), _read(key_path)
     cert, key = _load_cert(cert_path, cert_data), _load_key(key_path, key_data)
     if not _same_public_key(cert, key):
         raise TlsError(f"{key_path}: does not match the certificate in {cert_path}")
-    return cert_data.decode(), key_data.decode()
+    return cert, cert_data.decode(), key_data.decode()
 
 
 def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: str) -> tuple[str, str]:
@@ -394,12 +384,10 @@ def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: st
     cert_path, key_path = tls_dir / CLIENT_CERT_NAME, tls_dir / CLIENT_KEY_NAME
     if cert_path.exists() and key_path.exists():
         try:
-            cert_data, key_data = _read(cert_path), _read(key_path)
-            cert, key = _load_cert(cert_path, cert_data), _load_key(key_path, key_data)
+            cert, cert_pem, key_pem = _load_pair(cert_path, key_path)
             cert.verify_directly_issued_by(ca.certificate)
-            soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
-            if _same_public_key(cert, key) and cert.not_valid_after_utc > soon:
-                return cert_data.decode(), key_data.decode()
+            if cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1):
+                return cert_pem, key_pem
         except (TlsError, ValueError, TypeError, InvalidSignature) as exc:
             log.warning("replacing the adaptor client certificate in %s: %s", tls_dir, exc)
     cert_pem, key_pem = ca.issue(f"cloud-api-adaptor {node_name}", server=False)

@@ -1,4 +1,4 @@
-"""Static checks that catch real mistakes: unused or undefined names, syntax."""
+"""Static checks that catch real mistakes: unused or undefined names, syntax, layers, types."""
 
 import shutil
 import subprocess
@@ -23,3 +23,25 @@ def test_layers_hold():
     assert lint_imports, "import-linter is a test dependency: pip install -e '.[test]'"
     result = subprocess.run([lint_imports], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+
+
+# Strict typing where a wrong type costs most: the lifecycle, the provider protocol, the ttrpc package.
+STRICT_PATHS = ("cloudadaptor/adaptor", "cloudadaptor/providers/base.py", "cloudadaptor/ttrpc")
+# Test doubles checked against the protocols they stand in for (module-level annotated assignments).
+FAKE_PATHS = ("tests/adaptor/conftest.py",)
+
+
+def _mypy(*args: str) -> subprocess.CompletedProcess[str]:
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
+    assert mypy, "mypy is a test dependency: pip install -e '.[test]'"
+    return subprocess.run([mypy, "--no-error-summary", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_types_hold_strictly_in_the_lifecycle_provider_protocol_and_ttrpc():
+    result = _mypy("--strict", *STRICT_PATHS)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr
+
+
+def test_fakes_satisfy_the_protocols_they_stand_in_for():
+    result = _mypy(*FAKE_PATHS)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr

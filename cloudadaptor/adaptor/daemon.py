@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
 from cloudadaptor.adaptor.service import HypervisorService
@@ -20,6 +21,10 @@ from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import Provider, create_provider
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
+
+if TYPE_CHECKING:  # both import heavy clients, only when configured
+    from cloudadaptor.adaptor.grpc_binding import GrpcBinding
+    from cloudadaptor.k8s.node import NodeIntegration
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,9 @@ class Daemon:
         self.pod_network = pod_network
         self.lifecycle: SandboxLifecycle | None = None
         self._ttrpc = Server()
-        self._grpc = None
+        self._grpc: GrpcBinding | None = None
         self._store: SandboxStore | None = None
-        self._k8s = None  # cloudadaptor.k8s.node.NodeIntegration in a cluster
+        self._k8s: NodeIntegration | None = None  # in a cluster
         self.closed = False
 
     async def start(self) -> None:

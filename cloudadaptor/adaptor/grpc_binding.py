@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cloudadaptor.adaptor.lifecycle import LifecycleError
+from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.service import HypervisorService, Method
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class GrpcBinding:
         await self._server.stop(grace)
 
 
-def _grpc_call(method: Method):
+def _grpc_call(method: Method) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method.call(request)

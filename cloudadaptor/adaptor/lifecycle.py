@@ -11,10 +11,8 @@ after the row's VNI) that ``recover()`` finishes or undoes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 from collections import OrderedDict
@@ -22,33 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
-from cloudadaptor.adaptor.proxy import AGENT_PORT, AgentEndpoint, AgentProxy, AgentUnreachable
+from cloudadaptor import podconfig, userdata
+from cloudadaptor.adaptor import recovery
 from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
+from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
+from cloudadaptor.adaptor.validation import (
+    AGENT_SOCKET_NAME,
+    ANN_INITDATA,
+    ANN_POD_NAME,
+    ANN_POD_NAMESPACE,
+    MAX_UNIX_PATH,
+    annotation_problems,
+    check_vm_limit,
+    instance_spec,
+    validate_netns_path,
+    validate_sandbox_id,
+    vm_name_for,
+)
 from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.errors import Code
-from cloudadaptor import userdata
+from cloudadaptor.wire import AGENT_PORT, DEFAULT_TLS_MIN_VERSION, VXLAN_MIN_ID, VXLAN_PORT
 
 log = logging.getLogger(__name__)
-
-# Annotations the kata shim sends with every CreateVM.
-ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
-ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
-_HV = "io.katacontainers.config.hypervisor."
-ANN_MACHINE_TYPE = _HV + "machine_type"
-ANN_IMAGE = _HV + "image"
-ANN_VCPUS = _HV + "default_vcpus"
-ANN_MEMORY = _HV + "default_memory"
-ANN_GPUS = _HV + "default_gpus"
-ANN_INITDATA = _HV + "cc_init_data"
-
-MAX_ID_LENGTH = 128
-AGENT_SOCKET_NAME = "agent.ttrpc"
-MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,9 @@ class LifecycleOptions:
     proxy_timeout: float = 300.0
     agent_port: int = AGENT_PORT
     extra_tags: Mapping[str, str] = field(default_factory=dict)
-    tls_min_version: str = "1.2"
-    vxlan_port: int = 9000
-    vxlan_min_id: int = 555000
+    tls_min_version: str = DEFAULT_TLS_MIN_VERSION
+    vxlan_port: int = VXLAN_PORT
+    vxlan_min_id: int = VXLAN_MIN_ID
     vm_limit: int | None = None  # PEERPODS_LIMIT_PER_NODE: pod VMs this node may run
 
 
@@ -88,7 +86,7 @@ class SandboxLifecycle:
         self.observer = observer or NoopObserver()
         self._proxies: dict[str, AgentProxy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._starting: dict[str, asyncio.Task] = {}
+        self._starting: dict[str, asyncio.Future[None]] = {}
         self._changed = asyncio.Condition()
         # Ids stopped recently: a repeated StopVM is harmless, not NOT_FOUND.
         self._stopped: OrderedDict[str, float] = OrderedDict()
@@ -105,7 +103,7 @@ class SandboxLifecycle:
         """
         validate_sandbox_id(sandbox_id)
         validate_netns_path(netns_path)
-        spec_errors = _annotation_problems(annotations)
+        spec_errors = annotation_problems(annotations)
         if spec_errors:
             raise LifecycleError(Code.INVALID_ARGUMENT, "; ".join(spec_errors))
         async with self._lock(sandbox_id):
@@ -130,7 +128,7 @@ class SandboxLifecycle:
                 vni = self.store.next_free_vni(self.options.vxlan_min_id)
             except VniExhausted as exc:
                 raise LifecycleError(Code.RESOURCE_EXHAUSTED, f"CreateVM {sandbox_id}: {exc}") from None
-            network = userdata.PodNetworkConfig(pod, worker_ip, vni, self.options.vxlan_port)
+            network = podconfig.PodNetworkConfig(pod, worker_ip, vni, self.options.vxlan_port)
             sandbox = Sandbox(
                 id=sandbox_id,
                 pod_name=pod_name,
@@ -152,9 +150,9 @@ class SandboxLifecycle:
 
     def _render_user_data(
         self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str, annotations: Mapping[str, str],
-        network: userdata.PodNetworkConfig,
+        network: podconfig.PodNetworkConfig,
     ) -> str:
-        config = userdata.ForwarderConfig(
+        config = podconfig.ForwarderConfig(
             sandbox_id=sandbox_id,
             pod_name=pod_name,
             pod_namespace=pod_namespace,
@@ -201,19 +199,8 @@ class SandboxLifecycle:
 
     def _check_vm_limit(self, sandbox_id: str) -> None:
         """Second line of defence behind the scheduler's ``kata.peerpods.io/vm`` resource."""
-        limit = self.options.vm_limit
-        if limit is None:
-            return
-        busy = {
-            s.id for s in self.store.all()
-            if s.state in (SandboxState.STARTING, SandboxState.RUNNING) or s.instance_id
-        } | set(self._starting)
-        busy.discard(sandbox_id)
-        if len(busy) >= limit:
-            raise LifecycleError(
-                Code.RESOURCE_EXHAUSTED,
-                f"node {self.options.node_name} already runs {len(busy)} pod VMs (PEERPODS_LIMIT_PER_NODE={limit})",
-            )
+        busy = {s.id for s in self.store.all() if s.state in (SandboxState.STARTING, SandboxState.RUNNING) or s.instance_id}
+        check_vm_limit(self.options.vm_limit, self.options.node_name, (busy | set(self._starting)) - {sandbox_id})
 
     async def _start(self, sandbox: Sandbox) -> None:
         began = time.monotonic()
@@ -221,7 +208,7 @@ class SandboxLifecycle:
         instance: providers.Instance | None = None
         try:
             try:
-                instance = await self.provider.create_instance(self._instance_spec(sandbox))
+                instance = await self.provider.create_instance(instance_spec(sandbox, self.options.node_name, self.options.extra_tags))
             except providers.ProviderError as exc:
                 raise LifecycleError(Code.UNAVAILABLE, f"creating VM {sandbox.vm_name} failed: {exc}") from exc
             if not instance.ips:
@@ -230,8 +217,7 @@ class SandboxLifecycle:
             log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
             await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name)
             await self.network.up(sandbox)
-            proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
-            self._proxies[sandbox.id] = proxy
+            proxy = self.serve_agent(sandbox)
             try:
                 await proxy.wait_ready(self.options.proxy_timeout)
             except AgentUnreachable as exc:
@@ -244,7 +230,7 @@ class SandboxLifecycle:
             reason = _reason(exc)
             # Shielded: the rollback must finish even if the shim hung up
             # (a second cancellation leaves it running to completion).
-            done = await asyncio.shield(asyncio.ensure_future(self._rollback_start(sandbox.id, reason)))
+            done = await asyncio.shield(asyncio.ensure_future(self.rollback_start(sandbox.id, reason)))
             if isinstance(exc, LifecycleError):
                 raise LifecycleError(exc.code, f"StartVM {sandbox.id}: {exc.message}; {done}") from None
             if isinstance(exc, Exception):
@@ -252,7 +238,7 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"StartVM {sandbox.id}: {reason}; {done}") from exc
             raise
 
-    async def _rollback_start(self, sandbox_id: str, reason: str) -> str:
+    async def rollback_start(self, sandbox_id: str, reason: str) -> str:
         """Undo a failed start (VM, then tunnel); returns what was done, for the error message."""
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
@@ -293,28 +279,6 @@ class SandboxLifecycle:
         for instance_id in sorted(ids):
             await self.provider.delete_instance(instance_id)
         return sorted(ids)
-
-    def _instance_spec(self, sandbox: Sandbox) -> providers.InstanceSpec:
-        ann = sandbox.annotations
-        tags = {
-            **self.options.extra_tags,
-            providers.TAG_OWNER: providers.OWNER_VALUE,
-            providers.TAG_NODE: self.options.node_name,
-            providers.TAG_SANDBOX: sandbox.id,
-            providers.TAG_POD: f"{sandbox.pod_namespace}/{sandbox.pod_name}",
-        }
-        return providers.InstanceSpec(
-            name=sandbox.vm_name,
-            sandbox_id=sandbox.id,
-            user_data=sandbox.user_data,
-            client_token=client_token_for(sandbox.id),
-            tags=tags,
-            image=ann.get(ANN_IMAGE) or None,
-            instance_type=ann.get(ANN_MACHINE_TYPE) or None,
-            vcpus=_int_annotation(ann, ANN_VCPUS),
-            memory_mib=_int_annotation(ann, ANN_MEMORY),
-            gpus=_int_annotation(ann, ANN_GPUS) or 0,
-        )
 
     def _endpoint(self, sandbox: Sandbox) -> AgentEndpoint:
         return AgentEndpoint(
@@ -387,47 +351,22 @@ class SandboxLifecycle:
 
     # --------------------------------------------------------- restart and close
     async def recover(self) -> list[str]:
-        """After a restart: re-serve running sandboxes, undo interrupted work,
-        remove tunnels of sandboxes not running, and delete VMs tagged for this
-        node and tunnel devices in the worker netns that no record owns.
-
-        Returns one line per action taken (also logged).
-        """
-        actions: list[str] = []
-        for sandbox in self.store.all():
-            if sandbox.state is SandboxState.RUNNING and sandbox.vm_ips:
-                proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
-                await proxy.start()
-                self._proxies[sandbox.id] = proxy
-                actions.append(f"sandbox {sandbox.id}: re-serving agent proxy for VM {sandbox.instance_id}")
-            elif sandbox.state in (SandboxState.STARTING, SandboxState.FAILED) and (sandbox.instance_id or sandbox.state is SandboxState.STARTING):
-                actions.append(f"sandbox {sandbox.id}: interrupted start, {await self._rollback_start(sandbox.id, 'daemon restarted during StartVM')}")
-            elif sandbox.state is SandboxState.STOPPING:
-                try:
-                    await self.stop(sandbox.id)
-                    actions.append(f"sandbox {sandbox.id}: finished interrupted stop")
-                except LifecycleError as exc:
-                    actions.append(f"sandbox {sandbox.id}: stop still failing: {exc.message}")
-        actions.extend(await self.network.remove_stale(self.store))
-        actions.extend(await self.sweep_orphans())
-        for line in actions:
-            log.info("recover: %s", line)
-        return actions
+        """After a restart: see ``recovery.recover`` (re-serve, undo, sweep). Returns one line per action."""
+        return await recovery.recover(self)
 
     async def sweep_orphans(self) -> list[str]:
-        """Delete VMs tagged as ours on this node that no sandbox record owns."""
-        owned = await self.provider.list_owned(
-            {providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: self.options.node_name}
-        )
-        known = {s.id for s in self.store.all()} | set(self._starting)
-        actions = []
-        for instance in owned:
-            sandbox_id = instance.tags.get(providers.TAG_SANDBOX, "")
-            if sandbox_id in known:
-                continue  # its sandbox's StopVM deletes it (found by tag)
-            await self.provider.delete_instance(instance.id)
-            actions.append(f"deleted orphan VM {instance.id} (sandbox {sandbox_id or '?'})")
-        return actions
+        """Delete VMs tagged as ours on this node that no sandbox record owns (``recovery.sweep_orphans``)."""
+        return await recovery.sweep_orphans(self)
+
+    def serve_agent(self, sandbox: Sandbox) -> AgentProxy:
+        """A proxy for ``sandbox``'s agent socket, registered so StopVM and close() shut it; not yet started."""
+        proxy = self._proxy_factory(sandbox.agent_socket, self._endpoint(sandbox))
+        self._proxies[sandbox.id] = proxy
+        return proxy
+
+    def starting_ids(self) -> set[str]:
+        """Sandboxes whose StartVM is in progress (their VMs may not be recorded yet)."""
+        return set(self._starting)
 
     async def close(self) -> None:
         """Stop serving agent sockets. VMs keep running: a restart re-serves them."""
@@ -449,59 +388,6 @@ class SandboxLifecycle:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
-
-
-def validate_sandbox_id(sandbox_id: str) -> None:
-    problem = None
-    if not sandbox_id:
-        problem = "must not be empty"
-    elif len(sandbox_id) > MAX_ID_LENGTH:
-        problem = f"is {len(sandbox_id)} characters long, the limit is {MAX_ID_LENGTH}"
-    elif "\x00" in sandbox_id:
-        problem = "must not contain NUL"
-    elif "/" in sandbox_id or ".." in sandbox_id:
-        problem = "must not contain '/' or '..'"
-    if problem:
-        raise LifecycleError(Code.INVALID_ARGUMENT, f"sandbox id {sandbox_id[:MAX_ID_LENGTH]!r} {problem}")
-
-
-def validate_netns_path(path: str) -> None:
-    if not path:
-        raise LifecycleError(Code.INVALID_ARGUMENT, "networkNamespacePath is empty; expected the pod's network namespace (e.g. /run/netns/cni-...)")
-    if "\x00" in path or not os.path.isabs(path):
-        raise LifecycleError(Code.INVALID_ARGUMENT, f"networkNamespacePath {path!r} must be an absolute path")
-    if not os.path.exists(path):
-        raise LifecycleError(Code.INVALID_ARGUMENT, f"networkNamespacePath {path!r} does not exist")
-
-
-_NAME_CHARS = re.compile(r"[^a-z0-9-]+")
-
-
-def vm_name_for(pod_name: str, sandbox_id: str) -> str:
-    """``podvm-<pod name sanitized>-<first 8 of sandbox id>``, at most 63 chars."""
-    suffix = re.sub(r"[^a-z0-9]", "", sandbox_id.lower())[:8] or hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]
-    room = 63 - len("podvm-") - len(suffix) - 1
-    pod = _NAME_CHARS.sub("-", pod_name.lower()).strip("-")[:room].strip("-")
-    return f"podvm-{pod}-{suffix}" if pod else f"podvm-{suffix}"
-
-
-def client_token_for(sandbox_id: str) -> str:
-    """Stable idempotency token: a retried create of this sandbox adopts its VM."""
-    return hashlib.sha256(sandbox_id.encode()).hexdigest()[:64]
-
-
-def _annotation_problems(annotations: Mapping[str, str]) -> list[str]:
-    problems = []
-    for key in (ANN_VCPUS, ANN_MEMORY, ANN_GPUS):
-        value = annotations.get(key, "")
-        if value and not (value.isdigit() and int(value) >= 0):
-            problems.append(f"annotation {key}={value!r} is not a non-negative integer")
-    return problems
-
-
-def _int_annotation(annotations: Mapping[str, str], key: str) -> int | None:
-    value = annotations.get(key, "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _reason(exc: BaseException) -> str:

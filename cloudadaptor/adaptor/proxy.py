@@ -2,7 +2,7 @@
 
 The shim dials ``agent.ttrpc`` (a unix socket in the sandbox's pod dir); each
 connection is piped byte for byte to the VM's agent-protocol-forwarder over
-(m)TLS on port 15150, so every AgentService and Health call reaches the agent
+(m)TLS on ``wire.AGENT_PORT``, so every AgentService and Health call reaches the agent
 untouched. One TLS connection per shim connection keeps ttrpc stream ids and
 flow exactly as the shim sent them.
 """
@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,10 @@ from cloudadaptor.protocols import health_pb2
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.framing import close_writer
+from cloudadaptor.wire import AGENT_PORT
 
 log = logging.getLogger(__name__)
 
-AGENT_PORT = 15150
 _COPY_CHUNK = 1 << 16
 
 
@@ -142,7 +143,7 @@ class AgentProxy:
             await asyncio.gather(close_writer(up_w), close_writer(down_w))
 
 
-async def _first_completed(*coros) -> tuple[set[asyncio.Task], set[asyncio.Task]]:
+async def _first_completed(*coros: Awaitable[object]) -> tuple[set[asyncio.Future[object]], set[asyncio.Future[object]]]:
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -17,7 +17,7 @@ from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore
 from cloudadaptor.podnetwork.api import NetnsInvalid, NetnsUnusable, PodNetwork, PodNetworkError, TunnelSpec
 from cloudadaptor.ttrpc.errors import Code
-from cloudadaptor.userdata import PodInterface
+from cloudadaptor.podconfig import PodInterface
 
 log = logging.getLogger(__name__)
 

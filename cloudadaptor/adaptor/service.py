@@ -13,7 +13,8 @@ from typing import Any, Awaitable, Callable
 from google.protobuf.message import Message
 
 from cloudadaptor import __version__
-from cloudadaptor.adaptor.lifecycle import LifecycleError, SandboxLifecycle
+from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.lifecycle import SandboxLifecycle
 from cloudadaptor.protocols import hypervisor_pb2 as hv
 from cloudadaptor.protocols import podvminfo_pb2 as pvi
 from cloudadaptor.ttrpc.errors import Code, TtrpcError

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from cloudadaptor.userdata import MAX_VNI, PodNetworkConfig
+from cloudadaptor.podconfig import PodNetworkConfig
+from cloudadaptor.wire import MAX_VNI
 
 
 class SandboxState(str, enum.Enum):

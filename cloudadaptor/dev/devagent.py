@@ -1,6 +1,6 @@
 """Development agent: speaks kata-agent's ttrpc services and really runs commands.
 
-It stands in for kata-agent the way moto stands in for EC2 (DESIGN §5): a
+It stands in for kata-agent the way moto stands in for EC2 (docs/ARCHITECTURE.md, "How we test"): a
 ttrpc server on a unix socket serving ``grpc.Health`` and the part of
 ``grpc.AgentService`` a pod's life uses. Container processes really run, in
 the container's network namespace (``OCI.Linux.Namespaces`` entry of type
@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -56,7 +54,7 @@ from google.protobuf import empty_pb2
 
 from cloudadaptor import __version__
 from cloudadaptor.protocols import agent_pb2, health_pb2
-from cloudadaptor.dev.nsexec import DEFAULT_PATH
+from cloudadaptor.dev.devprocess import BlockedCalls, Process, read_or_drain, signal_group, spawn
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.server import CallContext, Server, unary
 
@@ -66,30 +64,9 @@ AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
 AGENT_VERSION = f"devagent {__version__}"
 EOF_MESSAGE = "read meet eof"
-DRAIN_AFTER_EXIT = 0.5  # seconds
 DEFAULT_READ = 32 * 1024
 MAX_READ = 1024 * 1024  # stays well under the 4 MiB ttrpc message limit
 KILL_WAIT = 5.0
-
-
-@dataclass(eq=False)
-class _Process:
-    """One container process (the init or an exec) and its pipes."""
-
-    container_id: str
-    exec_id: str
-    args: list[str]
-    env: list[str]
-    cwd: str
-    netns: str | None
-    proc: asyncio.subprocess.Process | None = None
-    status: int | None = None
-    started: asyncio.Event = field(default_factory=asyncio.Event)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    removed: bool = False
-    stdout_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    stderr_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(eq=False)
@@ -98,10 +75,10 @@ class _Container:
     init_exec_id: str
     spec: agent_pb2.Spec
     netns: str | None
-    init: _Process
-    execs: dict[str, _Process] = field(default_factory=dict)
+    init: Process
+    execs: dict[str, Process] = field(default_factory=dict)
 
-    def processes(self) -> list[_Process]:
+    def processes(self) -> list[Process]:
         return [self.init, *self.execs.values()]
 
 
@@ -114,28 +91,12 @@ def network_namespace(spec: agent_pb2.Spec) -> str | None:
     return path
 
 
-def _exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def _find_executable(args: list[str], env: list[str]) -> None:
-    """Raise INTERNAL (runc's wording) when ``args[0]`` cannot be executed."""
-    name = args[0]
-    if "/" in name:
-        if os.path.isfile(name) and os.access(name, os.X_OK):
-            return
-    else:
-        path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
-        if shutil.which(name, path=path):
-            return
-    raise TtrpcError(Code.INTERNAL, f'exec: "{name}": executable file not found in $PATH')
-
-
 class DevAgent:
     """The agent's state and RPC implementations; ``register`` binds them to a server."""
 
     def __init__(self) -> None:
         self.containers: dict[str, _Container] = {}
+        self.blocked = BlockedCalls()
         self.sandbox_id: str | None = None
         self.hostname: str | None = None
 
@@ -201,7 +162,7 @@ class DevAgent:
         args = list(process.Args)
         if not args or args[0] == "/pause":
             args = []  # a pause process
-        init = _Process(cid, req.exec_id or cid, args, list(process.Env), process.Cwd, netns)
+        init = Process(cid, req.exec_id or cid, args, list(process.Env), process.Cwd, netns)
         spec = agent_pb2.Spec()
         spec.CopyFrom(req.OCI)
         container = _Container(cid, req.exec_id or cid, spec, netns, init)
@@ -213,7 +174,7 @@ class DevAgent:
         container = self._container(req.container_id)
         if container.init.started.is_set():
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container.id} is already started")
-        await self._spawn(container.init)
+        await spawn(container.init)
         return empty_pb2.Empty()
 
     async def remove_container(self, req: agent_pb2.RemoveContainerRequest, ctx: CallContext) -> empty_pb2.Empty:
@@ -235,8 +196,8 @@ class DevAgent:
         args = list(req.process.Args)
         if not args:
             raise TtrpcError(Code.INVALID_ARGUMENT, "process.Args is empty")
-        process = _Process(container.id, eid, args, list(req.process.Env), req.process.Cwd, container.netns)
-        await self._spawn(process)
+        process = Process(container.id, eid, args, list(req.process.Env), req.process.Cwd, container.netns)
+        await spawn(process)
         container.execs[eid] = process
         return empty_pb2.Empty()
 
@@ -246,12 +207,13 @@ class DevAgent:
         sig = req.signal
         targets = container.processes() if process is container.init and sig == signal.SIGKILL else [process]
         for target in targets:
-            _signal_group(target, sig)
+            signal_group(target, sig)
         return empty_pb2.Empty()
 
     async def wait_process(self, req: agent_pb2.WaitProcessRequest, ctx: CallContext) -> agent_pb2.WaitProcessResponse:
         process = self._process(req.container_id, req.exec_id)
-        await process.exited.wait()
+        async with self.blocked.at("wait"):
+            await process.exited.wait()
         if process.status is None:
             raise TtrpcError(Code.NOT_FOUND, f"process {process.exec_id} was removed before it ran")
         return agent_pb2.WaitProcessResponse(status=process.status)
@@ -291,7 +253,7 @@ class DevAgent:
         stream = process.proc.stdout if stdout else process.proc.stderr
         size = min(req.len or DEFAULT_READ, MAX_READ)
         async with process.stdout_lock if stdout else process.stderr_lock:
-            data = await _read_or_drain(stream, size, process.exited)
+            data = await read_or_drain(stream, size, process.exited)
         if not data:
             raise TtrpcError(Code.INTERNAL, EOF_MESSAGE)
         return agent_pb2.ReadStreamResponse(data=data)
@@ -304,7 +266,7 @@ class DevAgent:
         except KeyError:
             raise TtrpcError(Code.NOT_FOUND, f"container {cid} not found") from None
 
-    def _process(self, cid: str, eid: str) -> _Process:
+    def _process(self, cid: str, eid: str) -> Process:
         container = self._container(cid)
         if not eid or eid == container.init_exec_id:
             return container.init
@@ -313,41 +275,14 @@ class DevAgent:
         except KeyError:
             raise TtrpcError(Code.NOT_FOUND, f"exec {eid} not found in container {cid}") from None
 
-    async def _running(self, cid: str, eid: str) -> _Process:
+    async def _running(self, cid: str, eid: str) -> Process:
         """The process, once started (an init waits for StartContainer)."""
         process = self._process(cid, eid)
-        await process.started.wait()
+        async with self.blocked.at("start"):
+            await process.started.wait()
         if process.proc is None:
             raise TtrpcError(Code.NOT_FOUND, f"process {process.exec_id} was removed before it ran")
         return process
-
-    async def _spawn(self, process: _Process) -> None:
-        env = process.env
-        command = ["--pause"]
-        if process.args:
-            _find_executable(process.args, env)
-            command = ["--", *process.args]
-        cwd = process.cwd if process.cwd and os.path.isdir(process.cwd) else "/"
-        argv = [sys.executable, "-m", "cloudadaptor.dev.nsexec", "--cwd", cwd]
-        if process.netns:
-            argv += ["--net", process.netns]
-        argv += [f"--env={e}" for e in env] if env else ["--env=PATH=" + DEFAULT_PATH]
-        loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await loop.subprocess_exec(
-                lambda: _Protocol(process, loop),
-                *argv, *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise TtrpcError(Code.INTERNAL, f"cannot start {process.args}: {exc}") from None
-        process.proc = asyncio.subprocess.Process(transport, protocol, loop)
-        process.started.set()
-        log.info("started %s/%s pid %d: %s", process.container_id, process.exec_id,
-                 process.proc.pid, process.args or "<pause>")
 
     async def _kill_container(self, container: _Container) -> None:
         for process in container.processes():
@@ -355,69 +290,18 @@ class DevAgent:
             if process.proc is None:  # never started: release anyone waiting on it
                 process.started.set()
                 process.exited.set()
-            _signal_group(process, signal.SIGKILL, even_if_exited=True)
+            signal_group(process, signal.SIGKILL, even_if_exited=True)
         waiters = [asyncio.ensure_future(p.exited.wait()) for p in container.processes()]
         _, pending = await asyncio.wait(waiters, timeout=KILL_WAIT)
         for waiter in pending:
             waiter.cancel()
 
 
-class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """Marks the process exited as soon as it is reaped. (asyncio's own
-    ``Process.wait()`` also waits for the pipes to close, which a background
-    child holding stdout would delay forever; kata reports the exit at once.)"""
-
-    def __init__(self, process: _Process, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=2**16, loop=loop)
-        self._process = process
-
-    def process_exited(self) -> None:
-        returncode = self._transport.get_returncode() if self._transport is not None else None
-        super().process_exited()  # may drop the transport: read the code first
-        process = self._process
-        process.status = _exit_status(returncode if returncode is not None else -signal.SIGKILL)
-        process.exited.set()
-        log.info("%s/%s exited with status %d", process.container_id, process.exec_id, process.status)
-
-
-def _signal_group(process: _Process, sig: int, even_if_exited: bool = False) -> None:
-    """Signal the process's group (it leads its own session); an exited process is fine.
-
-    ``even_if_exited`` also reaches what is left of the group after its leader
-    exited (background children): used when removing a container.
-    """
-    if process.proc is None or (process.exited.is_set() and not even_if_exited):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.proc.pid, sig)
-
-
-async def _read_or_drain(stream: asyncio.StreamReader | None, size: int, exited: asyncio.Event) -> bytes:
-    """Read up to ``size`` bytes; b"" at end of stream, or when nothing more came
-    within DRAIN_AFTER_EXIT of the process exiting."""
-    if stream is None:
-        return b""
-    read = asyncio.ensure_future(stream.read(size))
-    exit_wait = asyncio.ensure_future(exited.wait())
-    try:
-        await asyncio.wait({read, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if not read.done():
-            await asyncio.wait({read}, timeout=DRAIN_AFTER_EXIT)
-        if read.done():
-            return read.result()
-        return b""
-    finally:
-        for task in (read, exit_wait):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-
-async def serve(socket_path: str, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Serve on ``socket_path`` until ``stop`` is set (or cancellation); then kill
-    every process and remove the socket. ``ready`` is set once listening."""
-    agent = DevAgent()
+async def serve(socket_path: str, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                agent: DevAgent | None = None) -> None:
+    """Serve ``agent`` (a new one by default) on ``socket_path`` until ``stop`` is set (or
+    cancellation); then kill every process and remove the socket. ``ready`` is set once listening."""
+    agent = agent or DevAgent()
     server = Server()
     agent.register(server)
     await server.serve_unix(socket_path, mode=0o600)

@@ -1,4 +1,4 @@
-"""Run a command in a private user + network + mount namespace (DESIGN §5).
+"""Run a command in a private user + network + mount namespace (docs/ARCHITECTURE.md, "How we test").
 
 Inside, an ordinary user is root of fresh namespaces: it can create network
 namespaces, veth pairs, bridges, VXLAN devices and tc filters, while the

@@ -13,16 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Collection, Protocol, runtime_checkable
 
-from cloudadaptor.userdata import PodInterface
+from cloudadaptor.podconfig import PodInterface
 
 # Every VXLAN device we create is named after its VNI, so it can be found again
 # (after a crash, in the worker netns or the pod netns) without any record.
 DEVICE_PREFIX = "ppvx"
 _DEVICE = re.compile(DEVICE_PREFIX + r"(\d{1,8})")
 
-# The VM side: the pod interface's MTU is capped so a full frame plus the
-# 50-byte VXLAN/UDP/IP overhead fits a 1500-byte underlay.
-VM_MAX_MTU = 1450
 
 
 def device_name(vni: int) -> str:

@@ -17,7 +17,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cloudadaptor.podnetwork.api import DEVICE_PREFIX, NetnsInvalid, NetnsUnusable, PodNetworkError
-from cloudadaptor.userdata import PodInterface, PodNeighbour, PodRoute
+from cloudadaptor.podconfig import PodInterface, PodNeighbour, PodRoute
 
 IFF_LOOPBACK = 0x8
 RTPROT_KERNEL = 2

@@ -1,4 +1,4 @@
-"""The worker side of a pod's VXLAN tunnel (DESIGN §1).
+"""The worker side of a pod's VXLAN tunnel (docs/ARCHITECTURE.md, "What the product is").
 
     pod netns: eth0 ◄─tc redirect─► ppvx<vni> ══UDP vxlan_port══► pod VM
 

@@ -7,7 +7,7 @@ and before the kata-agent. From apf.json's ``network`` it creates, in the
 VM's own netns (so its UDP socket is on the VM's network), a VXLAN device
 towards the worker (``worker_ip``, ``vni``, ``vxlan_port``), moves it into
 ``podns``, renames it to the pod's interface name and gives it the pod's MAC,
-addresses and MTU (capped at 1450: the frame plus 50 bytes of VXLAN must fit
+addresses and MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN must fit
 the underlay). Then the pod's routes are replayed (routes without a gateway
 first, so gateways are reachable) and its permanent neighbours.
 
@@ -30,18 +30,19 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cloudadaptor import linuxns
-from cloudadaptor.podnetwork.api import VM_MAX_MTU, PodNetworkError, device_name
-from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig, PodInterface, PodNetworkConfig, UserDataError
+from cloudadaptor.podnetwork.api import PodNetworkError, device_name
+from cloudadaptor.podconfig import ApfConfigError, ForwarderConfig, PodInterface, PodNetworkConfig
+from cloudadaptor.userdata import APF_CONFIG_PATH
+from cloudadaptor.wire import PODNS, VXLAN_MAX_MTU
 
-PODNS = "podns"
 IFA_F_NODAD = 0x02
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 
 
 def vm_mtu(pod_mtu: int) -> int:
-    """The pod interface's MTU in the VM: the pod's, at most ``VM_MAX_MTU``."""
-    return min(pod_mtu, VM_MAX_MTU)
+    """The pod interface's MTU in the VM: the pod's, at most ``wire.VXLAN_MAX_MTU``."""
+    return min(pod_mtu, VXLAN_MAX_MTU)
 
 
 def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | None = None) -> str:
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"pod-network: cannot read {args.config}: {exc.strerror}", file=sys.stderr, flush=True)
         return 1
-    except UserDataError as exc:
+    except ApfConfigError as exc:
         print(f"pod-network: {exc}", file=sys.stderr, flush=True)
         return 1
     if config.network is None:

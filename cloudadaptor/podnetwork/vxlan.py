@@ -12,7 +12,7 @@ from typing import Collection
 
 from cloudadaptor.podnetwork import netns, tunnel
 from cloudadaptor.podnetwork.api import TunnelSpec
-from cloudadaptor.userdata import PodInterface
+from cloudadaptor.podconfig import PodInterface
 
 
 class VxlanPodNetwork:

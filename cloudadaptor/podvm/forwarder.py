@@ -1,6 +1,6 @@
 """agent-protocol-forwarder: the pod VM's mTLS front door to the kata-agent.
 
-Listens on TCP 15150 (TLS with a required client certificate when TLS is
+Listens on TCP ``wire.AGENT_PORT`` (TLS with a required client certificate when TLS is
 enabled). Each accepted connection gets its own unix connection to the
 kata-agent socket and a ttrpc ``relay`` between the two. Requests pass
 verbatim except two rewrites:
@@ -29,13 +29,14 @@ from cloudadaptor.tls import server_context
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.framing import close_writer
 from cloudadaptor.ttrpc.relay import relay
-from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig
+from cloudadaptor.podconfig import ForwarderConfig
+from cloudadaptor.userdata import APF_CONFIG_PATH
+from cloudadaptor.wire import AGENT_PORT, PODNS_PATH
 
 log = logging.getLogger("cloudadaptor.podvm.forwarder")
 
 AGENT_SERVICE = "grpc.AgentService"
-POD_NETNS_PATH = "/run/netns/podns"
-DEFAULT_PORT = 15150
+POD_NETNS_PATH = PODNS_PATH  # the agent runs the pod in the namespace pod-network set up
 DEFAULT_KATA_AGENT_SOCKET = "/run/kata-containers/agent.sock"
 HANDSHAKE_TIMEOUT = 10.0
 AGENT_DIAL_TIMEOUT = 5.0
@@ -108,7 +109,7 @@ class AgentProtocolForwarder:
         kata_agent_socket: str,
         ssl_context: ssl.SSLContext | None,
         host: str = "0.0.0.0",
-        port: int = DEFAULT_PORT,
+        port: int = AGENT_PORT,
     ) -> None:
         self.kata_agent_socket = kata_agent_socket
         self.ssl_context = ssl_context
@@ -244,7 +245,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"kata-agent unix socket (default {DEFAULT_KATA_AGENT_SOCKET})",
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=None, help="TCP port (default: listen_port from the config, 15150)")
+    parser.add_argument("--port", type=int, default=None, help=f"TCP port (default: listen_port from the config, {AGENT_PORT})")
     parser.add_argument("--log-level", default="info", help="debug | info | warning | error (default info)")
     return parser
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from google.protobuf.message import DecodeError
 
@@ -71,6 +71,7 @@ class _Relay:
         self.up_writer = up_writer
         self.rewrite_request = rewrite_request
         self.down_lock = asyncio.Lock()  # both pumps write downstream
+        self.up_lock = asyncio.Lock()  # only one pump writes upstream; a lock keeps the pumps alike
 
     async def run(self) -> str:
         pumps = [
@@ -94,41 +95,56 @@ class _Relay:
         return reason
 
     async def _downstream_to_upstream(self) -> str:
-        while True:
-            try:
-                frame = await read_frame(self.down_reader)
-            except OversizedFrame as exc:
-                await self._answer(exc.stream_id, Code.RESOURCE_EXHAUSTED, f"request refused: {exc}")
-                continue
-            except FrameError as exc:
-                return _unparseable("downstream", exc)
-            except OSError as exc:
-                return f"downstream read failed: {exc}"
-            if frame is None:
-                return "downstream closed the connection"
-            if frame.type == FrameType.REQUEST and self.rewrite_request is not None:
-                frame = await self._rewrite(frame)
-                if frame is None:
-                    continue
-            if not await _write(self.up_writer, frame.encode()):
-                return "upstream connection lost while writing"
+        return await self._pump(
+            ("downstream", self.down_reader), ("upstream", self.up_writer, self.up_lock),
+            "request refused", self._forward_request,
+        )
 
     async def _upstream_to_downstream(self) -> str:
+        return await self._pump(
+            ("upstream", self.up_reader), ("downstream", self.down_writer, self.down_lock),
+            "upstream answer dropped", None,
+        )
+
+    async def _pump(
+        self,
+        source: tuple[str, asyncio.StreamReader],
+        target: tuple[str, asyncio.StreamWriter, asyncio.Lock],
+        oversized: str,
+        transform: Callable[[Frame], Awaitable[Frame | None]] | None,
+    ) -> str:
+        """Copy frames from ``source`` to ``target`` until either side ends; returns why.
+
+        A frame over the limit is answered RESOURCE_EXHAUSTED downstream (``oversized``
+        says what happened to it) and the pump goes on; ``transform`` may change a
+        frame or, returning None, drop it because it was answered here.
+        """
+        source_name, reader = source
+        target_name, writer, lock = target
         while True:
             try:
-                frame = await read_frame(self.up_reader)
+                frame = await read_frame(reader)
             except OversizedFrame as exc:
-                await self._answer(exc.stream_id, Code.RESOURCE_EXHAUSTED, f"upstream answer dropped: {exc}")
+                await self._answer(exc.stream_id, Code.RESOURCE_EXHAUSTED, f"{oversized}: {exc}")
                 continue
             except FrameError as exc:
-                return _unparseable("upstream", exc)
+                return _unparseable(source_name, exc)
             except OSError as exc:
-                return f"upstream read failed: {exc}"
+                return f"{source_name} read failed: {exc}"
             if frame is None:
-                return "upstream closed the connection"
-            async with self.down_lock:
-                if not await _write(self.down_writer, frame.encode()):
-                    return "downstream connection lost while writing"
+                return f"{source_name} closed the connection"
+            if transform is not None:
+                frame = await transform(frame)
+                if frame is None:
+                    continue
+            async with lock:
+                if not await _write(writer, frame.encode()):
+                    return f"{target_name} connection lost while writing"
+
+    async def _forward_request(self, frame: Frame) -> Frame | None:
+        if frame.type == FrameType.REQUEST and self.rewrite_request is not None:
+            return await self._rewrite(frame)
+        return frame
 
     async def _rewrite(self, frame: Frame) -> Frame | None:
         """The frame to forward, or None when the call was answered here instead."""

@@ -68,7 +68,8 @@ def unary(request_cls: type[Message], fn: Callable[[Any, CallContext], Any]) -> 
         response = fn(request, ctx)
         if inspect.isawaitable(response):
             response = await response
-        return response.SerializeToString()
+        data: bytes = response.SerializeToString()
+        return data
 
     return handler
 
@@ -143,7 +144,7 @@ class Server:
         self._check_open()
         listener = await asyncio.start_server(self._accepted, host, port, ssl=ssl)
         self._listeners.append(listener)
-        bound = listener.sockets[0].getsockname()[1]
+        bound: int = listener.sockets[0].getsockname()[1]
         log.debug("ttrpc server listening on tcp:%s:%s", host, bound)
         return bound
 

@@ -13,13 +13,14 @@ from typing import Collection, Mapping
 
 import pytest
 
-from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.lifecycle import LifecycleOptions, ProxyFactory, SandboxLifecycle
 from cloudadaptor.adaptor.store import SandboxStore
-from cloudadaptor.podnetwork.api import TunnelSpec
+from cloudadaptor.podnetwork.api import PodNetwork, TunnelSpec
 from cloudadaptor.protocols import health_pb2
-from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderError
+from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy
+from cloudadaptor.providers.base import Instance, InstanceSpec, Provider, ProviderError
 from cloudadaptor.ttrpc.server import Server, unary
-from cloudadaptor.userdata import PodInterface, PodRoute
+from cloudadaptor.podconfig import PodInterface, PodRoute
 
 POD_INTERFACE = PodInterface(
     name="eth0", mac="02:00:00:00:00:0a", mtu=1500, addresses=("198.51.100.10/24",),
@@ -37,8 +38,7 @@ class FakeProvider:
     created: list[InstanceSpec] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     fail_create: str | None = None
-    create_delay: float = 0.0
-    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     async def verify(self) -> list[str]:
         return []
@@ -46,7 +46,6 @@ class FakeProvider:
     async def create_instance(self, spec: InstanceSpec) -> Instance:
         if self.fail_create:
             raise ProviderError(self.fail_create)
-        await asyncio.sleep(self.create_delay)
         if spec.client_token in self.by_token:
             return self.instances[self.by_token[spec.client_token]]
         instance = Instance(f"i-fake-{next(self._ids)}", spec.name, ("127.0.0.1",), dict(spec.tags))
@@ -64,6 +63,31 @@ class FakeProvider:
 
     async def close(self) -> None:
         pass
+
+
+# Checked by mypy (tests/test_lint.py): the fakes must keep satisfying the protocols they stand in for.
+_FAKE_IS_A_PROVIDER: type[Provider] = FakeProvider
+
+
+class ProxyProbe:
+    """A proxy factory that builds real ``AgentProxy``s and reports when StartVM
+    reaches its blocking point (waiting for the agent) and with which timeout."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.timeouts: list[float] = []
+
+    def __call__(self, socket_path: str, endpoint: AgentEndpoint) -> AgentProxy:
+        proxy = AgentProxy(socket_path, endpoint)
+        wait_ready = proxy.wait_ready
+
+        async def probed_wait_ready(timeout: float) -> None:
+            self.timeouts.append(timeout)
+            self.waiting.set()
+            await wait_ready(timeout)
+
+        proxy.wait_ready = probed_wait_ready  # type: ignore[method-assign]
+        return proxy
 
 
 @dataclass
@@ -108,6 +132,9 @@ class FakePodNetwork:
         return []
 
 
+_FAKE_IS_A_POD_NETWORK: type[PodNetwork] = FakePodNetwork
+
+
 class FakeAgent:
     """A ttrpc grpc.Health server on a loopback port, standing in for the forwarder."""
 
@@ -141,6 +168,11 @@ def provider() -> FakeProvider:
 
 
 @pytest.fixture
+def proxy_probe() -> ProxyProbe:
+    return ProxyProbe()
+
+
+@pytest.fixture
 def pod_network() -> FakePodNetwork:
     return FakePodNetwork()
 
@@ -165,7 +197,8 @@ def short_dir():
 async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvider, pod_network: FakePodNetwork):
     made: list[tuple[SandboxLifecycle, SandboxStore]] = []
 
-    def make(agent_port: int, proxy_timeout: float = 5.0, vm_limit: int | None = None, observer=None) -> SandboxLifecycle:
+    def make(agent_port: int, proxy_timeout: float = 5.0, vm_limit: int | None = None, observer=None,
+             proxy_factory: ProxyFactory = AgentProxy) -> SandboxLifecycle:
         store = SandboxStore(tmp_path / "state" / "state.db")
         lifecycle = SandboxLifecycle(
             options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", proxy_timeout=proxy_timeout,
@@ -175,6 +208,7 @@ async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvi
             pod_network=pod_network,
             tls=None,
             observer=observer,
+            proxy_factory=proxy_factory,
         )
         made.append((lifecycle, store))
         return lifecycle

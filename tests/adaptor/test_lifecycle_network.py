@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloudadaptor import userdata
+from cloudadaptor import podconfig, userdata
 from cloudadaptor.adaptor.lifecycle import LifecycleError
 from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.podnetwork.api import NetnsInvalid, NetnsUnusable, PodNetworkError
@@ -14,9 +14,9 @@ from cloudadaptor.ttrpc.errors import Code
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 
 
-def apf_network(lifecycle, sandbox_id: str) -> userdata.PodNetworkConfig:
+def apf_network(lifecycle, sandbox_id: str) -> podconfig.PodNetworkConfig:
     files = userdata.parse(lifecycle.store.get(sandbox_id).user_data)
-    network = userdata.ForwarderConfig.from_json(files[userdata.APF_CONFIG_PATH]).network
+    network = podconfig.ForwarderConfig.from_json(files[userdata.APF_CONFIG_PATH]).network
     assert network is not None
     return network
 
@@ -35,7 +35,7 @@ async def test_createvm_puts_the_pod_network_in_the_user_data(lifecycle_factory,
     lifecycle = lifecycle_factory(agent_port=1)
     await lifecycle.create(A, shim_annotations("web", "prod"), netns_file)
     network = apf_network(lifecycle, A)
-    assert network == userdata.PodNetworkConfig(await pod_network.inspect(netns_file), "192.0.2.1", 555000, 9000)
+    assert network == podconfig.PodNetworkConfig(await pod_network.inspect(netns_file), "192.0.2.1", 555000, 9000)
     assert lifecycle.store.get(A).pod_network == network
     assert pod_network.hints == [None], "the fake provider gives no network hint"
 
@@ -96,7 +96,7 @@ async def test_stopvm_removes_the_tunnel_after_the_vm(lifecycle_factory, netns_f
 
     pod_network.tunnel_down = tunnel_down
     await lifecycle.stop(A)
-    assert deleted_before_down == [["i-fake-1"]], "DESIGN §1: VM deleted, then tunnel down"
+    assert deleted_before_down == [["i-fake-1"]], "VM deleted, then tunnel down"
     assert pod_network.up == {} and lifecycle.store.all() == []
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted, VniInUse
-from cloudadaptor.userdata import MAX_VNI, PodInterface, PodNetworkConfig
+from cloudadaptor.podconfig import PodInterface, PodNetworkConfig
+from cloudadaptor.wire import MAX_VNI
 
 NETWORK = PodNetworkConfig(PodInterface("eth0", "02:00:00:00:00:0a", 1500, ("198.51.100.10/24",)), "192.0.2.1", 555000)
 

@@ -29,9 +29,11 @@ AGENT = "grpc.AgentService"
 class Agent:
     """A connected client with shorthands for the agent calls."""
 
-    def __init__(self, client: Client, socket_path: str) -> None:
+    def __init__(self, client: Client, socket_path: str, dev: devagent.DevAgent | None = None) -> None:
         self.client = client
         self.socket_path = socket_path
+        # Where calls wait (an agent served in this loop): act once they do, never after a sleep.
+        self.blocked = dev.blocked if dev is not None else None
 
     async def call(self, method: str, request, response_cls=empty_pb2.Empty):
         return await self.client.call_message(AGENT, method, request, response_cls, timeout=10)
@@ -76,10 +78,11 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     """The development agent served in this event loop; everything it started is gone at teardown."""
     socket_path = str(tmp_path / "agent.sock")
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(devagent.serve(socket_path, stop, ready))
+    dev = devagent.DevAgent()
+    task = asyncio.create_task(devagent.serve(socket_path, stop, ready, dev))
     await asyncio.wait_for(ready.wait(), 5)
     client = await Client.connect_unix(socket_path)
-    yield Agent(client, socket_path)
+    yield Agent(client, socket_path, dev)
     await client.close()
     stop.set()
     await asyncio.wait_for(task, 10)
@@ -202,11 +205,11 @@ async def test_a_container_without_a_command_runs_a_pause_process(agent: Agent):
     await agent.create("sandbox", args=["/pause"])
     await agent.start("sandbox")
     wait = asyncio.create_task(agent.wait(eid="", cid="sandbox"))
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(agent.blocked.until("wait"), 5)
     assert not wait.done(), "pause keeps running"
     await agent.call("SignalProcess", agent_pb2.SignalProcessRequest(container_id="sandbox", exec_id="",
                                                                       signal=signal.SIGTERM))
-    assert await wait == 128 + signal.SIGTERM
+    assert await wait == 128 + signal.SIGTERM, "pause ran until signalled (it did not exit by itself)"
 
 
 async def test_unknown_container_and_exec_are_not_found(agent: Agent):
@@ -253,7 +256,7 @@ async def test_remove_container_kills_its_processes_and_forgets_it(agent: Agent)
     await agent.start()
     await agent.exec(["sh", "-c", "sleep 30 & wait"])
     waiting = asyncio.create_task(agent.wait())
-    await asyncio.sleep(0.1)  # the wait is in flight
+    await asyncio.wait_for(agent.blocked.until("wait"), 5)
     await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="c1"))
     assert await waiting == 128 + signal.SIGKILL
     with pytest.raises(TtrpcError) as err:
@@ -264,7 +267,7 @@ async def test_remove_container_kills_its_processes_and_forgets_it(agent: Agent)
 async def test_a_read_waiting_for_start_is_released_by_removal(agent: Agent):
     await agent.create(args=["echo", "never"])
     read = asyncio.create_task(agent.read_all(eid=""))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(agent.blocked.until("start"), 5)
     assert not read.done(), "a read on an init that has not started waits"
     await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="c1"))
     with pytest.raises(TtrpcError) as err:
@@ -278,7 +281,7 @@ async def test_destroy_sandbox_kills_everything(agent: Agent):
         await agent.start(cid)
     await agent.exec(["sleep", "30"], cid="a")
     waits = [asyncio.create_task(agent.wait(eid=e, cid=c)) for c, e in (("a", ""), ("b", ""), ("a", "e1"))]
-    await asyncio.sleep(0.1)  # the waits are in flight
+    await asyncio.wait_for(agent.blocked.until("wait", 3), 5)
     await agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest())
     assert await asyncio.gather(*waits) == [128 + signal.SIGKILL] * 3
     with pytest.raises(TtrpcError) as err:

@@ -14,7 +14,7 @@ from cloudadaptor.podnetwork import tunnel, vmside
 from cloudadaptor.podnetwork.api import TunnelSpec
 from cloudadaptor.podnetwork.netns import inspect_pod_netns
 from cloudadaptor.dev.datapath import CloudNet
-from cloudadaptor.userdata import PodNetworkConfig
+from cloudadaptor.podconfig import PodNetworkConfig
 
 _serial = itertools.count(1)
 

@@ -13,7 +13,7 @@ from cloudadaptor.podnetwork.api import NetnsInvalid, NetnsUnusable, PodNetwork,
 from cloudadaptor.podnetwork.netns import inspect_pod_netns, worker_address
 from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 from cloudadaptor.dev.datapath import in_netns
-from cloudadaptor.userdata import PodNeighbour, PodRoute
+from cloudadaptor.podconfig import PodNeighbour, PodRoute
 
 
 @pytest.fixture

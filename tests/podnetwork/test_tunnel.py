@@ -7,6 +7,7 @@ would, and both tunnel ends are the product code (``tunnel`` and ``vmside``).
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -170,9 +171,13 @@ def test_tunnel_down_keeps_other_ingress_filters_on_the_pod_interface(link_pod):
 
 def test_tunnel_down_after_the_pod_netns_is_gone_is_harmless(link_pod):
     pod = link_pod()
+    assert device_name(pod.spec.vni) in links_in(pod.pod.path)
     pod.pod.delete()
     tunnel.tunnel_down(pod.spec)
     tunnel.tunnel_down(pod.spec)
+    # The device and its filters went with the pod netns; nothing was left, or recreated, in the worker's.
+    assert not os.path.exists(pod.spec.netns_path)
+    assert device_name(pod.spec.vni) not in links_in(None)
 
 
 def test_failed_tunnel_up_leaves_nothing_behind(link_pod, make_pod_netns, cloud_net):

@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 
 from cloudadaptor.podnetwork import vmside
 from cloudadaptor.dev.datapath import CloudNet
-from cloudadaptor.userdata import ForwarderConfig, PodInterface, PodNeighbour, PodNetworkConfig, PodRoute
+from cloudadaptor.podconfig import ForwarderConfig, PodInterface, PodNeighbour, PodNetworkConfig, PodRoute
 
 # Calico style: the gateway is a link-local address reachable only through a
 # scope-link route, listed here after the route that needs it.

@@ -30,7 +30,7 @@ from cloudadaptor.podvm.forwarder import POD_NETNS_PATH, AgentProtocolForwarder
 from cloudadaptor.protocols import agent_pb2, ttrpc_pb2
 from cloudadaptor.tls import ServerTlsMaterial, server_context
 from cloudadaptor.ttrpc import Client, ConnectionClosed
-from cloudadaptor.userdata import ForwarderConfig
+from cloudadaptor.podconfig import ForwarderConfig
 
 HDR = ">IIBB"
 SERVER_NAME = "podvm-test"

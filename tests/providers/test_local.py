@@ -27,7 +27,8 @@ from cloudadaptor.providers.local import LocalConfig, LocalProvider
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.client import Client
-from cloudadaptor.userdata import APF_CONFIG_PATH, ForwarderConfig, render
+from cloudadaptor.podconfig import ForwarderConfig
+from cloudadaptor.userdata import APF_CONFIG_PATH, render
 
 BOOT_TIMEOUT = 15.0
 

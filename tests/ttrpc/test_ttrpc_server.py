@@ -1,6 +1,6 @@
 """Our ttrpc server seen through an independent raw client.
 
-The client below is written from DESIGN §2 with ``struct`` only (it does not
+The client below is written from the wire facts (docs/ARCHITECTURE.md, "Wire facts") with ``struct`` only (it does not
 use cloudadaptor.ttrpc's framing or client): 10-byte big-endian header
 ``>IIBB`` (length, stream id, type, flags) followed by the data.
 """

@@ -74,7 +74,7 @@ class Ec2World:
 
 def spec_for(sandbox_id: str = "a" * 64, *, node: str = "worker-1", **changes: Any) -> InstanceSpec:
     """The spec the lifecycle would pass for pod default/web-<sandbox>."""
-    from cloudadaptor.adaptor.lifecycle import client_token_for, vm_name_for
+    from cloudadaptor.adaptor.validation import client_token_for, vm_name_for
     from cloudadaptor.providers import base
 
     pod = f"web-{sandbox_id[:4]}"

@@ -1,0 +1,71 @@
+"""After a restart: finish or undo what the last run left, from its records and tags.
+
+Record-before-act in ``SandboxLifecycle`` means every VM, tunnel and agent
+socket a crash can leave behind is named by a store row, a provider tag
+(``TAG_NODE``/``TAG_SANDBOX``) or a tunnel device named after a row's VNI;
+these functions walk those three and converge on "only what a live record
+owns exists".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.store import SandboxState
+from cloudadaptor.providers import base as providers
+
+if TYPE_CHECKING:
+    from cloudadaptor.adaptor.lifecycle import SandboxLifecycle
+
+log = logging.getLogger("cloudadaptor.adaptor.lifecycle")
+
+
+async def recover(lifecycle: SandboxLifecycle) -> list[str]:
+    """Re-serve running sandboxes, undo interrupted starts, finish interrupted
+    stops, remove tunnels of sandboxes not running, and delete VMs tagged for
+    this node and tunnel devices in the worker netns that no record owns.
+
+    Returns one line per action taken (also logged). A stop that still fails
+    is reported and its record kept for the next attempt; it does not abort
+    the rest.
+    """
+    actions: list[str] = []
+    for sandbox in lifecycle.store.all():
+        if sandbox.state is SandboxState.RUNNING and sandbox.vm_ips:
+            await lifecycle.serve_agent(sandbox).start()
+            actions.append(f"sandbox {sandbox.id}: re-serving agent proxy for VM {sandbox.instance_id}")
+        elif sandbox.state is SandboxState.STARTING or (sandbox.state is SandboxState.FAILED and sandbox.instance_id):
+            done = await lifecycle.rollback_start(sandbox.id, "daemon restarted during StartVM")
+            actions.append(f"sandbox {sandbox.id}: interrupted start, {done}")
+        elif sandbox.state is SandboxState.STOPPING:
+            try:
+                await lifecycle.stop(sandbox.id)
+                actions.append(f"sandbox {sandbox.id}: finished interrupted stop")
+            except LifecycleError as exc:
+                actions.append(f"sandbox {sandbox.id}: stop still failing: {exc.message}")
+    actions.extend(await lifecycle.network.remove_stale(lifecycle.store))
+    actions.extend(await sweep_orphans(lifecycle))
+    for line in actions:
+        log.info("recover: %s", line)
+    return actions
+
+
+async def sweep_orphans(lifecycle: SandboxLifecycle) -> list[str]:
+    """Delete VMs tagged as ours on this node that no sandbox record (or start in progress) owns.
+
+    Idempotent; a VM whose sandbox is known is left to that sandbox's StopVM
+    (which finds it by tag). A failed delete raises (the provider's error).
+    """
+    node = lifecycle.options.node_name
+    owned = await lifecycle.provider.list_owned({providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: node})
+    known = {s.id for s in lifecycle.store.all()} | lifecycle.starting_ids()
+    actions = []
+    for instance in owned:
+        sandbox_id = instance.tags.get(providers.TAG_SANDBOX, "")
+        if sandbox_id in known:
+            continue
+        await lifecycle.provider.delete_instance(instance.id)
+        actions.append(f"deleted orphan VM {instance.id} (sandbox {sandbox_id or '?'})")
+    return actions
