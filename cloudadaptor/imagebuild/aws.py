@@ -31,9 +31,8 @@ from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from cloudadaptor.config import ConfigError, Settings, load_settings, parse_keys
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
-    TAG_BUILD, TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_name, temporary_tags,
+    TAG_BUILD, TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
 )
-from cloudadaptor.imagebuild.retrying import retry_call
 from cloudadaptor.providers.aws import config as aws_config
 from cloudadaptor.providers.aws import instances
 from cloudadaptor.providers.aws.client import describe, error_code, make_ec2_client
@@ -41,6 +40,7 @@ from cloudadaptor.providers.aws.config import AwsConfig
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.aws.network import describe_subnet
 from cloudadaptor.providers.base import ProviderError
+from cloudadaptor.retry import retry_call
 
 RHEL_OWNER = "309956199498"  # Red Hat's AWS account: its RHEL AMIs
 RHEL9_NAME = "RHEL-9.*_HVM-*-x86_64-*"
@@ -221,7 +221,7 @@ class AwsImageBackend:
             {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]}])["SecurityGroups"]
         for group in groups:
             retry_call(lambda: self._delete_group_id(group["GroupId"]), timeout=GROUP_DELETE_TIMEOUT,
-                       interval=self.poll, retryable=lambda exc: error_code(exc) == "DependencyViolation")
+                       backoff=builder_backoff(self.poll), retryable=lambda exc: error_code(exc) == "DependencyViolation")
 
     def _delete_group_id(self, group_id: str) -> None:
         try:
