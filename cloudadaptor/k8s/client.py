@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, TypeVar
 
+import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -70,6 +71,11 @@ async def connect(env: Mapping[str, str], *, service_account_dir: Path = SERVICE
 def api_client(configuration: k8s.Configuration) -> k8s.ApiClient:
     """An API client for an explicit configuration (tests, embedding)."""
     return k8s.ApiClient(configuration)
+
+
+# What a call to the API server can be expected to raise: an error answer, or no answer.
+# Anything else is a bug in our code and deserves its traceback.
+API_ERRORS: tuple[type[BaseException], ...] = (ApiException, aiohttp.ClientError, OSError, TimeoutError)
 
 
 def status_of(exc: BaseException) -> int | None:
