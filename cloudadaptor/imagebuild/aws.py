@@ -131,11 +131,7 @@ class AwsImageBackend:
                 self._delete_snapshot(snapshot)
 
     def _delete_snapshot(self, snapshot_id: str) -> None:
-        try:
-            self.ec2.delete_snapshot(SnapshotId=snapshot_id)
-        except ClientError as exc:
-            if error_code(exc) not in GONE_SNAPSHOT_CODES:
-                raise
+        _unless_gone(GONE_SNAPSHOT_CODES, lambda: self.ec2.delete_snapshot(SnapshotId=snapshot_id))
 
     def resolve_base_image(self, requested: str | None) -> str:
         if requested:
@@ -224,11 +220,7 @@ class AwsImageBackend:
                        backoff=builder_backoff(self.poll), retryable=lambda exc: error_code(exc) == "DependencyViolation")
 
     def _delete_group_id(self, group_id: str) -> None:
-        try:
-            self.ec2.delete_security_group(GroupId=group_id)
-        except ClientError as exc:
-            if error_code(exc) not in GONE_GROUP_CODES:
-                raise
+        _unless_gone(GONE_GROUP_CODES, lambda: self.ec2.delete_security_group(GroupId=group_id))
 
     # ------------------------------------------------------------ image
 
@@ -285,3 +277,12 @@ def _snapshots(image: Mapping[str, Any]) -> list[str]:
 def _info(image: Mapping[str, Any]) -> ImageInfo:
     return ImageInfo(image["ImageId"], image.get("Name", ""), image.get("State", ""), image.get("CreationDate", ""),
                      {t["Key"]: t["Value"] for t in image.get("Tags", [])})
+
+
+def _unless_gone(gone_codes: frozenset[str], delete: Callable[[], Any]) -> None:
+    """``delete()``; a ClientError whose code says the resource is already gone is success (idempotent delete)."""
+    try:
+        delete()
+    except ClientError as exc:
+        if error_code(exc) not in gone_codes:
+            raise
