@@ -16,6 +16,7 @@ import sys
 
 from cloudadaptor import __version__
 from cloudadaptor.commandline import Subcommand, print_problems, setup_logging
+from cloudadaptor.wire import AGENT_PORT
 
 # serve flag -> environment key it overrides
 _SERVE_FLAGS = {
@@ -94,7 +95,7 @@ SUBCOMMANDS = (
                "cloudadaptor.providers.aws.command"),
     Subcommand("azure", "Azure operator helpers (open-ports: the NSG rules peer pods need)",
                "cloudadaptor.providers.azure.command"),
-    Subcommand("forwarder", "(pod VM) agent-protocol-forwarder: mTLS on 15150 in front of the kata-agent",
+    Subcommand("forwarder", f"(pod VM) agent-protocol-forwarder: mTLS on {AGENT_PORT} in front of the kata-agent",
                "cloudadaptor.podvm.forwarder"),
     Subcommand("pod-network", "(pod VM) join the VM's podns to the worker's pod network (VXLAN, from apf.json)",
                "cloudadaptor.podnetwork.vmside"),
