@@ -118,9 +118,11 @@ def build_probe_parser(parser: argparse.ArgumentParser) -> None:
 def run_probe(args: argparse.Namespace) -> int:
     socket = args.socket or os.environ.get("SOCKET") or DEFAULT_SOCKET
     began = time.monotonic()
+    from cloudadaptor.ttrpc.errors import ConnectionClosed, TtrpcError
+
     try:
         version = asyncio.run(probe(socket, args.timeout))
-    except Exception as exc:
+    except (OSError, TimeoutError, TtrpcError, ConnectionClosed) as exc:  # anything else is a bug: its traceback shows
         print(f"not ready: {socket}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"ready: cloud-api-adaptor {version} on {socket} ({(time.monotonic() - began) * 1000:.0f} ms)")
