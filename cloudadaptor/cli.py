@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
 from cloudadaptor import __version__
+from cloudadaptor.commandline import Subcommand, print_problems, setup_logging
+from cloudadaptor.wire import AGENT_PORT
 
 # serve flag -> environment key it overrides
 _SERVE_FLAGS = {
@@ -46,21 +47,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
     return {key: getattr(args, flag, None) for flag, key in _SERVE_FLAGS.items()}
 
 
-def _setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    # pyroute2 logs every netlink message at debug: too much even for debugging us.
-    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))
-
-
-def _print_problems(problems: list) -> None:
-    print(f"configuration refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloudadaptor.adaptor.daemon import StartupError, serve
     from cloudadaptor.config import ConfigError, load_settings
@@ -68,13 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(os.environ, overrides=_overrides(args))
     except ConfigError as exc:
-        _print_problems(exc.problems)
+        print_problems(exc.problems)
         return 2
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:
-        _print_problems(exc.problems)
+        print_problems(exc.problems)
         return 2
     except StartupError as exc:
         print(f"cannot start:\n{exc}", file=sys.stderr)
@@ -91,7 +77,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"{key:<{width}}  {value}  ({source})")
     if problems:
         print(file=sys.stderr)
-        _print_problems(problems)
+        print_problems(problems)
         return 1
     print("\nconfiguration OK")
     return 0
@@ -102,48 +88,32 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aws_command(parser: argparse.ArgumentParser):
-    """Add the ``aws`` actions; boto3 is imported only when one runs."""
-    sub = parser.add_subparsers(dest="aws_command", metavar="ACTION", required=True)
-    ports = sub.add_parser("open-ports", help="allow 15150/tcp and VXLAN_PORT/udp within the worker security group (idempotent)")
-    ports.add_argument("--group-id", help="security group to open (default: the first of AWS_SG_IDS, else the worker's first)")
-    ports.add_argument("--vxlan-port", help="VXLAN UDP port (default: VXLAN_PORT or 9000)")
-
-    def run(args: argparse.Namespace) -> int:
-        from cloudadaptor.providers.aws import commands
-
-        return commands.main(args)
-
-    return run
-
-
-# Subcommands that live in their own module: (name, help, module, parser builder, runner).
+# Subcommands that live in their own module (see cloudadaptor.commandline: build_parser(parser), run(args)).
 # Each module keeps its SDK imports inside the runner, so --help stays fast.
-_MODULE_COMMANDS = (
-    ("forwarder", "(pod VM) agent-protocol-forwarder: mTLS on 15150 in front of the kata-agent",
-     "cloudadaptor.podvm.forwarder", "build_parser", "run"),
-    ("pod-network", "(pod VM) join the VM's podns to the worker's pod network (VXLAN, from apf.json)",
-     "cloudadaptor.podnetwork.vmside", "build_parser", "run"),
-    ("process-user-data", "(pod VM) fetch user data and write the allow-listed files",
-     "cloudadaptor.podvm.process_user_data", "build_parser", "run"),
-    ("azure", "Azure operator helpers (open-ports: the NSG rules peer pods need)",
-     "cloudadaptor.providers.azure.command", "build_parser", "run"),
-    ("image", "pod VM images: build peer-pod-ami / peer-pod-vmimage, list, delete",
-     "cloudadaptor.imagebuild.command", "build_parser", "run"),
-    ("peerpod-controller", "delete VMs of PeerPods whose pod is gone; sweep unreferenced tagged VMs",
-     "cloudadaptor.k8s.commands", "build_controller_parser", "run_controller"),
-    ("webhook", "mutating admission webhook for peer pods (HTTPS)",
-     "cloudadaptor.webhook.command", "build_parser", "run"),
-    ("probe", "exit 0 when the adaptor answers on its hypervisor socket (startup probe)",
-     "cloudadaptor.k8s.commands", "build_probe_parser", "run_probe"),
-    ("demo", "run 3 peer pods end to end on the local provider, in a private namespace",
-     "cloudadaptor.dev.demo", "build_parser", "run"),
+SUBCOMMANDS = (
+    Subcommand("aws", "AWS operator helpers (open-ports: the security-group rules peer pods need)",
+               "cloudadaptor.providers.aws.command"),
+    Subcommand("azure", "Azure operator helpers (open-ports: the NSG rules peer pods need)",
+               "cloudadaptor.providers.azure.command"),
+    Subcommand("forwarder", f"(pod VM) agent-protocol-forwarder: mTLS on {AGENT_PORT} in front of the kata-agent",
+               "cloudadaptor.podvm.forwarder"),
+    Subcommand("pod-network", "(pod VM) join the VM's podns to the worker's pod network (VXLAN, from apf.json)",
+               "cloudadaptor.podnetwork.vmside"),
+    Subcommand("process-user-data", "(pod VM) fetch user data and write the allow-listed files",
+               "cloudadaptor.podvm.process_user_data"),
+    Subcommand("image", "pod VM images: build peer-pod-ami / peer-pod-vmimage, list, delete",
+               "cloudadaptor.imagebuild.command"),
+    Subcommand("peerpod-controller", "delete VMs of PeerPods whose pod is gone; sweep unreferenced tagged VMs",
+               "cloudadaptor.k8s.command", "build_controller_parser", "run_controller"),
+    Subcommand("webhook", "mutating admission webhook for peer pods (HTTPS)", "cloudadaptor.webhook.command"),
+    Subcommand("probe", "exit 0 when the adaptor answers on its hypervisor socket (startup probe)",
+               "cloudadaptor.k8s.command", "build_probe_parser", "run_probe"),
+    Subcommand("demo", "run 3 peer pods end to end on the local provider, in a private namespace",
+               "cloudadaptor.dev.demo"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(prog="cloud-api-adaptor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cloud-api-adaptor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -158,14 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(check)
     check.set_defaults(func=cmd_config_check)
 
-    aws = sub.add_parser("aws", help="AWS operator helpers (open-ports: the security-group rules peer pods need)")
-    aws.set_defaults(func=_aws_command(aws))
-
-    for name, help_text, module_name, build, run in _MODULE_COMMANDS:
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=help_text)
-        getattr(module, build)(command)
-        command.set_defaults(func=getattr(module, run))
+    for subcommand in SUBCOMMANDS:
+        subcommand.mount(sub)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)

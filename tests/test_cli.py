@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
+
+from cloudadaptor.cli import build_parser
 
 SECRET = "wJalrXUtnFEMI-very-secret-value"
 
@@ -22,11 +25,99 @@ def test_version():
     assert result.returncode == 0 and result.stdout.startswith("cloud-api-adaptor ")
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["config", "check"], ["forwarder"], ["process-user-data"], ["pod-network"], ["demo"]])
-def test_every_subcommand_has_help(command):
-    result = run(*command, "--help")
+# Every command line an operator can type, with words its --help must carry (a flag or action of its own).
+HELP = {
+    (): ("serve", "peerpod-controller", "process-user-data", "image", "version"),
+    ("serve",): ("[CLOUD_PROVIDER]", "--proxy-timeout", "--grpc-endpoint"),
+    ("config",): ("check",),
+    ("config", "check"): ("[PROXY_TIMEOUT]", "--node-name"),
+    ("aws",): ("open-ports",),
+    ("aws", "open-ports"): ("--group-id", "--vxlan-port"),
+    ("azure",): ("open-ports",),
+    ("azure", "open-ports"): ("--nsg-id", "--prefix", "--vxlan-port"),
+    ("forwarder",): ("--kata-agent-socket", "--config", "--port"),
+    ("pod-network",): ("--config", "--podns"),
+    ("process-user-data",): ("--source", "--imds-url", "--deadline", "--root"),
+    ("image",): ("build", "list", "delete"),
+    ("image", "build"): ("--agent-payload", "--base-image", "--replace", "--keep-existing", "--update-configmap"),
+    ("image", "list"): ("{aws,azure}",),
+    ("image", "delete"): ("--name", "--id"),
+    ("peerpod-controller",): ("[PEERPOD_CONTROLLER_INTERVAL]", "--sweep-grace", "--once"),
+    ("webhook",): ("[WEBHOOK_ADDRESS]", "--tls-cert", "--tls-key", "--runtime-class"),
+    ("probe",): ("--socket", "--timeout", "startup probe"),
+    ("demo",): ("--pods", "--boot-delay"),
+    ("version",): ("usage: cloud-api-adaptor version",),
+}
+
+
+def _command_lines(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    lines = {prefix}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                lines |= _command_lines(child, (*prefix, name))
+    return lines
+
+
+def test_the_help_table_covers_every_subcommand():
+    assert _command_lines(build_parser()) == set(HELP), "a subcommand without a --help check (add it to HELP)"
+
+
+@pytest.mark.parametrize("command", sorted(HELP), ids=lambda c: " ".join(c) or "(top)")
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(" ".join(("usage: cloud-api-adaptor", *command))), out
+    for words in HELP[command]:
+        assert words in out, f"{' '.join(command)} --help does not mention {words!r}:\n{out}"
+
+
+def test_help_runs_as_a_process_without_importing_the_cloud_sdks():
+    probe = ("import sys; from cloudadaptor.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('boto3', 'azure.mgmt.compute', 'kubernetes_asyncio', 'aiohttp') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "usage: cloud-api-adaptor" in result.stdout
+    assert result.stdout.strip() == "[]", "SDKs are imported only when a command runs"
+    result = run("--help")
+    assert result.returncode == 0 and "usage: cloud-api-adaptor" in result.stdout
+
+
+def test_an_unknown_subcommand_exits_2_naming_the_choices():
+    result = run("launch")
+    assert result.returncode == 2
+    assert "invalid choice: 'launch'" in result.stderr and "peerpod-controller" in result.stderr
+
+
+def test_aws_open_ports_refuses_a_malformed_group_id_before_calling_aws():
+    result = run("aws", "open-ports", "--group-id", "not-a-group")
+    assert result.returncode == 2
+    assert "security group id" in result.stderr, result.stderr
+
+
+def test_azure_open_ports_without_settings_lists_the_problems():
+    result = run("azure", "open-ports")
+    assert result.returncode == 2
+    assert result.stderr.startswith("configuration refused (")
+    assert "AZURE_SUBSCRIPTION_ID" in result.stderr
+
+
+def test_image_build_without_settings_exits_2_naming_the_action():
+    result = run("image", "build", "azure")
+    assert result.returncode == 2
+    assert result.stderr.startswith("image build: configuration refused ("), result.stderr
+
+
+def test_process_user_data_from_a_file_needs_the_file():
+    result = run("process-user-data", "--source", "file")
+    assert result.returncode == 2 and "--source file needs --file PATH" in result.stderr
+
+
+def test_pod_network_without_apf_json_fails_naming_the_file(tmp_path):
+    result = run("pod-network", "--config", str(tmp_path / "apf.json"))
+    assert result.returncode == 1
+    assert f"pod-network: cannot read {tmp_path / 'apf.json'}" in result.stderr
 
 
 def test_config_check_prints_effective_settings_with_secrets_masked():

@@ -31,9 +31,8 @@ from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from cloudadaptor.config import ConfigError, Settings, load_settings, parse_keys
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
-    TAG_BUILD, TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_name, temporary_tags,
+    TAG_BUILD, TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
 )
-from cloudadaptor.imagebuild.retrying import retry_call
 from cloudadaptor.providers.aws import config as aws_config
 from cloudadaptor.providers.aws import instances
 from cloudadaptor.providers.aws.client import describe, error_code, make_ec2_client
@@ -41,6 +40,7 @@ from cloudadaptor.providers.aws.config import AwsConfig
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.aws.network import describe_subnet
 from cloudadaptor.providers.base import ProviderError
+from cloudadaptor.retry import retry_call
 
 RHEL_OWNER = "309956199498"  # Red Hat's AWS account: its RHEL AMIs
 RHEL9_NAME = "RHEL-9.*_HVM-*-x86_64-*"
@@ -131,11 +131,7 @@ class AwsImageBackend:
                 self._delete_snapshot(snapshot)
 
     def _delete_snapshot(self, snapshot_id: str) -> None:
-        try:
-            self.ec2.delete_snapshot(SnapshotId=snapshot_id)
-        except ClientError as exc:
-            if error_code(exc) not in GONE_SNAPSHOT_CODES:
-                raise
+        _unless_gone(GONE_SNAPSHOT_CODES, lambda: self.ec2.delete_snapshot(SnapshotId=snapshot_id))
 
     def resolve_base_image(self, requested: str | None) -> str:
         if requested:
@@ -221,14 +217,10 @@ class AwsImageBackend:
             {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]}])["SecurityGroups"]
         for group in groups:
             retry_call(lambda: self._delete_group_id(group["GroupId"]), timeout=GROUP_DELETE_TIMEOUT,
-                       interval=self.poll, retryable=lambda exc: error_code(exc) == "DependencyViolation")
+                       backoff=builder_backoff(self.poll), retryable=lambda exc: error_code(exc) == "DependencyViolation")
 
     def _delete_group_id(self, group_id: str) -> None:
-        try:
-            self.ec2.delete_security_group(GroupId=group_id)
-        except ClientError as exc:
-            if error_code(exc) not in GONE_GROUP_CODES:
-                raise
+        _unless_gone(GONE_GROUP_CODES, lambda: self.ec2.delete_security_group(GroupId=group_id))
 
     # ------------------------------------------------------------ image
 
@@ -285,3 +277,12 @@ def _snapshots(image: Mapping[str, Any]) -> list[str]:
 def _info(image: Mapping[str, Any]) -> ImageInfo:
     return ImageInfo(image["ImageId"], image.get("Name", ""), image.get("State", ""), image.get("CreationDate", ""),
                      {t["Key"]: t["Value"] for t in image.get("Tags", [])})
+
+
+def _unless_gone(gone_codes: frozenset[str], delete: Callable[[], Any]) -> None:
+    """``delete()``; a ClientError whose code says the resource is already gone is success (idempotent delete)."""
+    try:
+        delete()
+    except ClientError as exc:
+        if error_code(exc) not in gone_codes:
+            raise

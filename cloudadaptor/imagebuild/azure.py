@@ -30,13 +30,13 @@ from azure.core.exceptions import AzureError
 from cloudadaptor.config import ConfigError, load_settings, parse_keys
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
-    TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_name, temporary_tags,
+    TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
 )
-from cloudadaptor.imagebuild.retrying import retry_call
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure import network, vms
 from cloudadaptor.providers.azure.config import AzureConfig, ImageRef, from_values, keys, parse_image_id, read_ssh_public_key
 from cloudadaptor.providers.azure.tags import azure_tag_name, from_azure_tags, to_azure_tags
+from cloudadaptor.retry import retry_call
 
 DEFAULT_BASE_IMAGE = "RedHat:RHEL:9-lvm-gen2:latest"
 DEFAULT_SIZE = "Standard_B2als_v2"
@@ -191,7 +191,7 @@ class AzureImageBackend:
     def _delete_in_use(self, delete: Callable[[], Any]) -> None:
         """A NIC/disk delete: gone is success, "in use" (its VM is just going) is retried."""
         retry_call(lambda: self._gone_ok(delete), timeout=self.config.in_use_timeout,
-                   interval=self.config.in_use_backoff, retryable=az.is_in_use)
+                   backoff=builder_backoff(self.config.in_use_backoff), retryable=az.is_in_use)
 
     # ------------------------------------------------------------ image
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, TextIO
 
+from cloudadaptor.commandline import print_problems
 from cloudadaptor.config import ConfigError, parse_duration, parse_host_port
 from cloudadaptor.imagebuild.cleanup import CleanupError, Terminated, interruptible
 from cloudadaptor.imagebuild.common import CONFIGMAP_KEYS, DEFAULT_IMAGE_NAMES, BuildError, BuildOptions, ImageBackend
@@ -191,9 +192,7 @@ def run(args: argparse.Namespace, *, env: Mapping[str, str] | None = None, backe
             finally:
                 backend.close()
     except ConfigError as exc:
-        print(f"{action}: configuration refused:", file=err)
-        for problem in exc.problems:
-            print(f"  {problem}", file=err)
+        print_problems(exc.problems, context=action, file=err)
         return 2
     except CleanupError as exc:
         print(f"{action}: {exc}", file=err)

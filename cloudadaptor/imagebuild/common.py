@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Protocol
 
 from cloudadaptor import __version__
 from cloudadaptor.imagebuild.cleanup import CleanupStack
+from cloudadaptor.retry import Backoff
 
 DEFAULT_IMAGE_NAMES = {"aws": "peer-pod-ami", "azure": "peer-pod-vmimage"}
 CONFIGMAP_KEYS = {"aws": "PODVM_AMI_ID", "azure": "AZURE_IMAGE_ID"}
@@ -30,6 +31,11 @@ TAG_BASE_IMAGE = "peerpods.io/base-image"
 TAG_AGENT_SHA256 = "peerpods.io/kata-agent-sha256"
 TAG_AGENT_PAYLOAD = "peerpods.io/agent-payload"
 BUILT_BY = "cloud-api-adaptor image build"
+
+
+def builder_backoff(interval: float) -> Backoff:
+    """The image builder's pace for ``retry_call``: the poll ``interval`` first, doubling up to ten times it."""
+    return Backoff(initial=interval, factor=2.0, maximum=max(interval * 10, interval))
 
 
 class BuildError(Exception):

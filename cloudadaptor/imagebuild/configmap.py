@@ -16,7 +16,7 @@ from typing import Mapping
 from kubernetes_asyncio import client as k8s
 
 from cloudadaptor.imagebuild.common import BuildError
-from cloudadaptor.k8s.client import KubeConfigError, connect, describe
+from cloudadaptor.k8s.client import API_ERRORS, KubeConfigError, connect, describe
 
 CONFIGMAP = "peer-pods-cm"
 DEFAULT_NAMESPACE = "openshift-sandboxed-containers-operator"
@@ -39,7 +39,7 @@ async def _patch(env: Mapping[str, str], namespace: str, name: str, key: str, va
     try:
         await k8s.CoreV1Api(api).patch_namespaced_config_map(
             name, namespace, {"data": {key: value}}, _content_type=MERGE_PATCH)
-    except Exception as exc:  # noqa: BLE001 - any API or connection error is reported as one line
+    except API_ERRORS as exc:  # one line; anything else is a bug and keeps its traceback
         raise BuildError(f"updating {key} in ConfigMap {namespace}/{name}: {describe(exc)}") from None
     finally:
         await api.close()

@@ -19,6 +19,7 @@ import paramiko
 from paramiko.ssh_exception import NoValidConnectionsError
 
 from cloudadaptor.imagebuild.common import BuildError, SshAccess
+from cloudadaptor.retry import Backoff, RetryTimeout, retry_call
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
@@ -56,26 +57,27 @@ def wait_for_ssh(access: SshAccess, *, timeout: float, interval: float,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> RemoteHost:
     """Connect and log in, retrying refused connections, timeouts and failed logins (cloud-init may
-    not have installed the key yet) until ``timeout`` seconds have passed; then ``SshUnavailable``
-    naming the endpoint and the last error. Blocks."""
+    not have installed the key yet) every ``interval`` seconds until ``timeout`` seconds have passed;
+    then ``SshUnavailable`` naming the endpoint and the last error. Blocks."""
     deadline = clock() + timeout
-    attempts = 0
-    last = "no attempt made"
-    while True:
-        attempts += 1
-        remaining = deadline - clock()
-        try:
-            return RemoteHost(_attempt(access, max(min(CONNECT_TIMEOUT, remaining), 0.5)))
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            last = _describe(exc)
-            log.debug("SSH %s:%d attempt %d: %s", access.host, access.port, attempts, last)
-        if clock() + interval > deadline:
-            raise SshUnavailable(
-                f"SSH on the builder VM ({access.username}@{access.host}:{access.port}) did not answer within "
-                f"{timeout:g}s ({attempts} attempts; last error: {last}). Check that the builder VM's security "
-                "group / NSG allows 22/tcp from where this runs and that the subnet is reachable from here."
-            )
-        sleep(interval)
+
+    def once() -> RemoteHost:
+        return RemoteHost(_attempt(access, max(min(CONNECT_TIMEOUT, deadline - clock()), 0.5)))
+
+    def note(exc: BaseException, pause: float) -> None:
+        log.debug("SSH %s:%d attempt failed: %s", access.host, access.port, _describe(exc))
+
+    try:
+        return retry_call(once, timeout=timeout, clock=clock, sleep=sleep, on_retry=note,
+                          backoff=Backoff(initial=interval, factor=1.0, maximum=interval, jitter=0.0),
+                          retryable=lambda exc: isinstance(exc, (OSError, EOFError, paramiko.SSHException)))
+    except RetryTimeout as exc:
+        last = _describe(exc.last_error) if exc.last_error is not None else "no attempt made"
+        raise SshUnavailable(
+            f"SSH on the builder VM ({access.username}@{access.host}:{access.port}) did not answer within "
+            f"{timeout:g}s ({exc.attempts} attempts; last error: {last}). Check that the builder VM's security "
+            "group / NSG allows 22/tcp from where this runs and that the subnet is reachable from here."
+        ) from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -14,18 +14,18 @@ operation re-reads the object and re-applies its change.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, TypeVar
 
+import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
-from cloudadaptor.retry import Backoff
+from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,6 +73,11 @@ def api_client(configuration: k8s.Configuration) -> k8s.ApiClient:
     return k8s.ApiClient(configuration)
 
 
+# What a call to the API server can be expected to raise: an error answer, or no answer.
+# Anything else is a bug in our code and deserves its traceback.
+API_ERRORS: tuple[type[BaseException], ...] = (ApiException, aiohttp.ClientError, OSError, TimeoutError)
+
+
 def status_of(exc: BaseException) -> int | None:
     """The HTTP status of an API error, None for anything else."""
     return exc.status if isinstance(exc, ApiException) else None
@@ -103,14 +108,13 @@ async def retry_on_conflict(operation: Callable[[], Awaitable[T]], *, attempts: 
 
     Other errors propagate at once; after ``attempts`` conflicts the last one does.
     """
-    delays = _CONFLICT_BACKOFF.delays()
-    for attempt in range(1, attempts + 1):
-        try:
-            return await operation()
-        except ApiException as exc:
-            if exc.status != 409 or attempt == attempts:
-                raise
-            log.debug("conflict (attempt %d/%d), re-reading: %s", attempt, attempts, describe(exc))
-            await asyncio.sleep(next(delays))
-    raise AssertionError("unreachable")
+    try:
+        return await retry_until(None, operation, backoff=_CONFLICT_BACKOFF, retryable=is_conflict,
+                                 attempts=attempts, on_retry=_log_conflict)
+    except RetryTimeout as exc:
+        assert exc.last_error is not None  # only conflicts are retried, so one was recorded
+        raise exc.last_error from None
 
+
+def _log_conflict(exc: BaseException, pause: float) -> None:
+    log.debug("conflict, re-reading in %.2fs: %s", pause, describe(exc))

@@ -19,6 +19,9 @@ One cluster-wide process (a Deployment) polls; each pass is ``reconcile()``:
 Every deletion is logged at warning level with its reason. An error in one
 step is logged and reported, and the pass goes on; when the PeerPod list
 itself cannot be read nothing is swept (nothing is known to be unreferenced).
+An expected error (the API server's, the network's, the provider's) is one
+log line; any other is a bug and is logged with its traceback once per object
+until it changes, not every pass forever (``ErrorLog``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from cloudadaptor.config import Key, parse_bool, parse_duration
-from cloudadaptor.k8s.client import describe
+from cloudadaptor.k8s.client import API_ERRORS, describe
 from cloudadaptor.k8s.peerpods import FINALIZER, JSON, PeerPodApi
-from cloudadaptor.providers.base import OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, Provider
+from cloudadaptor.providers.base import (
+    OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, Provider, ProviderError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +62,45 @@ class ControllerOptions:
                    sweep_grace=values["PEERPOD_SWEEP_GRACE"], sweep_tags=dict(tags))
 
 
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (*API_ERRORS, ProviderError)
+
+
+@dataclass
+class ErrorLog:
+    """Logs the controller's errors. Expected ones (``EXPECTED_ERRORS``) are one line each time.
+
+    Any other error is a bug: its traceback is logged the first time for a key
+    (an object, a step) and again only when the error changes; repeats are one
+    line. ``end_pass`` forgets keys that did not fail in the pass, so a bug that
+    comes back logs its traceback again.
+    """
+
+    last: dict[str, str] = field(default_factory=dict)  # key -> "Type: message" of its last unexpected error
+    failed_this_pass: set[str] = field(default_factory=set)
+
+    def error(self, key: str, message: str, exc: BaseException) -> None:
+        self.failed_this_pass.add(key)
+        if isinstance(exc, EXPECTED_ERRORS):
+            log.error("%s: %s", message, describe(exc))
+            return
+        signature = describe(exc)
+        if self.last.get(key) == signature:
+            log.error("%s: %s (unexpected; traceback logged before)", message, signature)
+            return
+        self.last[key] = signature
+        log.error("%s: %s (unexpected)", message, signature, exc_info=exc)
+
+    def end_pass(self) -> None:
+        self.last = {key: value for key, value in self.last.items() if key in self.failed_this_pass}
+        self.failed_this_pass = set()
+
+
 @dataclass
 class SweepState:
-    """Carried between passes: when each unreferenced VM was first seen (``now`` units)."""
+    """Carried between passes: when each unreferenced VM was first seen (``now`` units), and the error log."""
 
     first_seen: dict[str, float] = field(default_factory=dict)
+    errors: ErrorLog = field(default_factory=ErrorLog)
 
 
 @dataclass
@@ -70,6 +109,12 @@ class ReconcileReport:
     finalizers_released: list[str] = field(default_factory=list)  # "namespace/name"
     peerpods_deleted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    error_log: ErrorLog = field(default_factory=ErrorLog, repr=False, compare=False)
+
+    def failed(self, key: str, reported: str, logged: str, exc: BaseException) -> None:
+        """Record an error of this pass: ``reported: <error>`` in ``errors``; ``logged`` goes to the log."""
+        self.errors.append(f"{reported}: {describe(exc)}")
+        self.error_log.error(key, logged, exc)
 
 
 async def reconcile(
@@ -81,7 +126,7 @@ async def reconcile(
     idempotent, finalizer updates are conditional). Raises only when the
     PeerPod list cannot be read; every other error is in the report.
     """
-    report = ReconcileReport()
+    report = ReconcileReport(error_log=state.errors)
     items = await peerpods.list_all()
     for item in items:
         if item["metadata"].get("deletionTimestamp"):
@@ -118,9 +163,9 @@ async def _finalize(peerpods: PeerPodApi, provider: Provider, options: Controlle
         if await peerpods.remove_finalizer(namespace, name):
             report.finalizers_released.append(_ref(item))
             log.info("PeerPod %s: finalizer released", _ref(item))
-    except Exception as exc:
-        report.errors.append(f"PeerPod {_ref(item)}: VM {instance_id}: {describe(exc)}")
-        log.error("finalizing PeerPod %s failed, retried next pass: %s", _ref(item), describe(exc))
+    except Exception as exc:  # reported; the pass goes on and the next one retries
+        report.failed(f"finalize {_ref(item)}", f"PeerPod {_ref(item)}: VM {instance_id}",
+                      f"finalizing PeerPod {_ref(item)} failed, retried next pass", exc)
 
 
 async def _delete_if_orphaned(
@@ -137,9 +182,8 @@ async def _delete_if_orphaned(
         log.warning("PeerPod %s: owner pod %s (uid %s) is gone; deleting the PeerPod", _ref(item), owner.get("name"), owner.get("uid"))
         deleted = await peerpods.delete(namespace, item["metadata"]["name"])
         report.peerpods_deleted.append(_ref(item))
-    except Exception as exc:
-        report.errors.append(f"PeerPod {_ref(item)}: {describe(exc)}")
-        log.error("checking the owner of PeerPod %s failed: %s", _ref(item), describe(exc))
+    except Exception as exc:  # reported; the pass goes on
+        report.failed(f"owner {_ref(item)}", f"PeerPod {_ref(item)}", f"checking the owner of PeerPod {_ref(item)} failed", exc)
         return
     if deleted is not None and deleted["metadata"].get("deletionTimestamp"):
         await _finalize(peerpods, provider, options, deleted, report)
@@ -151,9 +195,8 @@ async def _sweep(
 ) -> None:
     try:
         instances = await provider.list_owned({**options.sweep_tags, TAG_OWNER: OWNER_VALUE})
-    except Exception as exc:
-        report.errors.append(f"listing owned VMs: {describe(exc)}")
-        log.error("sweep: listing owned VMs failed: %s", describe(exc))
+    except Exception as exc:  # reported; nothing is known to be unreferenced, so nothing is swept
+        report.failed("sweep", "listing owned VMs", "sweep: listing owned VMs failed", exc)
         return
     for instance in instances:
         if instance.id in referenced or await _pod_alive(peerpods, instance, report):
@@ -164,9 +207,9 @@ async def _sweep(
             continue
         try:
             await provider.delete_instance(instance.id)
-        except Exception as exc:
-            report.errors.append(f"deleting orphan VM {instance.id}: {describe(exc)}")
-            log.error("sweep: deleting orphan VM %s failed, retried next pass: %s", instance.id, describe(exc))
+        except Exception as exc:  # reported; the next pass retries
+            report.failed(f"sweep {instance.id}", f"deleting orphan VM {instance.id}",
+                          f"sweep: deleting orphan VM {instance.id} failed, retried next pass", exc)
             continue
         state.first_seen.pop(instance.id, None)
         report.vms_deleted.append(instance.id)
@@ -185,8 +228,9 @@ async def _pod_alive(peerpods: PeerPodApi, instance: Instance, report: Reconcile
         return False
     try:
         pod = await peerpods.pod(namespace, name)
-    except Exception as exc:
-        report.errors.append(f"VM {instance.id}: reading pod {namespace}/{name}: {describe(exc)}")
+    except Exception as exc:  # unsure: keep the VM
+        report.failed(f"pod {namespace}/{name}", f"VM {instance.id}: reading pod {namespace}/{name}",
+                      f"sweep: reading pod {namespace}/{name} of VM {instance.id} failed; VM kept", exc)
         return True
     if pod is None or pod.phase in ("Succeeded", "Failed"):
         return False
@@ -207,8 +251,9 @@ async def run(
             if report.vms_deleted or report.errors:
                 log.info("pass: %d VM(s) deleted, %d finalizer(s) released, %d error(s)",
                          len(report.vms_deleted), len(report.finalizers_released), len(report.errors))
-        except Exception as exc:
-            log.error("reconcile pass failed (nothing swept): %s", describe(exc))
+        except Exception as exc:  # the controller outlives a bad pass
+            state.errors.error("pass", "reconcile pass failed (nothing swept)", exc)
+        state.errors.end_pass()
         if once:
             break
         try:

@@ -21,9 +21,9 @@ from kubernetes_asyncio import client as k8s
 
 from cloudadaptor.config import Settings
 from cloudadaptor.k8s.capacity import advertise_vm_capacity
-from cloudadaptor.k8s.client import connect, describe
+from cloudadaptor.k8s.client import API_ERRORS, connect, describe
 from cloudadaptor.k8s.peerpods import PeerPodTracker
-from cloudadaptor.retry import Backoff
+from cloudadaptor.retry import Backoff, retry_until
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +38,36 @@ class NodeIntegration:
         self.tracker = PeerPodTracker(api, node_name=settings.node_name)
         self._backoff = backoff
         self._advertiser: asyncio.Task[None] | None = None
+        self._last_unexpected: str | None = None
         self.advertised = asyncio.Event()
 
     async def start(self) -> None:
-        """Advertise the node's VM capacity: tried once now, then retried in the background until it works."""
-        if await self._try_advertise():
-            return
-        self._advertiser = asyncio.create_task(self._advertise_until_done(), name="advertise-vm-capacity")
+        """Advertise the node's VM capacity: tried once now, then retried in the background until it works.
 
-    async def _try_advertise(self) -> bool:
+        Never raises for the API's sake: the daemon serves either way (peer pods
+        are just not scheduled here until the capacity is advertised).
+        """
         try:
-            await advertise_vm_capacity(self.api, self.node_name, self.limit)
-        except Exception as exc:
-            log.warning("node %s: cannot advertise kata.peerpods.io/vm yet (peer pods will not be scheduled here): %s",
-                        self.node_name, describe(exc))
-            return False
+            await self._advertise()
+        except Exception as exc:  # logged; the background retry takes over
+            self._not_yet(exc)
+            self._advertiser = asyncio.create_task(self._advertise_until_done(), name="advertise-vm-capacity")
+
+    async def _advertise(self) -> None:
+        await advertise_vm_capacity(self.api, self.node_name, self.limit)
         self.advertised.set()
-        return True
+
+    def _not_yet(self, exc: BaseException, pause: float | None = None) -> None:
+        # A bug (not an API or network error) shows its traceback, once until it changes.
+        unexpected = None if isinstance(exc, API_ERRORS) else describe(exc)
+        trace = unexpected is not None and unexpected != self._last_unexpected
+        self._last_unexpected = unexpected
+        log.warning("node %s: cannot advertise kata.peerpods.io/vm yet (peer pods will not be scheduled here): %s",
+                    self.node_name, describe(exc), exc_info=exc if trace else None)
 
     async def _advertise_until_done(self) -> None:
-        for delay in self._backoff.delays():
-            await asyncio.sleep(delay)
-            if await self._try_advertise():
-                return
+        await asyncio.sleep(self._backoff.initial)  # the attempt in start() just failed
+        await retry_until(None, self._advertise, backoff=self._backoff, on_retry=self._not_yet)
 
     async def close(self) -> None:
         """Stop retrying and close the API client. The capacity stays advertised (a restart keeps its pods)."""

@@ -17,16 +17,18 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.client.exceptions import ApiException
 
-from cloudadaptor.k8s.client import describe, is_conflict, is_not_found, retry_on_conflict, status_of
+from cloudadaptor.k8s.client import API_ERRORS, describe, is_conflict, is_not_found, retry_on_conflict, status_of
 from cloudadaptor.providers.base import TAG_NODE, TAG_SANDBOX
-from cloudadaptor.retry import Backoff, retry_until
+from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GROUP = "confidentialcontainers.org"
 VERSION = "v1alpha1"
@@ -82,6 +84,16 @@ def peerpod_body(*, name: str, pod: PodRef, sandbox_id: str, node_name: str, ins
     }
 
 
+async def none_if_gone(call: Awaitable[T]) -> T | None:
+    """The call's result, or None when the API answers 404 Not Found; other errors propagate."""
+    try:
+        return await call
+    except ApiException as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+
 class PeerPodApi:
     """PeerPod and Pod reads and writes. Errors are the client's ``ApiException``;
     "not found" is returned as None where the docstring says so."""
@@ -92,12 +104,9 @@ class PeerPodApi:
 
     async def pod(self, namespace: str, name: str) -> PodRef | None:
         """The Pod, or None when it does not exist."""
-        try:
-            pod = await self._core.read_namespaced_pod(name, namespace)
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        pod = await none_if_gone(self._core.read_namespaced_pod(name, namespace))
+        if pod is None:
+            return None
         return PodRef(
             namespace=namespace, name=name, uid=pod.metadata.uid,
             node_name=pod.spec.node_name if pod.spec else None,
@@ -107,12 +116,7 @@ class PeerPodApi:
 
     async def get(self, namespace: str, name: str) -> JSON | None:
         """The PeerPod, or None when it does not exist."""
-        try:
-            return await self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        return await none_if_gone(self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
     async def list_all(self) -> list[JSON]:
         """Every PeerPod in every namespace."""
@@ -131,12 +135,7 @@ class PeerPodApi:
 
     async def delete(self, namespace: str, name: str) -> JSON | None:
         """Delete (the API keeps it, being deleted, while finalizers remain); None when already gone."""
-        try:
-            return await self._custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except Exception as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        return await none_if_gone(self._custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
 
     async def remove_finalizer(self, namespace: str, name: str) -> bool:
         """Take our finalizer off (re-read and re-apply on conflicts). True if it was there.
@@ -150,13 +149,7 @@ class PeerPodApi:
                 return False
             remaining = [f for f in finalizers if f != FINALIZER]
             patch = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"], "finalizers": remaining}}
-            try:
-                await self.patch(namespace, name, patch)
-            except Exception as exc:
-                if is_not_found(exc):
-                    return False
-                raise
-            return True
+            return await none_if_gone(self.patch(namespace, name, patch)) is not None
 
         return await retry_on_conflict(attempt)
 
@@ -193,11 +186,9 @@ class PeerPodTracker:
             log.debug("sandbox %s has no pod name/namespace: no PeerPod", sandbox_id)
             return
         name = peerpod_name(pod_name, sandbox_id)
-        try:
-            await self._retrying(lambda: self._create(sandbox_id, pod_namespace, pod_name, name, instance_id, provider_name))
-        except Exception as exc:
-            log.warning("PeerPod %s/%s for VM %s not recorded (the controller's sweep covers the VM): %s",
-                        pod_namespace, name, instance_id, _why(exc))
+        await self._never_raising(
+            lambda: self._create(sandbox_id, pod_namespace, pod_name, name, instance_id, provider_name),
+            f"PeerPod {pod_namespace}/{name} for VM {instance_id} not recorded (the controller's sweep covers the VM)")
 
     async def vm_deleted(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str) -> None:
         """The VM is gone: release our finalizer and delete the PeerPod.
@@ -207,14 +198,22 @@ class PeerPodTracker:
         if not (pod_namespace and pod_name):
             return
         name = peerpod_name(pod_name, sandbox_id)
-        try:
-            await self._retrying(lambda: self._release(pod_namespace, name, instance_id))
-        except Exception as exc:
-            log.warning("PeerPod %s/%s not released (the controller releases it when the pod goes): %s",
-                        pod_namespace, name, _why(exc))
+        await self._never_raising(
+            lambda: self._release(pod_namespace, name, instance_id),
+            f"PeerPod {pod_namespace}/{name} not released (the controller releases it when the pod goes)")
 
-    async def _retrying(self, operation) -> None:
-        await retry_until(self.timeout, operation, backoff=Backoff(initial=0.2, maximum=2.0), retryable=is_transient)
+    async def _never_raising(self, operation: Callable[[], Awaitable[None]], failure: str) -> None:
+        """``operation``, retried on transient API errors within ``timeout``; a failure is logged, never raised.
+
+        An API or network failure is one warning line; anything else is a bug
+        and is logged with its traceback. Cancellation propagates.
+        """
+        try:
+            await retry_until(self.timeout, operation, backoff=Backoff(initial=0.2, maximum=2.0), retryable=is_transient)
+        except (RetryTimeout, *API_ERRORS) as exc:
+            log.warning("%s: %s", failure, _why(exc))
+        except Exception:
+            log.exception("%s: unexpected error", failure)
 
     async def _create(self, sandbox_id: str, namespace: str, pod_name: str, name: str, instance_id: str, provider: str) -> None:
         pod = await self.peerpods.pod(namespace, pod_name)
@@ -227,7 +226,7 @@ class PeerPodTracker:
             await self.peerpods.create(body)
             log.info("PeerPod %s/%s records VM %s", namespace, name, instance_id)
             return
-        except Exception as exc:
+        except ApiException as exc:
             if not is_conflict(exc):
                 raise
         await retry_on_conflict(lambda: self._adopt(namespace, name, body))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from cloudadaptor.commandline import setup_logging
 from cloudadaptor.protocols import agent_pb2, ttrpc_pb2
 from cloudadaptor.tls import server_context
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
@@ -252,10 +253,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad configuration, 1 when it cannot listen."""
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     try:
         config = ForwarderConfig.from_json(Path(args.config).read_bytes())
         context = None if config.tls is None else server_context(config.tls, config.tls_min_version)

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 from cloudadaptor import userdata
 from cloudadaptor.files import write_atomic
 from cloudadaptor.config import parse_duration
+from cloudadaptor.retry import Backoff, RetryTimeout, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -121,30 +122,28 @@ def fetch_with_retries(
     source: str, attempt: Callable[[float], bytes], deadline_s: float,
     sleep: Callable[[float], None] = time.sleep,
 ) -> bytes:
-    """Call ``attempt`` with backoff until it succeeds or ``deadline_s`` passes.
+    """Call ``attempt`` (given its request timeout) with backoff until it succeeds or ``deadline_s`` passes.
 
     Raises ``FetchError`` with a one-line message naming the source and the
-    last failure.
+    last failure. Blocks.
     """
     end = time.monotonic() + deadline_s
-    delay = FIRST_DELAY
-    tries = 0
-    while True:
-        tries += 1
-        remaining = end - time.monotonic()
-        try:
-            return attempt(max(0.1, min(REQUEST_TIMEOUT, remaining)))
-        except FetchError as exc:
-            last = str(exc)
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            raise FetchError(
-                f"no user data from {source} after {tries} attempts within "
-                f"{deadline_s:g}s; last error: {last}"
-            )
-        log.info("user data not available yet from %s (%s); retrying", source, last)
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, MAX_DELAY)
+
+    def once() -> bytes:
+        return attempt(max(0.1, min(REQUEST_TIMEOUT, end - time.monotonic())))
+
+    def note(exc: BaseException, pause: float) -> None:
+        log.info("user data not available yet from %s (%s); retrying", source, exc)
+
+    try:
+        return retry_call(once, timeout=deadline_s, sleep=sleep, on_retry=note,
+                          backoff=Backoff(initial=FIRST_DELAY, factor=2.0, maximum=MAX_DELAY, jitter=0.0),
+                          retryable=lambda exc: isinstance(exc, FetchError))
+    except RetryTimeout as exc:
+        raise FetchError(
+            f"no user data from {source} after {exc.attempts} attempts within "
+            f"{deadline_s:g}s; last error: {exc.last_error}"
+        ) from None
 
 
 def _mode(entry: userdata.WriteFile) -> int:

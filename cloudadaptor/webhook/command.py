@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+from cloudadaptor.commandline import print_problems, serve_until_signal, setup_logging
 from cloudadaptor.config import Key, Problem, merge_overrides, parse_csv, parse_host_port, parse_keys
 from cloudadaptor.webhook.mutate import DEFAULT_RUNTIME_CLASS, DEFAULT_SYSTEM_NAMESPACES, MutationOptions
-
-if TYPE_CHECKING:
-    from cloudadaptor.webhook.server import WebhookServer
 
 DEFAULT_CERT = "/etc/webhook/certs/tls.crt"
 DEFAULT_KEY = "/etc/webhook/certs/tls.key"
@@ -67,12 +63,9 @@ def run(args: argparse.Namespace) -> int:
     env = merge_overrides(os.environ, {key: getattr(args, flag, None) for flag, key in _FLAGS.items()})
     values, problems = load(env)
     if problems:
-        print(f"configuration refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
+        print_problems(problems)
         return 2
-    logging.basicConfig(level=getattr(logging, str(values["LOG_LEVEL"]).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    setup_logging(str(values["LOG_LEVEL"]))
     from cloudadaptor.webhook.server import CertificateReloader, WebhookServer
 
     try:
@@ -83,17 +76,5 @@ def run(args: argparse.Namespace) -> int:
     host, port = values["WEBHOOK_ADDRESS"]
     options = MutationOptions(runtime_class=values["TARGET_RUNTIME_CLASS"],
                               system_namespaces=tuple(values["WEBHOOK_SYSTEM_NAMESPACES"]))
-    asyncio.run(_serve(WebhookServer(options, certificates, host, port)))
+    asyncio.run(serve_until_signal(WebhookServer(options, certificates, host, port)))
     return 0
-
-
-async def _serve(server: WebhookServer) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        await server.close()

@@ -19,11 +19,11 @@ from buildworld import AGENT, make_payload, run_cli
 from cloudadaptor import __version__
 from cloudadaptor.imagebuild import inputs
 from cloudadaptor.imagebuild.cleanup import CleanupError, CleanupStack, Terminated, interruptible
-from cloudadaptor.imagebuild.common import BuildError, SshAccess
+from cloudadaptor.imagebuild.common import BuildError, SshAccess, builder_backoff
 from cloudadaptor.imagebuild.progress import Progress
-from cloudadaptor.imagebuild.retrying import retry_call
 from cloudadaptor.imagebuild.ssh import SshUnavailable, wait_for_ssh
 from cloudadaptor.imagebuild.wheel import build_wheel, wheel_version
+from cloudadaptor.retry import retry_call
 from fakes.sshserver import FakeSshHost
 
 # ------------------------------------------------------------------ cleanup stack
@@ -259,10 +259,10 @@ def test_retry_call_retries_only_the_retryable_error_until_it_passes():
             raise RuntimeError("DependencyViolation")
         return "done"
 
-    assert retry_call(flaky, timeout=5, interval=0, retryable=lambda e: "Dependency" in str(e)) == "done"
+    assert retry_call(flaky, timeout=5, backoff=builder_backoff(0), retryable=lambda e: "Dependency" in str(e)) == "done"
     assert len(attempts) == 3
     with pytest.raises(ValueError):
-        retry_call(lambda: (_ for _ in ()).throw(ValueError("other")), timeout=5, interval=0,
+        retry_call(lambda: (_ for _ in ()).throw(ValueError("other")), timeout=5, backoff=builder_backoff(0),
                    retryable=lambda e: isinstance(e, RuntimeError))
 
 

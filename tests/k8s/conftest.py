@@ -8,7 +8,7 @@ from typing import AsyncIterator, Mapping
 
 import pytest
 
-from cloudadaptor.providers.base import OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, InstanceSpec
+from cloudadaptor.providers.base import OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, InstanceSpec, ProviderError
 from fakes.kubeapi import NODES, PODS, KubeApiServer
 
 _ids = itertools.count(1)
@@ -40,7 +40,7 @@ class FakeCloud:
     async def delete_instance(self, instance_id: str) -> None:
         if self.fail_deletes:
             self.fail_deletes -= 1
-            raise RuntimeError("cloud says: throttled")
+            raise ProviderError("cloud says: throttled")
         self.instances.pop(instance_id, None)
         self.deleted.append(instance_id)
 

@@ -17,15 +17,20 @@ async def test_no_kubeconfig_and_no_service_host_means_no_cluster():
     assert await connect({}) is None
 
 
-async def test_kubeconfig_is_used_with_its_token(kubeapi: KubeApiServer, add_pod, tmp_path):
-    add_pod("web")
-    api = await connect({"KUBECONFIG": str(kubeapi.write_kubeconfig(tmp_path / "kc", token="dev-token"))})
-    assert api is not None
+async def web_pod_name(api: client.ApiClient | None) -> str:
+    """Read pod default/web through ``api`` (a client ``connect`` returned), then close it."""
+    assert api is not None, "connect found no configuration"
     try:
         pod = await client.CoreV1Api(api).read_namespaced_pod("web", "default")
     finally:
         await api.close()
-    assert pod.metadata.name == "web"
+    return pod.metadata.name
+
+
+async def test_kubeconfig_is_used_with_its_token(kubeapi: KubeApiServer, add_pod, tmp_path):
+    add_pod("web")
+    api = await connect({"KUBECONFIG": str(kubeapi.write_kubeconfig(tmp_path / "kc", token="dev-token"))})
+    assert await web_pod_name(api) == "web"
     assert kubeapi.requests[-1].authorization == "Bearer dev-token"
 
 
@@ -50,12 +55,7 @@ async def test_in_cluster_service_account_over_https(tmp_path):
                             "spec": {"containers": [{"name": "c", "image": "i"}]}})
         port = kubeapi.url.rsplit(":", 1)[1]
         api = await connect({"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port}, service_account_dir=sa)
-        assert api is not None
-        try:
-            pod = await client.CoreV1Api(api).read_namespaced_pod("web", "default")
-        finally:
-            await api.close()
-        assert pod.metadata.name == "web"
+        assert await web_pod_name(api) == "web"
         assert kubeapi.requests[-1].authorization == "Bearer sa-token"
 
 

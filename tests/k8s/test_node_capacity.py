@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -59,3 +60,26 @@ async def test_connect_node_uses_kubeconfig_and_is_none_outside_a_cluster(kubeap
     assert node.advertised.is_set()
     assert kubeapi.get(NODES, "worker-9")["status"]["allocatable"][VM_RESOURCE] == "12"
     await node.close()
+
+
+async def test_a_bug_while_advertising_shows_its_traceback_once_and_the_retries_go_on(api, add_node, caplog, monkeypatch):
+    from cloudadaptor.k8s import node as node_module
+
+    add_node("worker-1")
+    failures = []
+
+    async def buggy(api, node_name, limit):
+        failures.append(1)
+        if len(failures) <= 3:
+            raise KeyError("status")
+        return await advertise_vm_capacity(api, node_name, limit)
+
+    monkeypatch.setattr(node_module, "advertise_vm_capacity", buggy)
+    node = NodeIntegration(api, Settings(node_name="worker-1", peerpods_limit_per_node=4),
+                           backoff=Backoff(initial=0.01, maximum=0.02))
+    with caplog.at_level(logging.WARNING, logger="cloudadaptor.k8s.node"):
+        await node.start()
+        await asyncio.wait_for(node.advertised.wait(), 5)
+    await node.close()
+    warnings = [r for r in caplog.records if "cannot advertise" in r.getMessage()]
+    assert len(warnings) == 3 and [bool(r.exc_info) for r in warnings] == [True, False, False]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -158,3 +160,73 @@ async def test_when_a_pod_cannot_be_read_its_vm_is_kept(api, kubeapi, cloud):
     kubeapi.fail("GET", "/pods/web$", 503, times=1)
     report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep_grace=0.0), SweepState(), 0.0)
     assert vm in cloud.instances and report.errors
+
+
+# ------------------------------------------------------------------ errors keep their cause
+
+
+async def buggy_list_owned(tags):
+    """A provider with a bug: listing raises what no API or cloud would."""
+    raise TypeError("'NoneType' object is not subscriptable")
+
+
+def tracebacks(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info and r.name == "cloudadaptor.k8s.controller"]
+
+
+async def test_a_bug_is_logged_with_its_traceback_once_not_every_pass(api, cloud, caplog):
+    cloud.list_owned = buggy_list_owned
+    state = SweepState()
+    options = ControllerOptions(provider_name="aws", sweep_grace=0.0)
+    with caplog.at_level(logging.ERROR, logger="cloudadaptor.k8s.controller"):
+        for _ in range(3):
+            report = await reconcile(PeerPodApi(api), cloud, options, state, 0.0)
+            assert report.errors == ["listing owned VMs: TypeError: 'NoneType' object is not subscriptable"]
+            state.errors.end_pass()
+    assert len(tracebacks(caplog)) == 1, "the traceback once, then one line per pass"
+    assert tracebacks(caplog)[0].exc_info[0] is TypeError
+    assert sum("sweep: listing owned VMs failed" in r.getMessage() for r in caplog.records) == 3
+
+
+async def test_a_bug_that_comes_back_after_a_clean_pass_logs_its_traceback_again(api, cloud, caplog):
+    state = SweepState()
+    options = ControllerOptions(provider_name="aws", sweep_grace=0.0)
+    with caplog.at_level(logging.ERROR, logger="cloudadaptor.k8s.controller"):
+        cloud.list_owned = buggy_list_owned
+        await reconcile(PeerPodApi(api), cloud, options, state, 0.0)
+        state.errors.end_pass()
+        del cloud.list_owned  # fixed...
+        assert not (await reconcile(PeerPodApi(api), cloud, options, state, 0.0)).errors
+        state.errors.end_pass()
+        cloud.list_owned = buggy_list_owned  # ...and broken again
+        await reconcile(PeerPodApi(api), cloud, options, state, 0.0)
+    assert len(tracebacks(caplog)) == 2
+
+
+async def test_an_expected_cloud_error_is_one_line_without_a_traceback(api, kubeapi, cloud, add_pod, caplog):
+    add_pod("web")
+    await record_vm(api, cloud)
+    kubeapi.delete(PODS, "web", "default")
+    cloud.fail_deletes = 1
+    with caplog.at_level(logging.ERROR, logger="cloudadaptor.k8s.controller"):
+        report = await reconcile(PeerPodApi(api), cloud, OPTIONS, SweepState(), now=0.0)
+    assert report.errors and "throttled" in report.errors[0]
+    assert "finalizing PeerPod" in caplog.text and "throttled" in caplog.text
+    assert tracebacks(caplog) == []
+
+
+async def test_the_controller_loop_survives_a_failing_pass(api, kubeapi, cloud, caplog):
+    import asyncio
+
+    from cloudadaptor.k8s.controller import run
+
+    kubeapi.fail("GET", "/peerpods$", 500, times=1)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="cloudadaptor.k8s.controller"):
+        task = asyncio.create_task(run(PeerPodApi(api), cloud, OPTIONS, interval=0.05, stop=stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        report = await asyncio.wait_for(task, 5)
+    assert report is not None and not report.errors, "later passes ran"
+    assert "reconcile pass failed (nothing swept)" in caplog.text and "HTTP 500" in caplog.text
+    assert tracebacks(caplog) == [], "an API error is expected: no traceback"

@@ -79,12 +79,44 @@ async def test_an_api_that_keeps_failing_is_logged_within_the_timeout_and_never_
     assert "not recorded" in caplog.text and "HTTP 500" in caplog.text
 
 
-async def test_an_unreachable_api_server_never_fails_the_pod(api, kubeapi, add_pod):
+async def test_an_unreachable_api_server_never_fails_the_pod(api, kubeapi, add_pod, caplog):
     add_pod("web")
     await kubeapi.close()
     tracker = PeerPodTracker(api, node_name="worker-1", timeout=0.5)
+    with caplog.at_level(logging.WARNING, logger="cloudadaptor.k8s.peerpods"):
+        await tracker.vm_created(SANDBOX, "default", "web", "i-1", "aws")
+        await tracker.vm_deleted(SANDBOX, "default", "web", "i-1")
+    assert kubeapi.all(PEERPODS) == [], "no PeerPod (and so no finalizer) was left while the API was away"
+    assert "not recorded" in caplog.text and "not released" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], "an unreachable API is expected: one line, no traceback"
+
+
+async def test_a_peerpod_recorded_before_the_api_went_away_keeps_its_finalizer_for_the_controller(api, kubeapi, add_pod):
+    add_pod("web")
+    tracker = PeerPodTracker(api, node_name="worker-1", timeout=0.5)
     await tracker.vm_created(SANDBOX, "default", "web", "i-1", "aws")
+    await kubeapi.close()
     await tracker.vm_deleted(SANDBOX, "default", "web", "i-1")
+    peerpod = stored(kubeapi)
+    assert peerpod is not None and peerpod["metadata"]["finalizers"] == [FINALIZER], \
+        "the finalizer stays until someone confirms the VM is gone"
+    assert peerpod["spec"]["instanceID"] == "i-1"
+
+
+async def test_a_bug_in_the_tracker_is_logged_with_its_traceback_and_never_fails_the_pod(api, kubeapi, add_pod, caplog):
+    add_pod("web")
+    tracker = PeerPodTracker(api, node_name="worker-1", timeout=0.5)
+
+    async def broken(namespace: str, name: str):
+        raise KeyError("uid")
+
+    tracker.peerpods.pod = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="cloudadaptor.k8s.peerpods"):
+        await tracker.vm_created(SANDBOX, "default", "web", "i-1", "aws")
+    with_traceback = [r for r in caplog.records if r.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].exc_info[0] is KeyError, caplog.text
+    assert "not recorded" in with_traceback[0].getMessage()
+    assert kubeapi.all(PEERPODS) == []
 
 
 async def test_vm_deleted_releases_the_finalizer_and_the_peerpod_goes(api, kubeapi, add_pod):

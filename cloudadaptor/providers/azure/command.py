@@ -17,6 +17,7 @@ import ipaddress
 import os
 import sys
 
+from cloudadaptor.commandline import print_problems
 from cloudadaptor.providers.azure.config import AzureConfig
 
 # Keys open-ports does not need (it touches only the NSG and reads the subnet).
@@ -55,16 +56,16 @@ def open_ports_command(args: argparse.Namespace) -> int:
             raise ConfigError(problems)
         config = azconfig.from_values(values, settings)
     except ConfigError as exc:
-        _fail(exc.problems)
+        print_problems(exc.problems)
         return 2
     if config.nsg is None:
-        _fail(["AZURE_NSG_ID is not set: expected the network security group to open (or --nsg-id)"])
+        print_problems(["AZURE_NSG_ID is not set: expected the network security group to open (or --nsg-id)"])
         return 2
     if args.prefix:
         try:
             prefix = str(ipaddress.ip_network(args.prefix, strict=False))
         except ValueError:
-            _fail([f"--prefix={args.prefix}: expected a CIDR prefix like 10.0.1.0/24"])
+            print_problems([f"--prefix={args.prefix}: expected a CIDR prefix like 10.0.1.0/24"])
             return 2
     else:
         prefix = None
@@ -93,9 +94,3 @@ async def _open_ports(config: AzureConfig, prefix: str | None) -> int:
         await az.call(clients.close)
     print(f"NSG {config.nsg.name}: peer-pod ports open for {prefix}")
     return 0
-
-
-def _fail(problems: list) -> None:
-    print(f"configuration refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 
 from cloudadaptor import __version__
-from cloudadaptor.config import ConfigError, Problem, load_settings, merge_overrides, parse_keys
+from cloudadaptor.commandline import print_problems, run_until_signal, setup_logging
+from cloudadaptor.config import ConfigError, load_settings, merge_overrides, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ _CONTROLLER_FLAGS = {
     "kubeconfig": "KUBECONFIG",
     "log_level": "LOG_LEVEL",
 }
-
-
-def _print_problems(problems: list[Problem]) -> None:
-    print(f"configuration refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}):", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
 # ------------------------------------------------------------ peerpod-controller
@@ -76,14 +65,14 @@ def run_controller(args: argparse.Namespace) -> int:
         problems = exc.problems + problems
         settings = None
     if problems or settings is None:
-        _print_problems(problems)
+        print_problems(problems)
         return 2
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags)
     try:
         return asyncio.run(_controller_main(settings, options, values["PEERPOD_CONTROLLER_INTERVAL"], args.once))
     except ConfigError as exc:
-        _print_problems(exc.problems)
+        print_problems(exc.problems)
         return 2
 
 
@@ -102,14 +91,11 @@ async def _controller_main(settings, options, interval: float, once: bool) -> in
         print("cannot start: no Kubernetes configuration (set KUBECONFIG or run in a cluster)", file=sys.stderr)
         return 1
     provider = create_provider(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     log.info("PeerPod controller: provider %s, every %.0fs, sweep %s (grace %.0fs, tags %s)", options.provider_name,
              interval, "on" if options.sweep else "off", options.sweep_grace, dict(options.sweep_tags) or "-")
     try:
-        report = await controller.run(PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once)
+        report = await run_until_signal(
+            lambda stop: controller.run(PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once))
     finally:
         with contextlib.suppress(Exception):
             await provider.close()
@@ -132,9 +118,11 @@ def build_probe_parser(parser: argparse.ArgumentParser) -> None:
 def run_probe(args: argparse.Namespace) -> int:
     socket = args.socket or os.environ.get("SOCKET") or DEFAULT_SOCKET
     began = time.monotonic()
+    from cloudadaptor.ttrpc.errors import ConnectionClosed, TtrpcError
+
     try:
         version = asyncio.run(probe(socket, args.timeout))
-    except Exception as exc:
+    except (OSError, TimeoutError, TtrpcError, ConnectionClosed) as exc:  # anything else is a bug: its traceback shows
         print(f"not ready: {socket}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"ready: cloud-api-adaptor {version} on {socket} ({(time.monotonic() - began) * 1000:.0f} ms)")
