@@ -1,4 +1,4 @@
-"""The checked-in protobuf modules match protos/, and field numbers match DESIGN §2."""
+"""The checked-in protobuf modules match protos/, and field numbers match docs/ARCHITECTURE.md ("Wire facts")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An independent ttrpc client, written from DESIGN §2 with struct and a hand
+"""An independent ttrpc client, written from docs/ARCHITECTURE.md ("Wire facts") with struct and a hand
 protobuf encoder (none of our ttrpc or generated code), drives the real daemon:
 Version, CreateVM, StartVM, Health.Check through the returned agent socket, StopVM.
 """
