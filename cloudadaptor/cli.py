@@ -110,9 +110,9 @@ def _aws_command(parser: argparse.ArgumentParser):
     ports.add_argument("--vxlan-port", help="VXLAN UDP port (default: VXLAN_PORT or 9000)")
 
     def run(args: argparse.Namespace) -> int:
-        from cloudadaptor.providers.aws import commands
+        from cloudadaptor.providers.aws import command
 
-        return commands.main(args)
+        return command.run(args)
 
     return run
 

@@ -1,6 +1,6 @@
 """Typed settings from the environment (peer-pods-cm / peer-pods-secret), validated once.
 
-Operators configure the adaptor through environment variables (DESIGN §3);
+Operators configure the adaptor through environment variables (docs/ARCHITECTURE.md, Configuration);
 command-line flags may override them (``overrides=``). Everything is parsed
 here into a frozen ``Settings`` and handed to constructors; nothing else reads
 ``os.environ``.
@@ -9,8 +9,9 @@ Bad configuration is refused with *every* problem at once, one line each,
 naming the key, the bad value (``<hidden>`` for secrets) and what is expected.
 A secret's value never appears in a message, a repr or ``config check``.
 
-Providers declare their own keys (``KEYS: tuple[Key, ...]``) and parse them
-from ``Settings.provider_env`` with ``parse_keys``.
+Providers declare their own keys as ``option`` fields of a typed config
+(``cloudadaptor.providers.config``), parsed from ``Settings.provider_env``;
+``cloudadaptor.providers.base.load_provider`` loads both at once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import socket as _socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+from cloudadaptor import wire
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
     SHIM_STARTVM_DEADLINE,
@@ -169,16 +172,16 @@ COMMON_SECRET_KEYS = (
 
 @dataclass(frozen=True)
 class Settings:
-    """Common settings (DESIGN §3) plus the adaptor's own paths and endpoints.
+    """Common settings plus the adaptor's own paths and endpoints.
 
     Every field has a default so tests can build one with just what they need.
-    ``provider_env`` is the raw environment a provider parses its own KEYS from;
+    ``provider_env`` is the raw environment a provider parses its own keys from;
     it is excluded from repr and comparison (it may hold secrets).
     """
 
     cloud_provider: str = "local"
-    vxlan_port: int = 9000
-    vxlan_min_id: int = 555000
+    vxlan_port: int = wire.VXLAN_PORT
+    vxlan_min_id: int = wire.VXLAN_MIN_ID
     vxlan_worker_ip: str | None = None  # None: detected (route towards the VM network)
     proxy_timeout: float = 300.0
     podvm_instance_type: str | None = None
@@ -227,8 +230,8 @@ def common_keys() -> tuple[Key, ...]:
     return (
         Key("CLOUD_PROVIDER", _parse_provider, required=True,
             help=f"the cloud pod VMs run in; one of: {providers}"),
-        Key("VXLAN_PORT", parse_port, 9000, help="UDP port of the VXLAN tunnels"),
-        Key("VXLAN_MIN_ID", int_range(1, 16777215), 555000, help="first VXLAN network id (VNI)"),
+        Key("VXLAN_PORT", parse_port, wire.VXLAN_PORT, help="UDP port of the VXLAN tunnels"),
+        Key("VXLAN_MIN_ID", int_range(1, wire.MAX_VNI), wire.VXLAN_MIN_ID, help="first VXLAN network id (VNI)"),
         Key("VXLAN_WORKER_IP", parse_ip, None,
             help="worker address pod VMs send VXLAN to (default: source of the route towards the VM network)"),
         Key("PROXY_TIMEOUT", parse_proxy_timeout, 300.0,
@@ -312,7 +315,7 @@ def load_settings(env: Mapping[str, str], *, overrides: Mapping[str, str | None]
 
 
 def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Problem]]:
-    """The chosen provider's KEYS (empty when CLOUD_PROVIDER is bad or declares none)."""
+    """The chosen provider's keys (empty when CLOUD_PROVIDER is bad)."""
     from cloudadaptor.providers import base
 
     name = _text(env, "CLOUD_PROVIDER")
@@ -322,7 +325,7 @@ def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Proble
         cls = base.load_provider_class(name)
     except (ImportError, AttributeError) as exc:
         return (), [Problem("CLOUD_PROVIDER", name, f"provider could not be loaded ({exc})")]
-    return tuple(getattr(cls, "KEYS", ()) or ()), []
+    return cls.config_type.keys(), []
 
 
 def _display(key: Key, value: Any) -> str:

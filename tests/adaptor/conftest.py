@@ -65,6 +65,9 @@ class FakeProvider:
     async def close(self) -> None:
         pass
 
+    def network_hint(self) -> str | None:
+        return None
+
 
 @dataclass
 class FakePodNetwork:
