@@ -347,13 +347,13 @@ def _display(key: Key, value: Any) -> str:
 def _all_keys(env: Mapping[str, str]) -> tuple[list[Key], list[Key], list[Problem]]:
     """(common keys, provider keys, load problems); a key declared secret by
     either side is secret on both, and a key both declare is listed once."""
-    provider, problems = _provider_keys(env)
-    secret_names = set(COMMON_SECRET_KEYS) | {k.name for k in provider if k.secret}
+    declared, problems = _provider_keys(env)
+    secret_names = set(COMMON_SECRET_KEYS) | {k.name for k in declared if k.secret}
     common = [dataclasses.replace(k, secret=k.secret or k.name in secret_names) for k in common_keys()]
     common_names = {k.name for k in common}
     provider = [
         dataclasses.replace(k, secret=k.secret or k.name in secret_names)
-        for k in provider if k.name not in common_names
+        for k in declared if k.name not in common_names
     ]
     return common, provider, problems
 
