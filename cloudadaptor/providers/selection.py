@@ -1,4 +1,4 @@
-"""Instance type choice shared by every cloud provider (DESIGN §3).
+"""Instance type choice shared by every cloud provider.
 
 1. The pod's ``machine_type`` annotation wins.
 2. Else, when the pod asks for vCPUs/memory/GPUs and an allow-list

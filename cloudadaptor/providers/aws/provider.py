@@ -35,7 +35,8 @@ from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import SelectionError, select_instance_type
-from cloudadaptor.userdata import AWS_USER_DATA_LIMIT, UserDataTooLarge, check_size
+from cloudadaptor.userdata import UserDataTooLarge, check_size
+from cloudadaptor.wire import AWS_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class AwsProvider(ProviderBase):
         return self.config.image_id
 
     def _instance_type(self, spec: InstanceSpec, catalog: cat.TypeCatalog) -> str | None:
-        """DESIGN §3 choice; None leaves the type to the launch template."""
+        """The instance type for ``spec`` (``selection``); None leaves it to the launch template."""
         config = self.config
         if config.use_launch_template and not (spec.instance_type or config.instance_type or config.instance_types):
             return None

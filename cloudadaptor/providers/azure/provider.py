@@ -27,6 +27,7 @@ from cloudadaptor.providers.azure.config import (
 from cloudadaptor.providers.azure.tags import from_azure_tags, matches
 from cloudadaptor.providers.base import TAG_SANDBOX, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, select_instance_type
+from cloudadaptor.wire import AZURE_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class AzureProvider(ProviderBase):
 
     async def _plan(self, spec: InstanceSpec) -> _Plan:
         try:
-            userdata.check_size(spec.user_data, userdata.AZURE_USER_DATA_LIMIT, "Azure")
+            userdata.check_size(spec.user_data, AZURE_USER_DATA_LIMIT, "Azure")
         except userdata.UserDataTooLarge as exc:
             raise ProviderError(f"VM {spec.name}: {exc}") from None
         if spec.image:
