@@ -26,22 +26,9 @@ from typing import Any, Callable, Iterable, Mapping
 from cloudadaptor import wire
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
-    SHIM_STARTVM_DEADLINE,
-    TLS_VERSIONS,
-    parse_duration,
-    format_duration,
-    parse_bool,
-    int_range,
-    parse_port,
-    parse_ip,
-    parse_csv,
-    parse_tags,
-    parse_tls_version,
-    parse_proxy_timeout,
-    parse_abs_path,
-    parse_readable_file,
-    parse_host_port,
-    DURATION_EXPECTED,
+    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
+    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_proxy_timeout, parse_readable_file,
+    parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
@@ -369,6 +356,17 @@ def effective_settings(
     return check(env, overrides=overrides)[0]
 
 
+def _cross_key_problems(settings: Settings) -> list[Problem]:
+    """What the provider's config refuses between its keys (what ``serve`` would refuse)."""
+    from cloudadaptor.providers import base
+
+    try:
+        base.load_provider_config(settings.cloud_provider, settings)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 def check(
     env: Mapping[str, str], *, overrides: Mapping[str, str | None] | None = None
 ) -> tuple[list[tuple[str, str, str]], list[Problem]]:
@@ -376,9 +374,11 @@ def check(
     merged_env = merge_overrides(env, overrides)
     flagged = {k for k, v in (overrides or {}).items() if v is not None}
     common, provider, problems = _all_keys(merged_env)
-    _, common_problems = _load(merged_env)
+    settings, common_problems = _load(merged_env)
     declared = _provider_keys(merged_env)[0]  # with their own parsers, shared keys included
     _, provider_problems = parse_keys(declared, merged_env)
+    if settings is not None and declared:
+        provider_problems += _cross_key_problems(settings)
     rows = []
     for key in [*common, *provider]:
         text = _text(merged_env, key.name)

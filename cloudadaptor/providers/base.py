@@ -183,7 +183,7 @@ def load_provider(
     ``overrides`` are command-line flags on top of ``env``. Raises
     ``ConfigError`` with every problem of the common and the provider keys.
     """
-    from cloudadaptor.config import ConfigError, load_settings, merge_overrides
+    from cloudadaptor.config import ConfigError, Settings, load_settings, merge_overrides
 
     merged = merge_overrides(env, overrides)
     if provider is not None:
@@ -191,11 +191,15 @@ def load_provider(
     try:
         settings = load_settings(merged)
     except ConfigError as exc:
-        # Parse the provider's keys too, so one run shows every problem.
+        # Check the provider's keys too (against default common settings), so
+        # one run shows every problem.
         name = merged.get("CLOUD_PROVIDER", "").strip()
         extra: list[Problem] = []
         if name in installed_providers():
-            _, extra = load_provider_class(name).config_type.parse(merged, relaxed=relaxed)
+            try:
+                load_provider_config(name, Settings(cloud_provider=name, provider_env=merged), relaxed=relaxed)
+            except ConfigError as provider_exc:
+                extra = provider_exc.problems
         raise ConfigError([*exc.problems, *extra]) from None
     return settings, load_provider_config(settings.cloud_provider, settings, relaxed=relaxed)
 

@@ -49,6 +49,13 @@ def option(
     return dataclasses.field(default=default, metadata=metadata, repr=not secret)
 
 
+def _own(value: Any, key: Key) -> Any:
+    """A mutable default copied, so configs never share it."""
+    if value is key.default and isinstance(value, (dict, list, set)):
+        return type(value)(value)
+    return value
+
+
 class ProviderConfig:
     """Base of every provider's typed configuration (subclasses are frozen dataclasses)."""
 
@@ -75,7 +82,7 @@ class ProviderConfig:
             for _, key in options
         ]
         values, problems = parse_keys(keys, env)
-        return {name: values[key.name] for name, key in options}, problems
+        return {name: _own(values[key.name], key) for name, key in options}, problems
 
     @classmethod
     def build(cls: type[C], settings: Settings, **options: Any) -> C:
