@@ -4,6 +4,11 @@ A provider creates an instance from an ``InstanceSpec`` (user data included),
 deletes by id (idempotent: deleting a gone instance is success) and lists the
 instances carrying our ownership tags so orphans can be swept. It never sees a
 network namespace, a socket or a Kubernetes object.
+
+Providers are plugins: entry points of the group ``cloudadaptor.providers``
+(the built-in ones too), imported only when chosen. ``load_provider`` is the
+one configuration loader (common ``Settings`` plus the provider's typed
+config); the contract for plugin authors is docs/PROVIDERS.md.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from cloudadaptor.config import Key, Problem, Settings, int_range, parse_bool, parse_csv
+from cloudadaptor.config import Problem, Settings, int_range, parse_bool, parse_csv
 from cloudadaptor.providers.config import ProviderConfig, option
 
 DEFAULT_INSTANCE_TYPE = "t3.medium"
@@ -173,6 +173,3 @@ class AwsConfig(ProviderConfig):
             named.setdefault(self.instance_type, "PODVM_INSTANCE_TYPE")
         return named
 
-
-# The AWS keys, as declared on ``AwsConfig``.
-KEYS: tuple[Key, ...] = AwsConfig.keys()

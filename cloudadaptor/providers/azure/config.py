@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from cloudadaptor.config import Key, Problem, Settings, parse_abs_path, parse_bool, parse_csv
+from cloudadaptor.config import Problem, Settings, parse_abs_path, parse_bool, parse_csv
 from cloudadaptor.providers.config import ProviderConfig, option
 from cloudadaptor.wire import VXLAN_PORT
 
@@ -246,11 +246,6 @@ class AzureConfig(ProviderConfig):
             problems.append(Problem("AZURE_SUBNET_ID", subnet.text,
                                     "expected a subnet in AZURE_SUBSCRIPTION_ID (NICs and subnets share a subscription)"))
         return problems
-
-
-def keys() -> tuple[Key, ...]:
-    """The Azure provider's keys, as declared on ``AzureConfig``."""
-    return AzureConfig.keys()
 
 
 def read_ssh_public_key(path: Path) -> str:
