@@ -1,6 +1,6 @@
 """Typed settings from the environment (peer-pods-cm / peer-pods-secret), validated once.
 
-Operators configure the adaptor through environment variables (DESIGN §3);
+Operators configure the adaptor through environment variables (docs/ARCHITECTURE.md, Configuration);
 command-line flags may override them (``overrides=``). Everything is parsed
 here into a frozen ``Settings`` and handed to constructors; nothing else reads
 ``os.environ``.
@@ -9,8 +9,9 @@ Bad configuration is refused with *every* problem at once, one line each,
 naming the key, the bad value (``<hidden>`` for secrets) and what is expected.
 A secret's value never appears in a message, a repr or ``config check``.
 
-Providers declare their own keys (``KEYS: tuple[Key, ...]``) and parse them
-from ``Settings.provider_env`` with ``parse_keys``.
+Providers declare their own keys as ``option`` fields of a typed config
+(``cloudadaptor.providers.config``), parsed from ``Settings.provider_env``;
+``cloudadaptor.providers.base.load_provider`` loads both at once.
 """
 
 from __future__ import annotations
@@ -22,23 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from cloudadaptor import wire
+
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
-    SHIM_STARTVM_DEADLINE,
-    TLS_VERSIONS,
-    parse_duration,
-    format_duration,
-    parse_bool,
-    int_range,
-    parse_port,
-    parse_ip,
-    parse_csv,
-    parse_tags,
-    parse_tls_version,
-    parse_proxy_timeout,
-    parse_abs_path,
-    parse_readable_file,
-    parse_host_port,
-    DURATION_EXPECTED,
+    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
+    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_proxy_timeout, parse_readable_file,
+    parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
@@ -169,16 +159,16 @@ COMMON_SECRET_KEYS = (
 
 @dataclass(frozen=True)
 class Settings:
-    """Common settings (DESIGN §3) plus the adaptor's own paths and endpoints.
+    """Common settings plus the adaptor's own paths and endpoints.
 
     Every field has a default so tests can build one with just what they need.
-    ``provider_env`` is the raw environment a provider parses its own KEYS from;
+    ``provider_env`` is the raw environment a provider parses its own keys from;
     it is excluded from repr and comparison (it may hold secrets).
     """
 
     cloud_provider: str = "local"
-    vxlan_port: int = 9000
-    vxlan_min_id: int = 555000
+    vxlan_port: int = wire.VXLAN_PORT
+    vxlan_min_id: int = wire.VXLAN_MIN_ID
     vxlan_worker_ip: str | None = None  # None: detected (route towards the VM network)
     proxy_timeout: float = 300.0
     podvm_instance_type: str | None = None
@@ -227,8 +217,8 @@ def common_keys() -> tuple[Key, ...]:
     return (
         Key("CLOUD_PROVIDER", _parse_provider, required=True,
             help=f"the cloud pod VMs run in; one of: {providers}"),
-        Key("VXLAN_PORT", parse_port, 9000, help="UDP port of the VXLAN tunnels"),
-        Key("VXLAN_MIN_ID", int_range(1, 16777215), 555000, help="first VXLAN network id (VNI)"),
+        Key("VXLAN_PORT", parse_port, wire.VXLAN_PORT, help="UDP port of the VXLAN tunnels"),
+        Key("VXLAN_MIN_ID", int_range(1, wire.MAX_VNI), wire.VXLAN_MIN_ID, help="first VXLAN network id (VNI)"),
         Key("VXLAN_WORKER_IP", parse_ip, None,
             help="worker address pod VMs send VXLAN to (default: source of the route towards the VM network)"),
         Key("PROXY_TIMEOUT", parse_proxy_timeout, 300.0,
@@ -312,7 +302,7 @@ def load_settings(env: Mapping[str, str], *, overrides: Mapping[str, str | None]
 
 
 def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Problem]]:
-    """The chosen provider's KEYS (empty when CLOUD_PROVIDER is bad or declares none)."""
+    """The chosen provider's keys (empty when CLOUD_PROVIDER is bad)."""
     from cloudadaptor.providers import base
 
     name = _text(env, "CLOUD_PROVIDER")
@@ -322,7 +312,7 @@ def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Proble
         cls = base.load_provider_class(name)
     except (ImportError, AttributeError) as exc:
         return (), [Problem("CLOUD_PROVIDER", name, f"provider could not be loaded ({exc})")]
-    return tuple(getattr(cls, "KEYS", ()) or ()), []
+    return cls.config_type.keys(), []
 
 
 def _display(key: Key, value: Any) -> str:
@@ -344,13 +334,13 @@ def _display(key: Key, value: Any) -> str:
 def _all_keys(env: Mapping[str, str]) -> tuple[list[Key], list[Key], list[Problem]]:
     """(common keys, provider keys, load problems); a key declared secret by
     either side is secret on both, and a key both declare is listed once."""
-    provider, problems = _provider_keys(env)
-    secret_names = set(COMMON_SECRET_KEYS) | {k.name for k in provider if k.secret}
+    declared, problems = _provider_keys(env)
+    secret_names = set(COMMON_SECRET_KEYS) | {k.name for k in declared if k.secret}
     common = [dataclasses.replace(k, secret=k.secret or k.name in secret_names) for k in common_keys()]
     common_names = {k.name for k in common}
     provider = [
         dataclasses.replace(k, secret=k.secret or k.name in secret_names)
-        for k in provider if k.name not in common_names
+        for k in declared if k.name not in common_names
     ]
     return common, provider, problems
 
@@ -366,6 +356,17 @@ def effective_settings(
     return check(env, overrides=overrides)[0]
 
 
+def _cross_key_problems(settings: Settings) -> list[Problem]:
+    """What the provider's config refuses between its keys (what ``serve`` would refuse)."""
+    from cloudadaptor.providers import base
+
+    try:
+        base.load_provider_config(settings.cloud_provider, settings)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 def check(
     env: Mapping[str, str], *, overrides: Mapping[str, str | None] | None = None
 ) -> tuple[list[tuple[str, str, str]], list[Problem]]:
@@ -373,9 +374,11 @@ def check(
     merged_env = merge_overrides(env, overrides)
     flagged = {k for k, v in (overrides or {}).items() if v is not None}
     common, provider, problems = _all_keys(merged_env)
-    _, common_problems = _load(merged_env)
+    settings, common_problems = _load(merged_env)
     declared = _provider_keys(merged_env)[0]  # with their own parsers, shared keys included
     _, provider_problems = parse_keys(declared, merged_env)
+    if settings is not None and declared:
+        provider_problems += _cross_key_problems(settings)
     rows = []
     for key in [*common, *provider]:
         text = _text(merged_env, key.name)

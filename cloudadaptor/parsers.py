@@ -14,9 +14,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from cloudadaptor import wire
+
 # StartVM is given max(10 s, remote_hypervisor_timeout) = 600 s by default.
 SHIM_STARTVM_DEADLINE = 600.0
-TLS_VERSIONS = ("1.2", "1.3")
+TLS_VERSIONS: tuple[str, ...] = tuple(wire.TLS_VERSIONS)
 
 
 _DURATION_UNITS = {

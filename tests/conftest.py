@@ -212,6 +212,22 @@ def arm(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
+def arm_seeded(arm, request: pytest.FixtureRequest):
+    """The ARM endpoint seeded with a worker's world (resource group, VNet and subnet,
+    NSG, image, VM sizes). A test module may set ``ARM_SUBNET_PREFIX``."""
+    prefix = getattr(request.module, "ARM_SUBNET_PREFIX", None)
+    return arm.populate(prefix=prefix) if prefix else arm.populate()
+
+
+@pytest.fixture
+def arm_env(arm, arm_seeded, ssh_key: Path) -> dict[str, str]:
+    """The environment (peer-pods-cm / peer-pods-secret) of an azure worker in ``arm_seeded``."""
+    from fakes.armserver import azure_env
+
+    return azure_env(arm, arm_seeded, ssh_key)
+
+
+@pytest.fixture
 def ssh_key(tmp_path: Path) -> Path:
     """The operator's SSH public key (ssh-key-secret's id_rsa.pub)."""
     path = tmp_path / "id_rsa.pub"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass, make_dataclass
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from cloudadaptor.config import (
     parse_tags,
 )
 from cloudadaptor.providers import base
+from cloudadaptor.providers.config import ProviderConfig, option
 
 SECRET = "s3cr3t-Value-never-shown"
 
@@ -274,25 +277,45 @@ def test_config_error_message_hides_secrets_even_with_other_problems():
 
 # ---------------------------------------------------------------- config check
 
+@dataclass(frozen=True)
+class FakeConfig(ProviderConfig):
+    region: str = option("FAKE_REGION", str, required=True, help="the region")
+    port: int = option("FAKE_PORT", config.parse_port, 22)
+    password: str | None = option("FAKE_PASSWORD", str, secret=True)
+    timeout: float = option("FAKE_TIMEOUT", parse_duration, 30.0)
+
+
 class FakeProvider:
-    KEYS = (
-        Key("FAKE_REGION", str, required=True, help="the region"),
-        Key("FAKE_PORT", config.parse_port, 22),
-        Key("FAKE_PASSWORD", str, secret=True),
-        Key("FAKE_TIMEOUT", parse_duration, 30.0),
-    )
+    config_type = FakeConfig
+
+
+@dataclass(frozen=True)
+class NoKeys(ProviderConfig):
+    pass
 
 
 class ProviderWithoutKeys:
-    pass
+    config_type = NoKeys
+
+
+def install(monkeypatch, **classes):
+    """Make ``classes`` installed providers (next to the real ones), by name."""
+    installed = base.installed_providers()
+    fakes = {name: EntryPoint(name, f"tests.fake:{name}", base.ENTRY_POINT_GROUP) for name in classes}
+    monkeypatch.setattr(base, "installed_providers", lambda: {**installed, **fakes})
+    monkeypatch.setattr(base, "load_provider_class", lambda name: classes[name])
+
+
+def provider_with(*options_: tuple[str, object]) -> type:
+    """A provider class whose config declares ``options_`` as (key, default) str options."""
+    fields = [(f"f{i}", object, option(key, str, default)) for i, (key, default) in enumerate(options_)]
+    config_type = make_dataclass("Declared", fields, bases=(ProviderConfig,), frozen=True)
+    return type("Declares", (), {"config_type": config_type})
 
 
 @pytest.fixture
 def fake_providers(monkeypatch):
-    classes = {"fake": FakeProvider, "bare": ProviderWithoutKeys}
-    for name in classes:
-        monkeypatch.setitem(base.REGISTRY, name, f"tests.fake:{name}")
-    monkeypatch.setattr(base, "load_provider_class", lambda name: classes[name])
+    install(monkeypatch, fake=FakeProvider, bare=ProviderWithoutKeys)
 
 
 def test_effective_settings_show_value_and_source(fake_providers):
@@ -326,28 +349,22 @@ def test_check_tolerates_a_provider_without_keys(fake_providers):
 
 
 def test_check_reports_a_provider_that_cannot_be_imported(monkeypatch):
-    monkeypatch.setitem(base.REGISTRY, "broken", "cloudadaptor.providers.no_such_module:X")
+    broken = EntryPoint("broken", "cloudadaptor.providers.no_such_module:X", base.ENTRY_POINT_GROUP)
+    installed = base.installed_providers()
+    monkeypatch.setattr(base, "installed_providers", lambda: {**installed, "broken": broken})
     _, problems = check({"CLOUD_PROVIDER": "broken"})
     assert [p.key for p in problems] == ["CLOUD_PROVIDER"]
     assert "could not be loaded" in str(problems[0])
 
 
 def test_a_provider_secret_redeclared_without_the_flag_stays_hidden(monkeypatch):
-    class Redeclares:
-        KEYS = (Key("AWS_SECRET_ACCESS_KEY", str),)
-
-    monkeypatch.setitem(base.REGISTRY, "aws-like", "x:y")
-    monkeypatch.setattr(base, "load_provider_class", lambda name: Redeclares)
+    install(monkeypatch, **{"aws-like": provider_with(("AWS_SECRET_ACCESS_KEY", None))})
     rows, _ = check({"CLOUD_PROVIDER": "aws-like", "AWS_SECRET_ACCESS_KEY": SECRET})
     assert [r for r in rows if r[0] == "AWS_SECRET_ACCESS_KEY"] == [("AWS_SECRET_ACCESS_KEY", "<hidden>", "env")]
 
 
 def test_a_key_shared_with_the_provider_is_listed_once_and_still_checked(monkeypatch):
-    class SharesInstanceType:
-        KEYS = (Key("PODVM_INSTANCE_TYPE", str, "t3.medium"),)
-
-    monkeypatch.setitem(base.REGISTRY, "aws-like", "x:y")
-    monkeypatch.setattr(base, "load_provider_class", lambda name: SharesInstanceType)
+    install(monkeypatch, **{"aws-like": provider_with(("PODVM_INSTANCE_TYPE", "t3.medium"))})
     rows, problems = check({"CLOUD_PROVIDER": "aws-like", "PODVM_INSTANCE_TYPE": "m5.large",
                             "PODVM_INSTANCE_TYPES": "t3.small"})
     assert [r[0] for r in rows].count("PODVM_INSTANCE_TYPE") == 1

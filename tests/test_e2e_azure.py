@@ -21,18 +21,17 @@ from cloudadaptor import userdata
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings
 from cloudadaptor.providers.base import TAG_NODE, TAG_SANDBOX
-from fakes.armserver import azure_env, fast_provider
+from fakes.armserver import fast_provider
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
 
 @pytest.fixture
-async def azure_daemon(private_ns, arm, ssh_key):
-    seeded = arm.populate(prefix="203.0.113.0/24")
+async def azure_daemon(private_ns, arm_env):
     root = Path(tempfile.mkdtemp(prefix="e2e-az-", dir="/run"))  # short: unix socket paths
-    env = azure_env(arm, seeded, ssh_key, STATE_DIR=str(root), SOCKET=str(root / "hv.sock"), PODS_DIR=str(root / "pods"),
-                    NODE_NAME="azure-worker-1", PROXY_TIMEOUT="2s", VXLAN_WORKER_IP="203.0.113.250")
-    daemon = Daemon(load_settings(env), provider=fast_provider(env))
+    arm_env = {**arm_env, "STATE_DIR": str(root), "SOCKET": str(root / "hv.sock"), "PODS_DIR": str(root / "pods"),
+               "NODE_NAME": "azure-worker-1", "PROXY_TIMEOUT": "2s", "VXLAN_WORKER_IP": "203.0.113.250"}
+    daemon = Daemon(load_settings(arm_env), provider=fast_provider(arm_env))
     await daemon.start()
     try:
         yield daemon

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore
 from cloudadaptor.podnetwork.api import NetnsInvalid, NetnsUnusable, PodNetwork, PodNetworkError, TunnelSpec
+from cloudadaptor.providers.base import Provider
 from cloudadaptor.ttrpc.errors import Code
 from cloudadaptor.podconfig import PodInterface
 
 log = logging.getLogger(__name__)
-
-# A provider may expose ``network_hint() -> str | None``: an address inside the
-# VM network (no I/O), so the worker address can be the source of the route there.
-NetworkHint = Callable[[], "str | None"]
-
 
 def tunnel_of(sandbox: Sandbox) -> TunnelSpec | None:
     """The tunnel a sandbox owns (None for a row from before tunnels)."""
@@ -55,12 +50,12 @@ class SandboxNetwork:
         except PodNetworkError as exc:
             raise LifecycleError(Code.FAILED_PRECONDITION, f"networkNamespacePath {netns_path!r}: {exc}") from None
 
-    async def worker_ip(self, provider: object) -> str:
-        """The worker address the VM tunnels to, using the provider's
-        ``network_hint()`` when it has one. Raises ``LifecycleError``."""
-        hint = getattr(provider, "network_hint", None)
+    async def worker_ip(self, provider: Provider) -> str:
+        """The worker address the VM tunnels to: the source of the route towards
+        the provider's ``network_hint()`` (an address in the VM network) when it
+        gives one. Raises ``LifecycleError``."""
         try:
-            return await self.pod_network.worker_ip(hint() if callable(hint) else None)
+            return await self.pod_network.worker_ip(provider.network_hint())
         except PodNetworkError as exc:
             raise LifecycleError(Code.FAILED_PRECONDITION, f"VXLAN tunnel: {exc}") from None
 

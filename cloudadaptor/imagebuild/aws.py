@@ -28,24 +28,22 @@ from typing import Any, Callable, Iterator, Mapping
 import paramiko
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
-from cloudadaptor.config import ConfigError, Settings, load_settings, parse_keys
+from cloudadaptor.config import Settings
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
     TAG_BUILD, TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
 )
-from cloudadaptor.providers.aws import config as aws_config
 from cloudadaptor.providers.aws import instances
 from cloudadaptor.providers.aws.client import describe, error_code, make_ec2_client
-from cloudadaptor.providers.aws.config import AwsConfig
+from cloudadaptor.providers.aws.config import DEFAULT_INSTANCE_TYPE, AwsConfig
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.aws.network import describe_subnet
-from cloudadaptor.providers.base import ProviderError
+from cloudadaptor.providers.base import ProviderError, load_provider
 from cloudadaptor.retry import retry_call
 
 RHEL_OWNER = "309956199498"  # Red Hat's AWS account: its RHEL AMIs
 RHEL9_NAME = "RHEL-9.*_HVM-*-x86_64-*"
 DEFAULT_SSH_USER = "ec2-user"
-DEFAULT_INSTANCE_TYPE = "t3.medium"
 GONE_IMAGE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable", "InvalidAMIID.Malformed"})
 GONE_SNAPSHOT_CODES = frozenset({"InvalidSnapshot.NotFound"})
 GONE_GROUP_CODES = frozenset({"InvalidGroup.NotFound", "InvalidGroupId.NotFound"})
@@ -59,12 +57,8 @@ def load_config(env: Mapping[str, str]) -> tuple[AwsConfig, Settings]:
     groups are discovered from the worker's IMDSv2, as ``serve`` does;
     ``BuildError`` when that is needed and fails.
     """
-    settings = load_settings({**env, "CLOUD_PROVIDER": "aws"})
-    values, problems = parse_keys(aws_config.KEYS, settings.provider_env)
-    problems += aws_config.config_problems(values)
-    if problems:
-        raise ConfigError(problems)
-    config = aws_config.from_values(values, settings)
+    settings, config = load_provider(env, provider="aws")
+    assert isinstance(config, AwsConfig)
     config, missing = fill_from_imds(config, ImdsClient(config.imds_endpoint))
     if missing:
         raise BuildError("\n".join(missing))

@@ -27,29 +27,27 @@ from typing import Any, Callable, Iterator, Mapping
 import paramiko
 from azure.core.exceptions import AzureError
 
-from cloudadaptor.config import ConfigError, load_settings, parse_keys
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
     TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
 )
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure import network, vms
-from cloudadaptor.providers.azure.config import AzureConfig, ImageRef, from_values, keys, parse_image_id, read_ssh_public_key
+from cloudadaptor.providers.azure.config import DEFAULT_SIZE  # the plain (non-confidential) size
+from cloudadaptor.providers.azure.config import AzureConfig, ImageRef, parse_image_id, read_ssh_public_key
+from cloudadaptor.providers.base import load_provider
 from cloudadaptor.providers.azure.tags import azure_tag_name, from_azure_tags, to_azure_tags
 from cloudadaptor.retry import retry_call
 
 DEFAULT_BASE_IMAGE = "RedHat:RHEL:9-lvm-gen2:latest"
-DEFAULT_SIZE = "Standard_B2als_v2"
 DEFAULT_HYPERV_GENERATION = "V2"
 
 
 def load_config(env: Mapping[str, str]) -> AzureConfig:
     """The Azure keys (peer-pods-cm / peer-pods-secret) as the provider parses them; ConfigError listing problems."""
-    settings = load_settings({**env, "CLOUD_PROVIDER": "azure"})
-    values, problems = parse_keys(keys(), settings.provider_env)
-    if problems:
-        raise ConfigError(problems)
-    return from_values(values, settings)
+    _, config = load_provider(env, provider="azure")
+    assert isinstance(config, AzureConfig)
+    return config
 
 
 def default_private_key(config: AzureConfig) -> Path:

@@ -17,7 +17,8 @@ import time
 
 from cloudadaptor import __version__
 from cloudadaptor.commandline import print_problems, run_until_signal, setup_logging
-from cloudadaptor.config import ConfigError, load_settings, merge_overrides, parse_keys
+from cloudadaptor.config import ConfigError, merge_overrides, parse_keys
+from cloudadaptor.providers.base import load_provider
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +61,24 @@ def run_controller(args: argparse.Namespace) -> int:
     env = merge_overrides(os.environ, {key: getattr(args, flag, None) for flag, key in _CONTROLLER_FLAGS.items()})
     values, problems = parse_keys(controller.KEYS, env)
     try:
-        settings = load_settings(env)
+        settings, provider_config = load_provider(env)
     except ConfigError as exc:
         problems = exc.problems + problems
-        settings = None
-    if problems or settings is None:
+        settings = provider_config = None
+    if problems or settings is None or provider_config is None:
         print_problems(problems)
         return 2
     setup_logging(settings.log_level)
     options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags)
     try:
-        return asyncio.run(_controller_main(settings, options, values["PEERPOD_CONTROLLER_INTERVAL"], args.once))
+        return asyncio.run(_controller_main(settings, provider_config, options, values["PEERPOD_CONTROLLER_INTERVAL"],
+                                            args.once))
     except ConfigError as exc:
         print_problems(exc.problems)
         return 2
 
 
-async def _controller_main(settings, options, interval: float, once: bool) -> int:
+async def _controller_main(settings, provider_config, options, interval: float, once: bool) -> int:
     from cloudadaptor.k8s import controller
     from cloudadaptor.k8s.client import KubeConfigError, connect
     from cloudadaptor.k8s.peerpods import PeerPodApi
@@ -90,7 +92,7 @@ async def _controller_main(settings, options, interval: float, once: bool) -> in
     if api is None:
         print("cannot start: no Kubernetes configuration (set KUBECONFIG or run in a cluster)", file=sys.stderr)
         return 1
-    provider = create_provider(settings)
+    provider = create_provider(settings, provider_config)
     log.info("PeerPod controller: provider %s, every %.0fs, sweep %s (grace %.0fs, tags %s)", options.provider_name,
              interval, "on" if options.sweep else "off", options.sweep_grace, dict(options.sweep_tags) or "-")
     try:

@@ -4,13 +4,30 @@ A provider creates an instance from an ``InstanceSpec`` (user data included),
 deletes by id (idempotent: deleting a gone instance is success) and lists the
 instances carrying our ownership tags so orphans can be swept. It never sees a
 network namespace, a socket or a Kubernetes object.
+
+Providers are plugins: entry points of the group ``cloudadaptor.providers``
+(the built-in ones too), imported only when chosen. ``load_provider`` is the
+one configuration loader (common ``Settings`` plus the provider's typed
+config); the contract for plugin authors is docs/PROVIDERS.md.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, runtime_checkable
+from importlib.metadata import EntryPoint, distributions
+from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol, cast, runtime_checkable
+
+if TYPE_CHECKING:
+    from cloudadaptor.config import Problem, Settings
+    from cloudadaptor.providers.config import ProviderConfig
+
+log = logging.getLogger(__name__)
+
+# The entry-point group providers register in (built-in ones included):
+#   [project.entry-points."cloudadaptor.providers"]
+#   name = "package.module:ProviderClass"
+ENTRY_POINT_GROUP = "cloudadaptor.providers"
 
 # Tag keys every provider puts on the instances it creates.
 TAG_OWNER = "peerpods.io/owner"  # value: "cloud-api-adaptor"
@@ -45,11 +62,17 @@ class Instance:
 
 
 class ProviderError(Exception):
-    """A provider call failed; ``message`` is safe to show to the shim."""
+    """A provider call failed; ``message`` is safe to show to the shim.
+
+    Every failure of a provider call is a ``ProviderError`` (SDK errors are
+    wrapped, the original chained as ``__cause__``); its text names no secret.
+    """
 
 
 @runtime_checkable
 class Provider(Protocol):
+    """What the lifecycle, the controller and the daemon use of a provider."""
+
     name: str
 
     async def verify(self) -> list[str]:
@@ -74,40 +97,124 @@ class Provider(Protocol):
 
     async def close(self) -> None: ...
 
+    def network_hint(self) -> str | None:
+        """An address inside the VM network, without I/O (None: not known), so the
+        worker's VXLAN address can be the source of its route there."""
+        ...
 
-# Provider name -> "module:Class". Modules (and their SDKs) are imported only
-# when that provider is chosen.
-REGISTRY: dict[str, str] = {
-    "aws": "cloudadaptor.providers.aws.provider:AwsProvider",
-    "azure": "cloudadaptor.providers.azure.provider:AzureProvider",
-    "local": "cloudadaptor.providers.local:LocalProvider",
-}
+
+class ProviderClass(Protocol):
+    """What an entry point of ``cloudadaptor.providers`` loads: a provider class
+    with its config type, constructed from a loaded config."""
+
+    config_type: type[ProviderConfig]
+
+    def __call__(self, config: ProviderConfig) -> Provider: ...
+
+
+class ProviderBase:
+    """Optional base class of a provider: the defaults of the protocol's optional parts.
+
+    Subclasses set ``name`` and ``config_type`` and take their config as the
+    one constructor argument.
+    """
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[ProviderConfig]]
+
+    def network_hint(self) -> str | None:
+        """No hint: the worker address follows the default route."""
+        return None
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def installed_providers() -> dict[str, EntryPoint]:
+    """Provider name -> its entry point, from every installed distribution.
+
+    Nothing is imported: a provider's module (and its SDK) is loaded only when
+    it is chosen. When two distributions claim a name, the first one wins.
+    """
+    found: dict[str, EntryPoint] = {}
+    # Every distribution, not ``entry_points()``: that keeps one distribution per
+    # name, and a stale ``*.egg-info`` of a source checkout on sys.path would hide
+    # the installed one's providers.
+    points = [p for dist in distributions() for p in dist.entry_points if p.group == ENTRY_POINT_GROUP]
+    for point in points:
+        if point.name in found and found[point.name].value != point.value:
+            log.warning("provider %r: %s ignored, %s registered it first", point.name, point.value,
+                        found[point.name].value)
+            continue
+        found.setdefault(point.name, point)
+    return found
 
 
 def provider_names() -> list[str]:
-    return sorted(REGISTRY)
+    """The installed providers' names, sorted."""
+    return sorted(installed_providers())
 
 
-def load_provider_class(name: str) -> type:
+def load_provider_class(name: str) -> ProviderClass:
+    """Import the provider ``name`` (ValueError listing the installed ones when unknown)."""
+    providers = installed_providers()
     try:
-        target = REGISTRY[name]
+        point = providers[name]
     except KeyError:
         raise ValueError(
-            f"unknown cloud provider {name!r}; expected one of: {', '.join(provider_names())}"
+            f"unknown cloud provider {name!r}; expected one of: {', '.join(sorted(providers))}"
         ) from None
-    module_name, _, class_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return cast(ProviderClass, point.load())
 
 
-def create_provider(settings) -> Provider:
-    """Build the provider ``settings.cloud_provider`` names from its own KEYS.
+def load_provider_config(name: str, settings: Settings, *, relaxed: tuple[str, ...] = ()) -> ProviderConfig:
+    """The typed config of provider ``name`` from ``settings.provider_env``.
+
+    Raises ``ConfigError`` listing every bad provider key; ``relaxed`` keys are
+    not required (for commands that do not use them)."""
+    return load_provider_class(name).config_type.load(settings, relaxed=relaxed)
+
+
+def load_provider(
+    env: Mapping[str, str],
+    *,
+    overrides: Mapping[str, str | None] | None = None,
+    provider: str | None = None,
+    relaxed: tuple[str, ...] = (),
+) -> tuple[Settings, ProviderConfig]:
+    """The one loader: common settings and the chosen provider's typed config.
+
+    ``provider`` forces CLOUD_PROVIDER (commands that belong to one cloud);
+    ``overrides`` are command-line flags on top of ``env``. Raises
+    ``ConfigError`` with every problem of the common and the provider keys.
+    """
+    from cloudadaptor.config import ConfigError, Settings, load_settings, merge_overrides
+
+    merged = merge_overrides(env, overrides)
+    if provider is not None:
+        merged["CLOUD_PROVIDER"] = provider
+    try:
+        settings = load_settings(merged)
+    except ConfigError as exc:
+        # Check the provider's keys too (against default common settings), so
+        # one run shows every problem.
+        name = merged.get("CLOUD_PROVIDER", "").strip()
+        extra: list[Problem] = []
+        if name in installed_providers():
+            try:
+                load_provider_config(name, Settings(cloud_provider=name, provider_env=merged), relaxed=relaxed)
+            except ConfigError as provider_exc:
+                extra = provider_exc.problems
+        raise ConfigError([*exc.problems, *extra]) from None
+    return settings, load_provider_config(settings.cloud_provider, settings, relaxed=relaxed)
+
+
+def create_provider(settings: Settings, config: ProviderConfig | None = None) -> Provider:
+    """The provider ``settings.cloud_provider`` names, from ``config`` (as
+    ``load_provider`` returned it) or else loaded from ``settings.provider_env``.
+    Makes no cloud call (``verify`` does).
 
     Raises ``cloudadaptor.config.ConfigError`` listing every bad provider key.
     """
-    from cloudadaptor.config import ConfigError, parse_keys
-
     cls = load_provider_class(settings.cloud_provider)
-    values, problems = parse_keys(getattr(cls, "KEYS", ()), settings.provider_env)
-    if problems:
-        raise ConfigError(problems)
-    return cls.from_config(values, settings)
+    return cls(config if config is not None else cls.config_type.load(settings))

@@ -1,4 +1,4 @@
-"""Instance type choice shared by every cloud provider (DESIGN §3).
+"""Instance type choice shared by every cloud provider.
 
 1. The pod's ``machine_type`` annotation wins.
 2. Else, when the pod asks for vCPUs/memory/GPUs and an allow-list
@@ -35,13 +35,16 @@ def select_instance_type(
     default: str | None,
     allowed: Sequence[str],
     catalog: Mapping[str, InstanceTypeInfo],
+    default_key: str = "PODVM_INSTANCE_TYPE",
+    allowed_key: str = "PODVM_INSTANCE_TYPES",
 ) -> str:
     """Pick the instance type for one pod. Pure: ``catalog`` holds the specs of
-    the allowed types (the provider looks them up once at start)."""
+    the allowed types (the provider looks them up once at start). Messages name
+    ``default_key`` and ``allowed_key``, the keys the provider reads them from."""
     allowed_text = ", ".join(allowed)
     if requested:
         if allowed and requested not in allowed:
-            raise SelectionError(f"instance type {requested!r} (machine_type annotation) is not in PODVM_INSTANCE_TYPES ({allowed_text})")
+            raise SelectionError(f"instance type {requested!r} (machine_type annotation) is not in {allowed_key} ({allowed_text})")
         return requested
     wants_fit = bool(vcpus or memory_mib or gpus)
     if wants_fit and allowed:
@@ -56,13 +59,13 @@ def select_instance_type(
         if not fitting:
             raise SelectionError(
                 f"no allowed instance type fits {vcpus or 0} vCPU, {memory_mib or 0} MiB, {gpus} GPU "
-                f"(PODVM_INSTANCE_TYPES: {allowed_text})"
+                f"({allowed_key}: {allowed_text})"
             )
         return min(fitting, key=lambda t: (t.memory_mib, t.vcpus, t.gpus, t.name)).name
     if default:
         if allowed and default not in allowed:
-            raise SelectionError(f"PODVM_INSTANCE_TYPE {default!r} is not in PODVM_INSTANCE_TYPES ({allowed_text})")
+            raise SelectionError(f"{default_key} {default!r} is not in {allowed_key} ({allowed_text})")
         return default
     if allowed:
         return allowed[0]
-    raise SelectionError("no instance type: set PODVM_INSTANCE_TYPE (or the provider's default) or PODVM_INSTANCE_TYPES")
+    raise SelectionError(f"no instance type: set {default_key} (or the provider's default) or {allowed_key}")

@@ -64,6 +64,9 @@ class FakeProvider:
     async def close(self) -> None:
         pass
 
+    def network_hint(self) -> str | None:
+        return None
+
 
 # Checked by mypy (tests/test_lint.py): the fakes must keep satisfying the protocols they stand in for.
 _FAKE_IS_A_PROVIDER: type[Provider] = FakeProvider

@@ -329,13 +329,11 @@ def fast_provider(env: Mapping[str, str], credential: Any = None, **tuning: Any)
     """An AzureProvider from ``env`` through the real key parsing, with ``FAST_TUNING``
     (and ``tuning``) and ``credential`` (default: a ``StaticTokenCredential``).
     Raises ``ConfigError`` like the daemon would."""
-    from cloudadaptor.config import ConfigError, load_settings, parse_keys
-    from cloudadaptor.providers.azure.config import from_values
+    from cloudadaptor.providers.azure.config import AzureConfig
     from cloudadaptor.providers.azure.provider import AzureProvider
+    from cloudadaptor.providers.base import load_provider
 
-    settings = load_settings(env)
-    values, problems = parse_keys(AzureProvider.KEYS, settings.provider_env)
-    if problems:
-        raise ConfigError(problems)
-    config = dataclasses.replace(from_values(values, settings), **{**FAST_TUNING, **tuning})
+    _, config = load_provider(env)
+    assert isinstance(config, AzureConfig), "fast_provider needs CLOUD_PROVIDER=azure"
+    config = dataclasses.replace(config, **{**FAST_TUNING, **tuning})
     return AzureProvider(config, credential=credential or StaticTokenCredential())

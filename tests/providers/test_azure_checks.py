@@ -7,27 +7,17 @@ from azure.core.exceptions import ClientAuthenticationError
 
 from cloudadaptor.adaptor.daemon import Daemon, StartupError
 from cloudadaptor.config import load_settings
-from fakes.armserver import StaticTokenCredential, azure_env, fast_provider
+from fakes.armserver import StaticTokenCredential, fast_provider
 
 OTHER_SUB = "11111111-1111-4111-8111-111111111111"
 
 
 @pytest.fixture
-def seeded(arm):
-    return arm.populate()
-
-
-@pytest.fixture
-def env(arm, seeded, ssh_key):
-    return azure_env(arm, seeded, ssh_key)
-
-
-@pytest.fixture
-async def verify(env):
+async def verify(arm_env):
     providers = []
 
     async def run(credential=None, **changes: str) -> list[str]:
-        provider = fast_provider({**env, **changes}, credential)
+        provider = fast_provider({**arm_env, **changes}, credential)
         providers.append(provider)
         return await provider.verify()
 
@@ -62,9 +52,9 @@ async def test_token_rejected_by_the_endpoint(verify, arm):
     assert f"{arm.base_url} refused the token" in line and "InvalidAuthenticationToken" in line
 
 
-async def test_unknown_subscription(verify, seeded, arm):
+async def test_unknown_subscription(verify, arm_seeded, arm):
     ids = {k: v.replace(arm.subscription_id, OTHER_SUB) for k, v in
-           {"AZURE_SUBNET_ID": seeded.subnet_id, "AZURE_NSG_ID": seeded.nsg_id, "AZURE_IMAGE_ID": seeded.image_id}.items()}
+           {"AZURE_SUBNET_ID": arm_seeded.subnet_id, "AZURE_NSG_ID": arm_seeded.nsg_id, "AZURE_IMAGE_ID": arm_seeded.image_id}.items()}
     line = only(await verify(AZURE_SUBSCRIPTION_ID=OTHER_SUB, **ids), f"AZURE_SUBSCRIPTION_ID={OTHER_SUB}")
     assert "subscription not found" in line
 
@@ -74,26 +64,26 @@ async def test_missing_resource_group(verify):
     assert "resource group not found" in line and "ResourceGroupNotFound" in line
 
 
-async def test_missing_subnet(verify, seeded):
-    subnet = seeded.subnet_id.replace("/subnets/worker", "/subnets/gone")
+async def test_missing_subnet(verify, arm_seeded):
+    subnet = arm_seeded.subnet_id.replace("/subnets/worker", "/subnets/gone")
     assert "subnet not found" in only(await verify(AZURE_SUBNET_ID=subnet), f"AZURE_SUBNET_ID={subnet}")
 
 
-async def test_missing_nsg(verify, seeded):
-    nsg = seeded.nsg_id + "-gone"
+async def test_missing_nsg(verify, arm_seeded):
+    nsg = arm_seeded.nsg_id + "-gone"
     assert "network security group not found" in only(await verify(AZURE_NSG_ID=nsg), f"AZURE_NSG_ID={nsg}")
 
 
 @pytest.mark.parametrize("image", [
     "managed", "/SharedGalleries/nogal/Images/podvm/Versions/1.0.0", "/CommunityGalleries/nogal/Images/podvm/Versions/1",
 ])
-async def test_missing_image(verify, seeded, image):
-    image = seeded.image_id + "-gone" if image == "managed" else image
+async def test_missing_image(verify, arm_seeded, image):
+    image = arm_seeded.image_id + "-gone" if image == "managed" else image
     assert "image not found" in only(await verify(AZURE_IMAGE_ID=image), f"AZURE_IMAGE_ID={image}")
 
 
-async def test_managed_image_in_another_region(verify, arm, seeded):
-    image = arm.add_image(seeded.resource_group, "westus-image", location="westus")
+async def test_managed_image_in_another_region(verify, arm, arm_seeded):
+    image = arm.add_image(arm_seeded.resource_group, "westus-image", location="westus")
     line = only(await verify(AZURE_IMAGE_ID=image), f"AZURE_IMAGE_ID={image}")
     assert "the image is in westus, expected AZURE_REGION eastus" in line
 
@@ -128,16 +118,16 @@ async def test_public_ip_is_refused_as_unsupported(verify):
     assert "not supported" in only(await verify(USE_PUBLIC_IP="true"), "USE_PUBLIC_IP=true")
 
 
-async def test_several_bad_keys_are_all_reported(verify, seeded):
-    lines = await verify(AZURE_NSG_ID=seeded.nsg_id + "-gone", AZURE_INSTANCE_SIZE="Standard_X1_v9")
+async def test_several_bad_keys_are_all_reported(verify, arm_seeded):
+    lines = await verify(AZURE_NSG_ID=arm_seeded.nsg_id + "-gone", AZURE_INSTANCE_SIZE="Standard_X1_v9")
     assert [line.split("=")[0] for line in lines] == ["AZURE_NSG_ID", "AZURE_INSTANCE_SIZE"]
 
 
-async def test_daemon_refuses_to_start_naming_the_bad_key(env, seeded, tmp_path):
-    env = {**env, "AZURE_SUBNET_ID": seeded.subnet_id + "-gone", "STATE_DIR": str(tmp_path),
+async def test_daemon_refuses_to_start_naming_the_bad_key(arm_env, arm_seeded, tmp_path):
+    arm_env = {**arm_env, "AZURE_SUBNET_ID": arm_seeded.subnet_id + "-gone", "STATE_DIR": str(tmp_path),
            "SOCKET": str(tmp_path / "hv.sock"), "PODS_DIR": str(tmp_path / "pods")}
-    provider = fast_provider(env)
-    daemon = Daemon(load_settings(env), provider=provider)
+    provider = fast_provider(arm_env)
+    daemon = Daemon(load_settings(arm_env), provider=provider)
     try:
         with pytest.raises(StartupError, match=r"^azure: AZURE_SUBNET_ID=.*subnet not found"):
             await daemon.start()
@@ -146,8 +136,8 @@ async def test_daemon_refuses_to_start_naming_the_bad_key(env, seeded, tmp_path)
         await daemon.close()
 
 
-async def test_verify_learns_an_address_in_the_vm_subnet_for_the_worker_address_hint(env):
-    provider = fast_provider(env)
+async def test_verify_learns_an_address_in_the_vm_subnet_for_the_worker_address_hint(arm_env):
+    provider = fast_provider(arm_env)
     try:
         assert provider.network_hint() is None, "no I/O before verify"
         assert await provider.verify() == []

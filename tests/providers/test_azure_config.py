@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cloudadaptor.config import ConfigError, load_settings, parse_keys
+from cloudadaptor.config import ConfigError
+from cloudadaptor.providers.base import load_provider
 from cloudadaptor.providers import base
 from cloudadaptor.providers.azure import config as azconfig
 from cloudadaptor.providers.azure import tags, vms
@@ -32,11 +33,9 @@ def env(**changes: str) -> dict[str, str]:
 
 
 def build(**changes: str) -> azconfig.AzureConfig:
-    settings = load_settings(env(**changes))
-    values, problems = parse_keys(azconfig.keys(), settings.provider_env)
-    if problems:
-        raise ConfigError(problems)
-    return azconfig.from_values(values, settings)
+    _, config = load_provider(env(**changes))
+    assert isinstance(config, azconfig.AzureConfig)
+    return config
 
 
 def problems_of(**changes: str) -> list[str]:
@@ -221,8 +220,6 @@ def test_shipped_azure_overlay_example_parses():
     for name in ("peer-pods-cm.yaml", "peer-pods-secret.yaml"):
         doc = yaml.safe_load((root / name).read_text())
         merged.update({k: str(v) for k, v in (doc.get("data") or doc.get("stringData") or {}).items()})
-    settings = load_settings(merged)
-    values, problems = parse_keys(azconfig.keys(), settings.provider_env)
-    assert problems == []
-    config = azconfig.from_values(values, settings)
+    _, config = load_provider(merged)
+    assert isinstance(config, azconfig.AzureConfig)
     assert config.size in config.sizes and config.disable_cvm

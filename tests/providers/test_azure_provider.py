@@ -10,30 +10,20 @@ import time
 import pytest
 
 from cloudadaptor.providers.base import TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, InstanceSpec, ProviderError
-from fakes.armserver import FakeArm, StaticTokenCredential, azure_env, fast_provider
+from fakes.armserver import FakeArm, StaticTokenCredential, fast_provider
 
 SANDBOX = "0123abcd" + "e" * 56
 NAME = "podvm-web-0123abcd"
 
 
 @pytest.fixture
-def seeded(arm):
-    return arm.populate()
-
-
-@pytest.fixture
-def env(arm, seeded, ssh_key):
-    return azure_env(arm, seeded, ssh_key)
-
-
-@pytest.fixture
-async def make_provider(env):
+async def make_provider(arm_env):
     made = []
 
     def make(credential=None, **changes):
         extra = {k: v for k, v in changes.items() if k.isupper()}
         tuning = {k: v for k, v in changes.items() if not k.isupper()}
-        provider = fast_provider({**env, **extra}, credential, **tuning)
+        provider = fast_provider({**arm_env, **extra}, credential, **tuning)
         made.append(provider)
         return provider
 
@@ -61,14 +51,14 @@ def leftovers(arm: FakeArm) -> list[str]:
 # ---------------------------------------------------------------------- create / delete
 
 
-async def test_create_puts_nic_in_subnet_then_ssh_only_vm_and_returns_its_private_ip(provider, arm, seeded, ssh_key):
+async def test_create_puts_nic_in_subnet_then_ssh_only_vm_and_returns_its_private_ip(provider, arm, arm_seeded, ssh_key):
     instance = await provider.create_instance(spec())
     assert instance.name == NAME and instance.id.endswith(f"/virtualMachines/{NAME}")
-    assert ipaddress.ip_address(instance.ips[0]) in ipaddress.ip_network(seeded.subnet_prefix)
+    assert ipaddress.ip_address(instance.ips[0]) in ipaddress.ip_network(arm_seeded.subnet_prefix)
     vm = arm.resource(instance.id)["properties"]
     assert vm["provisioningState"] == "Succeeded"
     assert vm["hardwareProfile"]["vmSize"] == "Standard_B2als_v2"
-    assert vm["storageProfile"]["imageReference"] == {"id": seeded.image_id}
+    assert vm["storageProfile"]["imageReference"] == {"id": arm_seeded.image_id}
     assert vm["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
     nic_ref = vm["networkProfile"]["networkInterfaces"][0]
     assert nic_ref["properties"]["deleteOption"] == "Delete"
@@ -79,8 +69,8 @@ async def test_create_puts_nic_in_subnet_then_ssh_only_vm_and_returns_its_privat
     assert base64.b64decode(vm["userData"]).decode() == spec().user_data
     assert "securityProfile" not in vm, "DISABLECVM=true: an ordinary VM"
     nic = arm.resource(nic_ref["id"])["properties"]
-    assert nic["networkSecurityGroup"]["id"] == seeded.nsg_id
-    assert nic["ipConfigurations"][0]["properties"]["subnet"]["id"] == seeded.subnet_id
+    assert nic["networkSecurityGroup"]["id"] == arm_seeded.nsg_id
+    assert nic["ipConfigurations"][0]["properties"]["subnet"]["id"] == arm_seeded.subnet_id
 
 
 async def test_vm_and_nic_tags_have_no_slash_and_list_owned_gives_back_our_tag_names(provider, arm):
@@ -211,6 +201,14 @@ async def test_repeated_create_adopts_the_provisioned_vm(provider, arm):
     assert arm.count("PUT", "virtualMachines") == 1
 
 
+async def test_adopting_a_vm_whose_nic_cannot_be_read_is_a_provider_error(provider, arm):
+    await provider.create_instance(spec())
+    arm.fail_next("GET", "networkInterfaces", status=403, code="AuthorizationFailed", message="no read on NICs")
+    with pytest.raises(ProviderError, match="looking up the NIC of VM .*AuthorizationFailed") as err:
+        await provider.create_instance(spec())
+    assert err.value.__cause__ is not None, "the SDK error stays chained as the cause"
+
+
 async def test_vm_name_taken_by_another_sandbox_is_refused_and_left_alone(provider, arm):
     other = await provider.create_instance(spec(sandbox="99999999" + "f" * 56))
     with pytest.raises(ProviderError, match="already exists for sandbox 99999999"):
@@ -252,7 +250,7 @@ async def test_user_data_of_exactly_64_kib_is_accepted(provider, arm):
 
 
 SIZE_TABLE = [
-    # (env, spec changes, expected size or "!" + the refusal)
+    # (arm_env, spec changes, expected size or "!" + the refusal)
     ({}, {}, "Standard_B2als_v2"),
     ({}, {"instance_type": "Standard_D4as_v5"}, "Standard_D4as_v5"),
     ({"AZURE_INSTANCE_SIZE": ""}, {}, "Standard_B2als_v2"),  # DISABLECVM=true default
@@ -290,10 +288,10 @@ async def test_size_restricted_for_the_subscription_is_not_used(make_provider, a
 @pytest.mark.parametrize("kind, field", [
     ("managed", "id"), ("gallery", "id"), ("shared", "sharedGalleryImageId"), ("community", "communityGalleryImageId"),
 ])
-async def test_image_annotation_goes_to_the_image_reference_field_of_its_kind(provider, arm, seeded, kind, field):
+async def test_image_annotation_goes_to_the_image_reference_field_of_its_kind(provider, arm, arm_seeded, kind, field):
     image = {
-        "managed": lambda: arm.add_image(seeded.resource_group, "other-image"),
-        "gallery": lambda: arm.add_gallery_image_version(seeded.resource_group, "gal", "podvm", "1.0.0"),
+        "managed": lambda: arm.add_image(arm_seeded.resource_group, "other-image"),
+        "gallery": lambda: arm.add_gallery_image_version(arm_seeded.resource_group, "gal", "podvm", "1.0.0"),
         "shared": lambda: arm.add_shared_gallery_image("sharedgal-1234", "podvm", "1.0.0"),
         "community": lambda: arm.add_shared_gallery_image("peerpods-5678", "podvm", "1.0.0", community=True),
     }[kind]()

@@ -19,9 +19,9 @@ import pytest
 from google.protobuf import empty_pb2
 from pyroute2 import IPRoute
 
-from cloudadaptor.config import ConfigError, Settings, parse_keys
+from cloudadaptor.config import ConfigError, Settings
 from cloudadaptor.protocols import agent_pb2, health_pb2
-from cloudadaptor.providers import local
+from cloudadaptor.providers.local import machine
 from cloudadaptor.providers.base import InstanceSpec, Provider, ProviderError, create_provider
 from cloudadaptor.providers.local import LocalConfig, LocalProvider
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
@@ -131,16 +131,16 @@ def pids_in_netns(path: str) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    return local._alive(pid)
+    return machine.alive(pid)
 
 
 # ------------------------------------------------------------------ config keys
 
 
 def test_keys_default_and_build_from_settings(tmp_path: Path):
-    values, problems = parse_keys(LocalProvider.KEYS, {})
+    _, problems = LocalConfig.parse({})
     assert problems == []
-    provider = LocalProvider.from_config(values, Settings(state_dir=tmp_path))
+    provider = create_provider(Settings(cloud_provider="local", state_dir=tmp_path))
     assert provider.config == LocalConfig(cloud_dir=tmp_path / "local-cloud")
     assert str(provider.config.cidr) == "192.0.2.0/24" and str(provider.config.gateway) == "192.0.2.1"
     assert provider.config.bridge == "ppcloud0" and provider.config.boot_delay == 0.0
@@ -150,18 +150,18 @@ def test_keys_default_and_build_from_settings(tmp_path: Path):
 def test_keys_parse_and_refuse_bad_values(tmp_path: Path):
     env = {"LOCAL_CLOUD_CIDR": "203.0.113.0/28", "LOCAL_CLOUD_BRIDGE": "br-test", "LOCAL_BOOT_DELAY": "1.5s",
            "LOCAL_AGENT_COMMAND": "kata-agent --addr unix://{socket}", "LOCAL_CLOUD_DIR": str(tmp_path)}
-    values, problems = parse_keys(LocalProvider.KEYS, env)
+    _, problems = LocalConfig.parse(env)
     assert problems == []
-    config = LocalProvider.from_config(values, Settings()).config
+    config = LocalConfig.load(Settings(provider_env=env))
     assert (str(config.cidr), config.bridge, config.boot_delay) == ("203.0.113.0/28", "br-test", 1.5)
     assert config.agent_command == "kata-agent --addr unix://{socket}" and config.cloud_dir == tmp_path
 
     bad = {"LOCAL_CLOUD_CIDR": "203.0.113.0/31", "LOCAL_CLOUD_BRIDGE": "a-bridge-name-too-long",
            "LOCAL_BOOT_DELAY": "soon", "LOCAL_AGENT_COMMAND": "kata-agent", "LOCAL_CLOUD_DIR": "relative/dir"}
-    _, problems = parse_keys(LocalProvider.KEYS, bad)
+    _, problems = LocalConfig.parse(bad)
     assert sorted(p.key for p in problems) == sorted(bad), [str(p) for p in problems]
     for cidr in ("2001:db8::/64", "192.0.2.1/24", "nonsense"):
-        _, problems = parse_keys(LocalProvider.KEYS, {"LOCAL_CLOUD_CIDR": cidr})
+        _, problems = LocalConfig.parse({"LOCAL_CLOUD_CIDR": cidr})
         assert [p.key for p in problems] == ["LOCAL_CLOUD_CIDR"], cidr
 
 
@@ -218,7 +218,7 @@ async def test_create_boots_a_vm_whose_agent_answers_through_the_forwarder(local
     assert instance.tags == {"peerpods.io/node": "node-1", "peerpods.io/pod": "default/web"}
     assert os.path.exists(f"/run/netns/{instance.id}")
     all_links = await links()
-    veth = all_links[local.host_veth_name(instance.id)]
+    veth = all_links[machine.host_veth_name(instance.id)]
     assert veth.get("IFLA_MASTER") == all_links[local_provider.config.bridge]["index"]
 
     client = await dial_agent(instance.ips[0], local_provider, instance.id)
@@ -361,7 +361,7 @@ async def test_delete_removes_netns_veth_processes_and_directory(local_cloud, lo
     assert len(vm_pids) >= 3, "init, agent and forwarder run in the VM"
     await local_provider.delete_instance(instance.id)
     assert not os.path.exists(netns_path)
-    assert local.host_veth_name(instance.id) not in await links()
+    assert machine.host_veth_name(instance.id) not in await links()
     assert not (local_provider.config.cloud_dir / instance.id).exists()
     assert [pid for pid in vm_pids if alive(pid)] == []
     assert local_cloud.vm_processes() == []

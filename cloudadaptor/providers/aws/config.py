@@ -1,8 +1,8 @@
 """AWS keys (peer-pods-cm / peer-pods-secret) and the typed ``AwsConfig``.
 
-The key names are the ones operators already use (DESIGN §3). Common keys
+The key names are the ones operators already use (docs/ARCHITECTURE.md, Configuration). Common keys
 (PODVM_INSTANCE_TYPE(S), DISABLECVM, TAGS, USE_PUBLIC_IP, ROOT_VOLUME_SIZE)
-come from ``Settings``; the AWS ones are parsed here. boto3's own variables
+come from ``Settings``; the AWS ones are declared on ``AwsConfig``. boto3's own variables
 (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_EC2``, ``AWS_DEFAULT_REGION``,
 profiles, web identity) are read by boto3 itself and never overridden.
 """
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from cloudadaptor.config import Key, Problem, Settings, int_range, parse_bool, parse_csv
+from cloudadaptor.config import Problem, Settings, int_range, parse_bool, parse_csv
+from cloudadaptor.providers.config import ProviderConfig, option
 
 DEFAULT_INSTANCE_TYPE = "t3.medium"
 DEFAULT_LAUNCH_TEMPLATE = "kata"
@@ -95,23 +96,34 @@ class Credentials:
 
 
 @dataclass(frozen=True)
-class AwsConfig:
+class AwsConfig(ProviderConfig):
     """Everything the AWS provider needs, parsed once. ``None`` region, subnet,
     VPC or empty SGs are discovered from the worker's IMDSv2 at start."""
 
-    region: str | None = None
-    subnet_id: str | None = None
-    vpc_id: str | None = None
-    security_group_ids: tuple[str, ...] = ()
-    image_id: str | None = None
-    key_name: str | None = None
-    use_launch_template: bool = False
-    launch_template_name: str = DEFAULT_LAUNCH_TEMPLATE
-    credentials: Credentials = Credentials()
-    imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
-    retry_mode: str = "standard"
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    # Common settings, as the provider uses them.
+    region: str | None = option("AWS_REGION", parse_region, help="region of the pod VMs (default: the worker's, from IMDS)")
+    subnet_id: str | None = option("AWS_SUBNET_ID", parse_subnet_id, help="subnet of the pod VMs (default: the worker's)")
+    vpc_id: str | None = option("AWS_VPC_ID", parse_vpc_id, help="VPC of the subnet (checked at start; default: the worker's)")
+    security_group_ids: tuple[str, ...] = option(
+        "AWS_SG_IDS", parse_sg_ids, (), help="security groups of the pod VMs, comma list (default: the worker's)")
+    image_id: str | None = option(
+        "PODVM_AMI_ID", parse_ami_id, help="the pod VM image (AMI); the image annotation may override it")
+    key_name: str | None = option("SSH_KP_NAME", str, help="EC2 key pair for the pod VMs (optional, debugging)")
+    use_launch_template: bool = option(
+        "USE_PODVM_LAUNCHTEMPLATE", parse_bool, False, help="launch pod VMs from an EC2 launch template")
+    launch_template_name: str = option(
+        "PODVM_LAUNCHTEMPLATE_NAME", str, DEFAULT_LAUNCH_TEMPLATE, help="that launch template's name")
+    access_key_id: str | None = option(
+        "AWS_ACCESS_KEY_ID", str, secret=True, help="access key (unset: boto3's default credential chain)")
+    secret_access_key: str | None = option("AWS_SECRET_ACCESS_KEY", str, secret=True, help="secret key")
+    session_token: str | None = option(
+        "AWS_SESSION_TOKEN", str, secret=True, help="session token of temporary credentials")
+    imds_endpoint: str = option(
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT", parse_http_url, DEFAULT_IMDS_ENDPOINT,
+        help="the instance metadata service used to discover region, subnet and SGs")
+    retry_mode: str = option("AWS_RETRY_MODE", parse_retry_mode, "standard", help="botocore retry mode: standard or adaptive")
+    max_attempts: int = option("AWS_MAX_ATTEMPTS", int_range(1, 20), DEFAULT_MAX_ATTEMPTS,
+                               help="attempts per EC2 call on throttling and 5xx")
+    # Common settings, as the provider uses them (``build`` copies them from ``Settings``).
     instance_type: str | None = DEFAULT_INSTANCE_TYPE  # None: the launch template's
     instance_types: tuple[str, ...] = ()
     disable_cvm: bool | None = None  # only an explicit False asks for SEV-SNP
@@ -121,6 +133,34 @@ class AwsConfig:
     # How long a create waits for "running" (boto3 waiter: delay, bound).
     boot_poll_interval: float = 5.0
     boot_timeout: float = 180.0
+
+    @classmethod
+    def build(cls, settings: Settings, **options: Any) -> AwsConfig:
+        """The options plus the common settings; an unset PODVM_INSTANCE_TYPE means
+        t3.medium, or the launch template's type when one is used."""
+        template = bool(options.get("use_launch_template"))
+        return cls(
+            **options,
+            instance_type=settings.podvm_instance_type or (None if template else DEFAULT_INSTANCE_TYPE),
+            instance_types=tuple(settings.podvm_instance_types),
+            disable_cvm=settings.disable_cvm,
+            tags=dict(settings.tags),
+            use_public_ip=settings.use_public_ip,
+            root_volume_size=settings.root_volume_size,
+        )
+
+    def problems(self) -> list[Problem]:
+        """Static keys come in pairs."""
+        if bool(self.access_key_id) == bool(self.secret_access_key):
+            return []
+        missing = "AWS_SECRET_ACCESS_KEY" if self.access_key_id else "AWS_ACCESS_KEY_ID"
+        return [Problem(missing, None, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set together or not at all",
+                        secret=True)]
+
+    @property
+    def credentials(self) -> Credentials:
+        """The static keys (all None: boto3's default chain)."""
+        return Credentials(self.access_key_id, self.secret_access_key, self.session_token)
 
     @property
     def wants_sev_snp(self) -> bool:
@@ -133,61 +173,3 @@ class AwsConfig:
             named.setdefault(self.instance_type, "PODVM_INSTANCE_TYPE")
         return named
 
-
-KEYS: tuple[Key, ...] = (
-    Key("AWS_REGION", parse_region, help="region of the pod VMs (default: the worker's, from IMDS)"),
-    Key("AWS_SUBNET_ID", parse_subnet_id, help="subnet of the pod VMs (default: the worker's)"),
-    Key("AWS_VPC_ID", parse_vpc_id, help="VPC of the subnet (checked at start; default: the worker's)"),
-    Key("AWS_SG_IDS", parse_sg_ids, (), help="security groups of the pod VMs, comma list (default: the worker's)"),
-    Key("PODVM_AMI_ID", parse_ami_id, help="the pod VM image (AMI); the image annotation may override it"),
-    Key("SSH_KP_NAME", str, help="EC2 key pair for the pod VMs (optional, debugging)"),
-    Key("USE_PODVM_LAUNCHTEMPLATE", parse_bool, False, help="launch pod VMs from an EC2 launch template"),
-    Key("PODVM_LAUNCHTEMPLATE_NAME", str, DEFAULT_LAUNCH_TEMPLATE, help="that launch template's name"),
-    Key("AWS_ACCESS_KEY_ID", str, secret=True, help="access key (unset: boto3's default credential chain)"),
-    Key("AWS_SECRET_ACCESS_KEY", str, secret=True, help="secret key"),
-    Key("AWS_SESSION_TOKEN", str, secret=True, help="session token of temporary credentials"),
-    Key("AWS_EC2_METADATA_SERVICE_ENDPOINT", parse_http_url, DEFAULT_IMDS_ENDPOINT,
-        help="the instance metadata service used to discover region, subnet and SGs"),
-    Key("AWS_RETRY_MODE", parse_retry_mode, "standard", help="botocore retry mode: standard or adaptive"),
-    Key("AWS_MAX_ATTEMPTS", int_range(1, 20), DEFAULT_MAX_ATTEMPTS,
-        help="attempts per EC2 call on throttling and 5xx"),
-)
-
-
-def config_problems(values: Mapping[str, Any]) -> list[Problem]:
-    """Cross-key problems of the parsed AWS keys."""
-    problems = []
-    has_key, has_secret = bool(values.get("AWS_ACCESS_KEY_ID")), bool(values.get("AWS_SECRET_ACCESS_KEY"))
-    if has_key != has_secret:
-        missing = "AWS_SECRET_ACCESS_KEY" if has_key else "AWS_ACCESS_KEY_ID"
-        problems.append(Problem(
-            missing, None, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set together or not at all", secret=True))
-    return problems
-
-
-def from_values(values: Mapping[str, Any], settings: Settings) -> AwsConfig:
-    """``AwsConfig`` from parsed KEYS values and the common settings."""
-    template = bool(values.get("USE_PODVM_LAUNCHTEMPLATE"))
-    default_type = settings.podvm_instance_type or (None if template else DEFAULT_INSTANCE_TYPE)
-    return AwsConfig(
-        region=values.get("AWS_REGION"),
-        subnet_id=values.get("AWS_SUBNET_ID"),
-        vpc_id=values.get("AWS_VPC_ID"),
-        security_group_ids=tuple(values.get("AWS_SG_IDS") or ()),
-        image_id=values.get("PODVM_AMI_ID"),
-        key_name=values.get("SSH_KP_NAME"),
-        use_launch_template=template,
-        launch_template_name=values.get("PODVM_LAUNCHTEMPLATE_NAME") or DEFAULT_LAUNCH_TEMPLATE,
-        credentials=Credentials(
-            values.get("AWS_ACCESS_KEY_ID"), values.get("AWS_SECRET_ACCESS_KEY"), values.get("AWS_SESSION_TOKEN")
-        ),
-        imds_endpoint=values.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or DEFAULT_IMDS_ENDPOINT,
-        retry_mode=values.get("AWS_RETRY_MODE") or "standard",
-        max_attempts=values.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS,
-        instance_type=default_type,
-        instance_types=tuple(settings.podvm_instance_types),
-        disable_cvm=settings.disable_cvm,
-        tags=dict(settings.tags),
-        use_public_ip=settings.use_public_ip,
-        root_volume_size=settings.root_volume_size,
-    )

@@ -14,9 +14,9 @@ from typing import Any, Iterable, Mapping
 
 from botocore.exceptions import ClientError
 
+from cloudadaptor.wire import AGENT_PORT
 from cloudadaptor.providers.aws.client import error_code
 
-AGENT_PORT = 15150
 GROUP_NOT_FOUND_CODES = frozenset({"InvalidGroup.NotFound", "InvalidGroupId.Malformed"})
 SUBNET_NOT_FOUND_CODES = frozenset({"InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"})
 

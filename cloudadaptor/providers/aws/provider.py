@@ -28,16 +28,15 @@ from typing import Any, ClassVar, Mapping
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cloudadaptor.config import ConfigError, Key, Settings
 from cloudadaptor.providers.aws import catalog as cat
 from cloudadaptor.providers.aws import checks, instances
-from cloudadaptor.providers.aws import config as aws_config
 from cloudadaptor.providers.aws.client import describe, make_ec2_client
-from cloudadaptor.providers.aws.config import AwsConfig
+from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
-from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderError
+from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import SelectionError, select_instance_type
-from cloudadaptor.userdata import AWS_USER_DATA_LIMIT, UserDataTooLarge, check_size
+from cloudadaptor.userdata import UserDataTooLarge, check_size
+from cloudadaptor.wire import AWS_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +52,11 @@ class _Facts:
     subnet_cidr: str | None = None
 
 
-class AwsProvider:
+class AwsProvider(ProviderBase):
     """The ``aws`` provider. See the module docstring."""
 
     name = "aws"
-    KEYS: ClassVar[tuple[Key, ...]] = aws_config.KEYS
+    config_type: ClassVar[type[AwsConfig]] = AwsConfig
 
     def __init__(self, config: AwsConfig, *, imds: ImdsClient | None = None) -> None:
         self.config = config
@@ -65,14 +64,6 @@ class AwsProvider:
         self._lock = asyncio.Lock()
         self._ec2: Any = None
         self._facts: _Facts | None = None
-
-    @classmethod
-    def from_config(cls, values: Mapping[str, Any], settings: Settings) -> AwsProvider:
-        """Raises ``ConfigError`` for keys that contradict each other."""
-        problems = aws_config.config_problems(values)
-        if problems:
-            raise ConfigError(problems)
-        return cls(aws_config.from_values(values, settings))
 
     def __repr__(self) -> str:
         return f"AwsProvider(region={self.config.region!r}, subnet={self.config.subnet_id!r})"
@@ -230,7 +221,7 @@ class AwsProvider:
     def _image_id(self, spec: InstanceSpec) -> str | None:
         if spec.image:
             try:
-                return aws_config.parse_ami_id(spec.image)
+                return parse_ami_id(spec.image)
             except ValueError as exc:
                 raise ProviderError(f"image annotation {spec.image!r}: {exc}") from None
         if not self.config.image_id and not self.config.use_launch_template:
@@ -238,7 +229,7 @@ class AwsProvider:
         return self.config.image_id
 
     def _instance_type(self, spec: InstanceSpec, catalog: cat.TypeCatalog) -> str | None:
-        """DESIGN §3 choice; None leaves the type to the launch template."""
+        """The instance type for ``spec`` (``selection``); None leaves it to the launch template."""
         config = self.config
         if config.use_launch_template and not (spec.instance_type or config.instance_type or config.instance_types):
             return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import ipaddress
 import os
 import sys
@@ -42,22 +41,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def open_ports_command(args: argparse.Namespace) -> int:
-    from cloudadaptor.config import ConfigError, load_settings, parse_keys
-    from cloudadaptor.providers.azure import config as azconfig
+    from cloudadaptor.config import ConfigError
+    from cloudadaptor.providers.base import load_provider
 
-    env = {"CLOUD_PROVIDER": "azure", **os.environ}
     overrides = {"VXLAN_PORT": args.vxlan_port, "AZURE_NSG_ID": args.nsg_id}
-    keys = tuple(dataclasses.replace(k, required=False, default="") if k.name in _NOT_NEEDED else k
-                 for k in azconfig.keys())
     try:
-        settings = load_settings(env, overrides=overrides)
-        values, problems = parse_keys(keys, settings.provider_env)
-        if problems:
-            raise ConfigError(problems)
-        config = azconfig.from_values(values, settings)
+        _, config = load_provider(os.environ, overrides=overrides, provider="azure", relaxed=_NOT_NEEDED)
     except ConfigError as exc:
         print_problems(exc.problems)
         return 2
+    assert isinstance(config, AzureConfig)
     if config.nsg is None:
         print_problems(["AZURE_NSG_ID is not set: expected the network security group to open (or --nsg-id)"])
         return 2

@@ -1,4 +1,4 @@
-"""Azure keys (DESIGN §3) parsed into a frozen ``AzureConfig``; no SDK import here.
+"""Azure keys (docs/ARCHITECTURE.md, Configuration) parsed into a frozen ``AzureConfig``; no SDK import here.
 
 Operators set the keys they already use with the Go adaptor: the cm
 (``AZURE_INSTANCE_SIZE``, ``AZURE_INSTANCE_SIZES``, ``AZURE_SUBNET_ID``,
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from cloudadaptor.config import (
-    ConfigError, Key, Problem, Settings, parse_abs_path, parse_bool, parse_csv,
-)
+from cloudadaptor.config import Problem, Settings, parse_abs_path, parse_bool, parse_csv
+from cloudadaptor.providers.config import ProviderConfig, option
+from cloudadaptor.wire import VXLAN_PORT
 
 PUBLIC_ARM_ENDPOINT = "https://management.azure.com"
 DEFAULT_SSH_USERNAME = "peerpod"
@@ -164,32 +164,45 @@ def parse_https_url(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class AzureConfig:
+class AzureConfig(ProviderConfig):
     """Everything the Azure provider needs, parsed once.
 
-    The tuning fields after ``extra_tags`` are not operator keys: they have
-    production defaults and tests make them tiny.
+    ``instance_size(s)`` are the keys as given; ``size`` and ``sizes`` are what
+    the provider uses (``build`` falls back to PODVM_INSTANCE_TYPE(S) and the
+    defaults). The tuning fields after ``extra_tags`` are not operator keys:
+    they have production defaults and tests make them tiny.
     """
 
-    subscription_id: str
-    region: str
-    resource_group: str
-    subnet: ResourceId
-    nsg: ResourceId | None = None
-    image: ImageRef | None = None
+    subscription_id: str = option("AZURE_SUBSCRIPTION_ID", parse_uuid, required=True,
+                                  help="subscription the pod VMs are created in")
+    region: str = option("AZURE_REGION", parse_region, required=True, help="region of the pod VMs, e.g. eastus")
+    resource_group: str = option("AZURE_RESOURCE_GROUP", parse_resource_group, required=True,
+                                 help="resource group of the pod VMs")
+    subnet: ResourceId = option("AZURE_SUBNET_ID", parse_subnet_id, required=True, help="subnet id of the pod VMs' NICs")
+    nsg: ResourceId | None = option("AZURE_NSG_ID", parse_nsg_id, help="network security group id put on each pod VM NIC")
+    image: ImageRef | None = option(
+        "AZURE_IMAGE_ID", parse_image_id, help="pod VM image (managed, gallery, shared or community gallery id)")
+    instance_size: str | None = option("AZURE_INSTANCE_SIZE", str, help="default VM size, e.g. Standard_B2als_v2")
+    instance_sizes: tuple[str, ...] = option("AZURE_INSTANCE_SIZES", parse_csv, (), help="allowed VM sizes (comma list)")
+    ssh_username: str = option("SSH_USERNAME", parse_ssh_username, DEFAULT_SSH_USERNAME, help="admin user of the pod VMs")
+    ssh_pub_key_path: Path = option(
+        "SSH_PUB_KEY_PATH", parse_abs_path, DEFAULT_SSH_PUB_KEY_PATH,
+        help="SSH public key file (id_rsa.pub of ssh-key-secret); the only way in (no password)")
+    secure_boot: bool = option("ENABLE_SECURE_BOOT", parse_bool, False, help="UEFI secure boot on pod VMs")
+    arm_endpoint: str = option(
+        "AZURE_RESOURCE_MANAGER_ENDPOINT", parse_https_url, PUBLIC_ARM_ENDPOINT,
+        help="Azure Resource Manager endpoint (sovereign clouds, test endpoints)")
+    client_id: str | None = option("AZURE_CLIENT_ID", str, help="service principal or workload identity client id")
+    tenant_id: str | None = option("AZURE_TENANT_ID", str, help="Entra ID tenant")
+    client_secret: str | None = option(
+        "AZURE_CLIENT_SECRET", str, secret=True, help="service principal secret (unset: default credential chain)")
+    # Derived from the keys above and the common settings (``build``).
     size: str = DEFAULT_CVM_SIZE
     sizes: tuple[str, ...] = ()
-    ssh_username: str = DEFAULT_SSH_USERNAME
-    ssh_pub_key_path: Path = DEFAULT_SSH_PUB_KEY_PATH
-    secure_boot: bool = False
     disable_cvm: bool = False
-    arm_endpoint: str = PUBLIC_ARM_ENDPOINT
-    client_id: str | None = None
-    tenant_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
     root_volume_gib: int = 0
     use_public_ip: bool = False
-    vxlan_port: int = 9000
+    vxlan_port: int = VXLAN_PORT
     extra_tags: Mapping[str, str] = field(default_factory=dict, hash=False)
     polling_interval: float = 5.0  # seconds between LRO polls when ARM sends no Retry-After
     retry_total: int = 8  # HTTP retries (429/5xx/connection), honouring Retry-After
@@ -203,77 +216,36 @@ class AzureConfig:
         """The token scope of this ARM endpoint (sovereign clouds have their own)."""
         return self.arm_endpoint + "/.default"
 
+    @classmethod
+    def build(cls, settings: Settings, **options: Any) -> AzureConfig:
+        """The options plus the common settings. The size is AZURE_INSTANCE_SIZE, else
+        PODVM_INSTANCE_TYPE, else the first allowed size, else a default (a
+        confidential size unless DISABLECVM=true)."""
+        sizes = tuple(options["instance_sizes"] or ()) or tuple(settings.podvm_instance_types)
+        disable_cvm = bool(settings.disable_cvm)
+        explicit = options["instance_size"] or settings.podvm_instance_type
+        size = explicit or (sizes[0] if sizes else (DEFAULT_SIZE if disable_cvm else DEFAULT_CVM_SIZE))
+        return cls(
+            **options, size=size, sizes=sizes, disable_cvm=disable_cvm, root_volume_gib=settings.root_volume_size,
+            use_public_ip=settings.use_public_ip, vxlan_port=settings.vxlan_port, extra_tags=dict(settings.tags),
+        )
 
-def keys() -> tuple[Key, ...]:
-    """The Azure provider's keys (``AzureProvider.KEYS``)."""
-    return (
-        Key("AZURE_SUBSCRIPTION_ID", parse_uuid, required=True, help="subscription the pod VMs are created in"),
-        Key("AZURE_REGION", parse_region, required=True, help="region of the pod VMs, e.g. eastus"),
-        Key("AZURE_RESOURCE_GROUP", parse_resource_group, required=True, help="resource group of the pod VMs"),
-        Key("AZURE_SUBNET_ID", parse_subnet_id, required=True, help="subnet id of the pod VMs' NICs"),
-        Key("AZURE_NSG_ID", parse_nsg_id, help="network security group id put on each pod VM NIC"),
-        Key("AZURE_IMAGE_ID", parse_image_id, help="pod VM image (managed, gallery, shared or community gallery id)"),
-        Key("AZURE_INSTANCE_SIZE", str, help="default VM size, e.g. Standard_B2als_v2"),
-        Key("AZURE_INSTANCE_SIZES", parse_csv, (), help="allowed VM sizes (comma list)"),
-        Key("SSH_USERNAME", parse_ssh_username, DEFAULT_SSH_USERNAME, help="admin user of the pod VMs"),
-        Key("SSH_PUB_KEY_PATH", parse_abs_path, DEFAULT_SSH_PUB_KEY_PATH,
-            help="SSH public key file (id_rsa.pub of ssh-key-secret); the only way in (no password)"),
-        Key("ENABLE_SECURE_BOOT", parse_bool, False, help="UEFI secure boot on pod VMs"),
-        Key("AZURE_RESOURCE_MANAGER_ENDPOINT", parse_https_url, PUBLIC_ARM_ENDPOINT,
-            help="Azure Resource Manager endpoint (sovereign clouds, test endpoints)"),
-        Key("AZURE_CLIENT_ID", str, help="service principal or workload identity client id"),
-        Key("AZURE_TENANT_ID", str, help="Entra ID tenant"),
-        Key("AZURE_CLIENT_SECRET", str, secret=True, help="service principal secret (unset: default credential chain)"),
-    )
-
-
-def from_values(values: Mapping[str, Any], settings: Settings) -> AzureConfig:
-    """Build the config from parsed key values and the common settings.
-
-    Raises ``ConfigError`` for problems between keys: a client secret without
-    client and tenant id, a default size outside the allow-list, a subnet in
-    another subscription.
-    """
-    problems: list[Problem] = []
-    if values["AZURE_CLIENT_SECRET"]:
-        for name in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID"):
-            if not values[name]:
-                problems.append(Problem(name, None, "required when AZURE_CLIENT_SECRET is set"))
-    sizes = tuple(values["AZURE_INSTANCE_SIZES"]) or tuple(settings.podvm_instance_types)
-    explicit = values["AZURE_INSTANCE_SIZE"] or settings.podvm_instance_type
-    disable_cvm = bool(settings.disable_cvm)
-    size = explicit or (sizes[0] if sizes else (DEFAULT_SIZE if disable_cvm else DEFAULT_CVM_SIZE))
-    if sizes and size not in sizes:
-        problems.append(Problem("AZURE_INSTANCE_SIZE", size, "expected one of AZURE_INSTANCE_SIZES: " + ", ".join(sizes)))
-    subnet: ResourceId = values["AZURE_SUBNET_ID"]
-    subscription = values["AZURE_SUBSCRIPTION_ID"]
-    if subnet is not None and subscription and subnet.subscription.lower() != subscription:
-        problems.append(Problem("AZURE_SUBNET_ID", subnet.text,
-                                "expected a subnet in AZURE_SUBSCRIPTION_ID (NICs and subnets share a subscription)"))
-    if problems:
-        raise ConfigError(problems)
-    return AzureConfig(
-        subscription_id=subscription,
-        region=values["AZURE_REGION"],
-        resource_group=values["AZURE_RESOURCE_GROUP"],
-        subnet=subnet,
-        nsg=values["AZURE_NSG_ID"],
-        image=values["AZURE_IMAGE_ID"],
-        size=size,
-        sizes=sizes,
-        ssh_username=values["SSH_USERNAME"],
-        ssh_pub_key_path=values["SSH_PUB_KEY_PATH"],
-        secure_boot=values["ENABLE_SECURE_BOOT"],
-        disable_cvm=disable_cvm,
-        arm_endpoint=values["AZURE_RESOURCE_MANAGER_ENDPOINT"],
-        client_id=values["AZURE_CLIENT_ID"],
-        tenant_id=values["AZURE_TENANT_ID"],
-        client_secret=values["AZURE_CLIENT_SECRET"],
-        root_volume_gib=settings.root_volume_size,
-        use_public_ip=settings.use_public_ip,
-        vxlan_port=settings.vxlan_port,
-        extra_tags=dict(settings.tags),
-    )
+    def problems(self) -> list[Problem]:
+        """A client secret without client and tenant id, a size outside the
+        allow-list, a subnet in another subscription."""
+        problems: list[Problem] = []
+        if self.client_secret:
+            for name, value in (("AZURE_CLIENT_ID", self.client_id), ("AZURE_TENANT_ID", self.tenant_id)):
+                if not value:
+                    problems.append(Problem(name, None, "required when AZURE_CLIENT_SECRET is set"))
+        if self.sizes and self.size not in self.sizes:
+            problems.append(Problem("AZURE_INSTANCE_SIZE", self.size,
+                                    "expected one of AZURE_INSTANCE_SIZES: " + ", ".join(self.sizes)))
+        subnet = self.subnet
+        if subnet is not None and self.subscription_id and subnet.subscription.lower() != self.subscription_id:
+            problems.append(Problem("AZURE_SUBNET_ID", subnet.text,
+                                    "expected a subnet in AZURE_SUBSCRIPTION_ID (NICs and subnets share a subscription)"))
+        return problems
 
 
 def read_ssh_public_key(path: Path) -> str:

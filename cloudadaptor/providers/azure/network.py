@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from azure.core.exceptions import AzureError, HttpResponseError
 
+from cloudadaptor.wire import AGENT_PORT
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure.config import AzureConfig, ResourceId
 from cloudadaptor.providers.azure.tags import to_azure_tags
@@ -20,7 +21,6 @@ from cloudadaptor.providers.base import ProviderError
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 
 NIC_SUFFIX = "-nic"
-AGENT_PORT = 15150
 
 
 def nic_name(vm_name: str) -> str:

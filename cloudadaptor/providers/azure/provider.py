@@ -19,15 +19,15 @@ from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError
 
 from cloudadaptor import userdata
-from cloudadaptor.config import Key, Settings
 from cloudadaptor.providers.azure import checks, network, vms
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure.config import (
-    AzureConfig, ImageRef, from_values, keys, parse_image_id, parse_vm_id, read_ssh_public_key,
+    AzureConfig, ImageRef, parse_image_id, parse_vm_id, read_ssh_public_key,
 )
 from cloudadaptor.providers.azure.tags import from_azure_tags, matches
-from cloudadaptor.providers.base import TAG_SANDBOX, Instance, InstanceSpec, ProviderError
+from cloudadaptor.providers.base import TAG_SANDBOX, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, select_instance_type
+from cloudadaptor.wire import AZURE_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +51,18 @@ def _rg_and_name(resource_id: str) -> tuple[str, str]:
     return parts[lower.index("resourcegroups") + 1], parts[-1]
 
 
-class AzureProvider:
+class AzureProvider(ProviderBase):
     """The ``azure`` provider. Holds its SDK clients and, once loaded, the
     region's size catalog and the subnet's prefix (both immutable); nothing else."""
 
     name = "azure"
-    KEYS: ClassVar[tuple[Key, ...]] = keys()
+    config_type: ClassVar[type[AzureConfig]] = AzureConfig
 
     def __init__(self, config: AzureConfig, *, credential: TokenCredential | None = None) -> None:
         self.config = config
         self.clients = az.build_clients(config, credential)
         self._catalog: dict[str, InstanceTypeInfo] | None = None
         self._subnet_prefix: str | None = None
-
-    @classmethod
-    def from_config(cls, values: Mapping[str, Any], settings: Settings, *,
-                    credential: TokenCredential | None = None) -> AzureProvider:
-        """Build from parsed KEYS; raises ``ConfigError`` for problems between keys."""
-        return cls(from_values(values, settings), credential=credential)
 
     # ------------------------------------------------------------- interface
 
@@ -161,7 +155,7 @@ class AzureProvider:
 
     async def _plan(self, spec: InstanceSpec) -> _Plan:
         try:
-            userdata.check_size(spec.user_data, userdata.AZURE_USER_DATA_LIMIT, "Azure")
+            userdata.check_size(spec.user_data, AZURE_USER_DATA_LIMIT, "Azure")
         except userdata.UserDataTooLarge as exc:
             raise ProviderError(f"VM {spec.name}: {exc}") from None
         if spec.image:
@@ -178,10 +172,10 @@ class AzureProvider:
             size = select_instance_type(
                 requested=spec.instance_type, vcpus=spec.vcpus, memory_mib=spec.memory_mib, gpus=spec.gpus,
                 default=self.config.size, allowed=self.config.sizes, catalog=catalog,
+                default_key="AZURE_INSTANCE_SIZE", allowed_key="AZURE_INSTANCE_SIZES",
             )
         except SelectionError as exc:
-            raise ProviderError(str(exc).replace("PODVM_INSTANCE_TYPES", "AZURE_INSTANCE_SIZES")
-                                .replace("PODVM_INSTANCE_TYPE", "AZURE_INSTANCE_SIZE")) from None
+            raise ProviderError(str(exc)) from None
         if size not in catalog:
             raise ProviderError(f"VM size {size} is not offered in {self.config.region} to this subscription")
         try:
@@ -216,7 +210,10 @@ class AzureProvider:
         if vm.provisioning_state != "Succeeded":
             return None  # a failed or interrupted create: PUT again
         nic_ref = vm.network_profile.network_interfaces[0].id
-        nic = await az.call(self.clients.network.network_interfaces.get, *_rg_and_name(nic_ref))
+        try:
+            nic = await az.call(self.clients.network.network_interfaces.get, *_rg_and_name(nic_ref))
+        except AzureError as exc:
+            raise ProviderError(f"looking up the NIC of VM {plan.name}: {az.describe(exc)}") from exc
         return Instance(vm.id, vm.name, (network.nic_of(nic).private_ip,), from_azure_tags(vm.tags))
 
     async def _create(self, plan: _Plan) -> Instance:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cloudadaptor.config import ConfigError, check, load_settings, parse_keys
+from cloudadaptor.config import ConfigError, check, load_settings
 from cloudadaptor.providers import base
 from cloudadaptor.providers.aws import config as aws_config
 from cloudadaptor.providers.aws.instances import TAG_CLIENT_TOKEN, LaunchPlan, ec2_client_token, run_request
@@ -26,7 +26,7 @@ BASE_ENV = {"CLOUD_PROVIDER": "aws", "AWS_REGION": "us-east-1", "PODVM_AMI_ID": 
     ("USE_PODVM_LAUNCHTEMPLATE", "yes", "expected true or false"),
 ])
 def test_bad_aws_keys_are_named_with_what_is_expected(key: str, value: str, expected: str):
-    _, problems = parse_keys(aws_config.KEYS, {**BASE_ENV, key: value})
+    _, problems = aws_config.AwsConfig.parse({**BASE_ENV, key: value})
     assert len(problems) == 1 and expected in str(problems[0]), problems
 
 

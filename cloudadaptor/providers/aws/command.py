@@ -16,21 +16,28 @@ import os
 import sys
 from typing import Mapping
 
-import boto3
-from botocore.exceptions import BotoCoreError, ClientError
+from cloudadaptor.config import ConfigError, parse_port
+from cloudadaptor.providers.aws.config import AwsConfig, parse_sg_id
+from cloudadaptor.providers.base import load_provider
 
-from cloudadaptor.config import Key, Settings, parse_keys, parse_port
-from cloudadaptor.providers.aws import config as aws_config
-from cloudadaptor.providers.aws import network
-from cloudadaptor.providers.aws.client import describe, make_ec2_client
-from cloudadaptor.providers.aws.config import AwsConfig
-from cloudadaptor.providers.aws.imds import ImdsClient, ImdsError
+# boto3 is imported by the functions that call AWS, not here: every
+# `cloud-api-adaptor` command line (the pod VM's forwarder too) builds this parser.
 
-VXLAN_PORT_KEY = Key("VXLAN_PORT", parse_port, 9000, help="UDP port of the VXLAN tunnels")
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``aws`` actions to ``parser``."""
+    sub = parser.add_subparsers(dest="aws_command", metavar="ACTION", required=True)
+    ports = sub.add_parser("open-ports", help="allow 15150/tcp and VXLAN_PORT/udp within the worker security group (idempotent)")
+    ports.add_argument("--group-id", help="security group to open (default: the first of AWS_SG_IDS, else the worker's first)")
+    ports.add_argument("--vxlan-port", help="VXLAN UDP port (default: VXLAN_PORT or 9000)")
 
 
 def _fill_from_worker(config: AwsConfig, group_id: str | None) -> tuple[AwsConfig, str | None, list[str]]:
     """Region and group from the worker's metadata when not given."""
+    import boto3
+
+    from cloudadaptor.providers.aws.imds import ImdsClient, ImdsError
+
     group_id = group_id or (config.security_group_ids[0] if config.security_group_ids else None)
     if config.region is None:
         config = dataclasses.replace(config, region=boto3.session.Session().region_name)
@@ -49,16 +56,23 @@ def _fill_from_worker(config: AwsConfig, group_id: str | None) -> tuple[AwsConfi
 
 
 def open_ports(env: Mapping[str, str], group_id: str | None, vxlan_port: int | None) -> tuple[int, list[str]]:
-    """(exit code, output lines) of ``aws open-ports``; never raises for AWS errors."""
-    values, problems = parse_keys((*aws_config.KEYS, VXLAN_PORT_KEY), env)
-    problems += aws_config.config_problems(values)
-    if problems:
-        return 2, [str(p) for p in problems]
-    config = aws_config.from_values(values, Settings(cloud_provider="aws"))
+    """(exit code, output lines) of ``aws open-ports``; never raises for AWS errors.
+
+    The settings are loaded as ``serve`` loads them (common keys included)."""
+    try:
+        settings, config = load_provider(env, provider="aws")
+    except ConfigError as exc:
+        return 2, [str(p) for p in exc.problems]
+    assert isinstance(config, AwsConfig)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from cloudadaptor.providers.aws import network
+    from cloudadaptor.providers.aws.client import describe, make_ec2_client
+
     config, group_id, missing = _fill_from_worker(config, group_id)
     if missing or group_id is None:
         return 2, missing
-    port = vxlan_port or values["VXLAN_PORT"]
+    port = vxlan_port or settings.vxlan_port
     try:
         ec2 = make_ec2_client(config)
         return 0, network.open_ports(ec2, group_id, port)
@@ -66,10 +80,10 @@ def open_ports(env: Mapping[str, str], group_id: str | None, vxlan_port: int | N
         return 1, [f"{group_id}: {describe(exc, config.credentials.values())}"]
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the ``aws`` action in ``args`` (parsed by ``cloudadaptor.cli``); the exit code."""
+def run(args: argparse.Namespace) -> int:
+    """Run the ``aws`` action in ``args`` (parsed by ``build_parser``); the exit code."""
     try:
-        group_id = aws_config.parse_sg_id(args.group_id) if args.group_id else None
+        group_id = parse_sg_id(args.group_id) if args.group_id else None
         vxlan_port = parse_port(args.vxlan_port) if args.vxlan_port else None
     except ValueError as exc:
         print(f"aws open-ports: {exc}", file=sys.stderr)

@@ -1,0 +1,194 @@
+"""The local cloud's plumbing, blocking (pyroute2 and processes): the bridge, a
+VM's netns and veth, its init process, and their removal.
+
+Everything is named after the instance id, so removal finds it even when
+``instance.json`` is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cloudadaptor import linuxns
+from cloudadaptor.providers import local_vm
+from cloudadaptor.providers.base import ProviderError
+from cloudadaptor.providers.local.config import LocalConfig
+
+ID_PREFIX = "i-local-"
+ID_PATTERN = re.compile(r"i-local-[0-9a-f]{12}")
+VM_IFNAME = "eth0"
+LAUNCH_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL
+KILL_TIMEOUT = 5.0
+
+
+def host_veth_name(instance_id: str) -> str:
+    """The bridge-side veth of an instance: ``lc-<12 hex>`` (15 chars)."""
+    return "lc-" + instance_id[len(ID_PREFIX):]
+
+
+def netns_name(instance_id: str) -> str:
+    return instance_id
+
+
+def ensure_bridge(cfg: LocalConfig) -> int:
+    """The bridge's index; created with the gateway address and up if missing."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=cfg.bridge)
+        if not found:
+            _tolerate(errno.EEXIST, ipr.link, "add", ifname=cfg.bridge, kind="bridge")
+            found = ipr.link_lookup(ifname=cfg.bridge)
+        index = found[0]
+        linkinfo = ipr.get_links(index)[0].get("IFLA_LINKINFO")
+        kind = linkinfo.get("IFLA_INFO_KIND") if linkinfo is not None else None
+        if kind != "bridge":
+            raise ProviderError(f"{cfg.bridge} exists and is not a bridge (kind {kind!r})")
+        have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
+        if (str(cfg.gateway), cfg.cidr.prefixlen) not in have:
+            _tolerate(errno.EEXIST, ipr.addr, "add", index=index, address=str(cfg.gateway),
+                      prefixlen=cfg.cidr.prefixlen)
+        ipr.link("set", index=index, state="up")
+        return int(index)
+
+
+def wire(cfg: LocalConfig, instance_id: str, ip: str) -> None:
+    """The VM's netns, veth to the bridge, address and default route."""
+    name = netns_name(instance_id)
+    host = host_veth_name(instance_id)
+    netns.create(name)
+    with IPRoute() as ipr:
+        bridge = ipr.link_lookup(ifname=cfg.bridge)[0]
+        ipr.link("add", ifname=host, kind="veth", peer={"ifname": VM_IFNAME, "net_ns_fd": name})
+        index = ipr.link_lookup(ifname=host)[0]
+        ipr.link("set", index=index, master=bridge, state="up")
+    with IPRoute(netns=name, flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        index = ipr.link_lookup(ifname=VM_IFNAME)[0]
+        ipr.addr("add", index=index, address=ip, prefixlen=cfg.cidr.prefixlen)
+        ipr.link("set", index=index, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(cfg.gateway))
+
+
+def launch(cfg: LocalConfig, instance_id: str, directory: Path) -> int:
+    """Start the VM's init; returns its PID once it runs in its own namespaces.
+    ProviderError (with the console's last lines) when it does not start."""
+    argv = [
+        sys.executable, "-m", local_vm.MODULE,
+        "--instance-dir", str(directory),
+        "--netns", linuxns.netns_path(netns_name(instance_id)),
+        "--boot-delay", repr(cfg.boot_delay),
+    ]
+    if cfg.agent_command:
+        argv += ["--agent-command", cfg.agent_command]
+    with open(directory / local_vm.CONSOLE_LOG, "ab") as console:
+        launcher = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd="/", env=vm_environment())
+    try:
+        code = launcher.wait(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher.wait()
+        raise ProviderError(f"local VM {instance_id} did not start within {LAUNCH_TIMEOUT:g}s") from None
+    if code != 0:
+        raise ProviderError(f"local VM {instance_id} failed to start (exit {code}): {console_tail(directory)}")
+    return int((directory / local_vm.PID_FILE).read_text())
+
+
+def console_tail(directory: Path, lines: int = 5) -> str:
+    try:
+        text = (directory / local_vm.CONSOLE_LOG).read_text(errors="replace")
+    except OSError:
+        return "<no console log>"
+    return " | ".join(text.strip().splitlines()[-lines:]) or "<empty console log>"
+
+
+def stop_vm(instance_id: str, directory: Path) -> None:
+    """SIGTERM the VM's init, SIGKILL after 5 s; nothing when it does not run.
+    ProviderError when it survives SIGKILL."""
+    try:
+        pid = int((directory / local_vm.PID_FILE).read_text())
+    except (OSError, ValueError):
+        return  # never launched (or already deleted)
+    if not _is_vm_init(pid, directory):
+        return
+    for sig, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, KILL_TIMEOUT)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not alive(pid):
+            return  # init gone: the kernel has ended its PID namespace
+    raise ProviderError(f"local VM {instance_id} (pid {pid}) survived SIGKILL")
+
+
+def unwire(instance_id: str) -> list[str]:
+    """Delete the VM's veth and netns if they exist; the problems met."""
+    problems: list[str] = []
+    try:
+        with IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=host_veth_name(instance_id)):
+                _tolerate(errno.ENODEV, ipr.link, "del", index=index)
+    except (OSError, NetlinkError) as exc:
+        problems.append(f"cannot delete veth {host_veth_name(instance_id)}: {exc}")
+    try:
+        netns.remove(linuxns.netns_path(netns_name(instance_id)))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        problems.append(f"cannot delete netns {netns_name(instance_id)}: {exc}")
+    return problems
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _tolerate(code: int, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Call a pyroute2 method, ignoring the netlink error ``code`` (EEXIST, ENODEV...)."""
+    try:
+        fn(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code != code:
+            raise
+
+
+def vm_environment() -> dict[str, str]:
+    """What a VM inherits from the worker: enough to run Python, none of the
+    adaptor's configuration or credentials (a cloud VM sees none of them)."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+    return {k: v for k, v in os.environ.items() if k in keep or k.startswith("PYTHON")}
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie is dead: its PID namespace is already gone)."""
+    return _proc_state(pid) not in (None, "Z", "X")
+
+
+def _is_vm_init(pid: int, directory: Path) -> bool:
+    """Whether ``pid`` is the running init of the VM in ``directory`` (not a reused PID)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return local_vm.MODULE.encode() in args and str(directory).encode() in args

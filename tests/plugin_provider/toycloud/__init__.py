@@ -1,0 +1,1 @@
+"""A provider plugin for tests: the local cloud under the name ``toy``."""
