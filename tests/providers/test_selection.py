@@ -1,4 +1,4 @@
-"""Instance type selection table (DESIGN §3)."""
+"""Instance type selection table (docs/ARCHITECTURE.md, "Configuration")."""
 
 import pytest
 
