@@ -124,11 +124,6 @@ def parse_keys(keys: Iterable[Key], env: Mapping[str, str]) -> tuple[dict[str, A
     return values, problems
 
 
-def _parse_grpc_endpoint(text: str) -> str:
-    parse_host_port(text)
-    return text.strip()
-
-
 def _parse_log_level(text: str) -> str:
     level = text.strip().lower()
     level = "warning" if level == "warn" else level
@@ -187,7 +182,15 @@ class Settings:
     socket: Path = Path("/run/peerpod/hypervisor.sock")
     pods_dir: Path = Path("/run/peerpod/pods")
     state_dir: Path = Path("/run/peerpod")
-    grpc_endpoint: str | None = None
+    grpc_endpoint: str | None = None  # host:port or unix:/path (config_security)
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None
+    ttrpc_max_connections: int = 512
+    ttrpc_max_requests: int = 64
+    getinfo_wait_timeout: float = 600.0
+    vm_cert_validity: float = 30 * 86400.0
+    ca_validity: float = 365 * 86400.0
     node_name: str = field(default_factory=_socket.gethostname)
     log_level: str = "info"
     provider_env: Mapping[str, str] = field(
@@ -199,11 +202,6 @@ class Settings:
         """True when the operator supplied CACERT_FILE, CERT_FILE and CERT_KEY."""
         return None not in (self.cacert_file, self.cert_file, self.cert_key)
 
-    @property
-    def grpc_address(self) -> tuple[str, int] | None:
-        """GRPC_ENDPOINT as (host, port); host "" means all interfaces."""
-        return parse_host_port(self.grpc_endpoint) if self.grpc_endpoint else None
-
 
 # Settings field = key name in lower case, except these.
 _FIELD_NAMES = {"DISABLECVM": "disable_cvm"}
@@ -211,6 +209,7 @@ _FIELD_NAMES = {"DISABLECVM": "disable_cvm"}
 
 def common_keys() -> tuple[Key, ...]:
     """The common keys (built per call: the provider list and hostname are looked up now)."""
+    from cloudadaptor import config_security
     from cloudadaptor.providers import base
 
     providers = ", ".join(base.provider_names())
@@ -241,7 +240,9 @@ def common_keys() -> tuple[Key, ...]:
         Key("PODS_DIR", parse_abs_path, Path("/run/peerpod/pods"),
             help="per-pod directories (agent.ttrpc sockets)"),
         Key("STATE_DIR", parse_abs_path, Path("/run/peerpod"), help="state store and TLS material"),
-        Key("GRPC_ENDPOINT", _parse_grpc_endpoint, help="optional host:port for the gRPC binding"),
+        Key("GRPC_ENDPOINT", config_security.parse_grpc_endpoint,
+            help="optional host:port (loopback unless GRPC_TLS_* are set) or unix:/path for the gRPC binding"),
+        *config_security.security_keys(),
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
         Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
         *(Key(name, str, secret=True, help="credential (provider)")
@@ -250,7 +251,9 @@ def common_keys() -> tuple[Key, ...]:
 
 
 def _cross_checks(values: Mapping[str, Any], env: Mapping[str, str]) -> list[Problem]:
-    problems = []
+    from cloudadaptor.config_security import security_problems
+
+    problems = security_problems(values, env)
     allowed = values["PODVM_INSTANCE_TYPES"]
     chosen = values["PODVM_INSTANCE_TYPE"]
     if chosen and allowed and chosen not in allowed:

@@ -48,8 +48,8 @@ def validate_sandbox_id(sandbox_id: str) -> None:
         problem = "must not be empty"
     elif len(sandbox_id) > MAX_ID_LENGTH:
         problem = f"is {len(sandbox_id)} characters long, the limit is {MAX_ID_LENGTH}"
-    elif sandbox_id in (".", ".."):
-        problem = "must not be '.' or '..'"
+    elif sandbox_id in (".", "..") or "/" in sandbox_id:
+        problem = "must not contain '/' or '..', nor be '.' (it names a directory under PODS_DIR)"
     elif not _SANDBOX_ID.fullmatch(sandbox_id):
         problem = "must start with a letter or digit and contain only letters, digits, '_', '.' and '-' (ASCII)"
     if problem:
