@@ -141,7 +141,7 @@ class Server:
         try:
             os.chmod(path, mode)  # before listen(): nobody can connect yet
             st = os.stat(path)
-            listener = await asyncio.start_unix_server(self._accepted, sock=sock)
+            listener = await asyncio.start_unix_server(self._accepted, sock=sock, backlog=1024)  # floods must not fill it
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
