@@ -27,8 +27,8 @@ from cloudadaptor import wire
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
     DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
-    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_proxy_timeout, parse_readable_file,
-    parse_tags, parse_tls_version,
+    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout,
+    parse_readable_file, parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
@@ -325,7 +325,7 @@ def _display(key: Key, value: Any) -> str:
         return HIDDEN
     if isinstance(value, bool):
         return "true" if value else "false"
-    if key.parse in (parse_duration, parse_proxy_timeout):
+    if key.parse in (parse_duration, parse_proxy_timeout, parse_positive_duration):
         return format_duration(value)
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value)

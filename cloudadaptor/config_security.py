@@ -17,7 +17,9 @@ import ipaddress
 from typing import Any, Mapping
 
 from cloudadaptor.config import Key, Problem
-from cloudadaptor.parsers import int_range, parse_abs_path, parse_duration, parse_host_port, parse_readable_file
+from cloudadaptor.parsers import (
+    int_range, parse_abs_path, parse_host_port, parse_positive_duration, parse_readable_file,
+)
 
 GRPC_TLS_KEYS = ("GRPC_TLS_CERT", "GRPC_TLS_KEY", "GRPC_TLS_CLIENT_CA")
 UNIX_PREFIX = "unix:"
@@ -50,13 +52,6 @@ def endpoint_is_local(endpoint: str) -> bool:
         return False
 
 
-def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise ValueError("expected a duration above zero, like 90s, 10m or 168h")
-    return value
-
-
 def security_keys() -> tuple[Key, ...]:
     """The keys above, for ``config.common_keys()``."""
     return (
@@ -67,11 +62,11 @@ def security_keys() -> tuple[Key, ...]:
             help="open connections on SOCKET; past it the longest-idle one is closed"),
         Key("TTRPC_MAX_REQUESTS", int_range(1, 65536), 64,
             help="requests in flight per connection; past it RESOURCE_EXHAUSTED"),
-        Key("GETINFO_WAIT_TIMEOUT", _positive_duration, 600.0,
+        Key("GETINFO_WAIT_TIMEOUT", parse_positive_duration, 600.0,
             help="how long GetInfo with wait and no deadline waits for the pod VM"),
-        Key("VM_CERT_VALIDITY", _positive_duration, 30 * 86400.0,
+        Key("VM_CERT_VALIDITY", parse_positive_duration, 30 * 86400.0,
             help="lifetime of each pod VM's server certificate"),
-        Key("CA_VALIDITY", _positive_duration, 365 * 86400.0,
+        Key("CA_VALIDITY", parse_positive_duration, 365 * 86400.0,
             help="lifetime of the adaptor's CA; renewed when a third of it is left, the old one trusted until it expires"),
     )
 
