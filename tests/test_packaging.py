@@ -288,3 +288,20 @@ def test_each_image_carries_only_the_sdks_it_uses():
     assert builder == {"aws", "azure", "kubernetes", "imagebuild"}, "the builder: SSH and --update-configmap"
     assert adaptor | builder <= set(PYPROJECT["project"]["optional-dependencies"])
     assert (ROOT / "deploy" / "Containerfile").read_text().rstrip().endswith('CMD ["cloud-api-adaptor", "serve"]')
+
+
+BLOCK_SDK = "import sys\nfor name in sys.argv[1].split(','): sys.modules[name] = None  # as if not installed\n" \
+            "from cloudadaptor.cli import main\nsys.exit(main(sys.argv[2:]))"
+
+
+@pytest.mark.parametrize("provider,sdks", [("aws", "boto3,botocore"), ("azure", "azure")])
+def test_a_provider_whose_extra_is_missing_is_one_clear_line(provider, sdks, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "CLOUD_PROVIDER": provider, "STATE_DIR": str(tmp_path),
+           "SOCKET": str(tmp_path / "hypervisor.sock"), "PODS_DIR": str(tmp_path / "pods")}
+    for command in (["serve"], ["config", "check"]):
+        result = subprocess.run([sys.executable, "-c", BLOCK_SDK, sdks, *command], env=env, capture_output=True, text=True,
+                                timeout=60)
+        output = result.stdout + result.stderr
+        assert result.returncode in (1, 2), f"{command}: exit {result.returncode}\n{output}"
+        assert f"pip install 'cloudadaptor[{provider}]'" in output and "Traceback" not in output, output
+    assert list(tmp_path.iterdir()) == [], "nothing was started"
