@@ -19,6 +19,8 @@ ADAPTOR_SA = "cloud-api-adaptor"
 SERVING_CERT = "service.beta.openshift.io/serving-cert-secret-name"
 INJECT_CABUNDLE = "service.beta.openshift.io/inject-cabundle"
 INJECT_CA_FROM = "cert-manager.io/inject-ca-from"
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "RuntimeClass",
+                  "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 
 
 def combo_id(combo: tuple[str, tuple[str, ...]]) -> str:
@@ -39,6 +41,8 @@ def test_every_overlay_and_component_combination_builds_valid_objects_in_one_nam
     assert len(find_all(docs, "RuntimeClass")) == ("runtimeclass" in components), "the RuntimeClass only with its component"
     namespaces = {d["metadata"]["namespace"] for d in docs if "namespace" in d["metadata"]}
     assert namespaces == {NAMESPACE}
+    stamped = [f"{d['kind']}/{d['metadata']['name']}" for d in docs if d["kind"] in CLUSTER_SCOPED and "namespace" in d["metadata"]]
+    assert stamped == [], "cluster-scoped objects carry no namespace"
     for doc in docs:
         validate(doc)
 
