@@ -315,6 +315,8 @@ def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Proble
         return (), []
     try:
         cls = base.load_provider_class(name)
+    except ConfigError as exc:  # its SDK is not installed
+        return (), exc.problems
     except (ImportError, AttributeError) as exc:
         return (), [Problem("CLOUD_PROVIDER", name, f"provider could not be loaded ({exc})")]
     return cls.config_type.keys(), []
