@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from cloudadaptor import wire
+from cloudadaptor import initdata, wire
+from cloudadaptor.initdata import InitData
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
-    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
-    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout,
-    parse_readable_file, parse_tags, parse_tls_version,
+    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool, parse_csv,
+    parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout, parse_readable_file,
+    parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
@@ -56,6 +57,7 @@ class Key:
     required: bool = False
     secret: bool = False
     help: str = ""
+    show: Callable[[str], str] | None = None  # what config check prints for a set secret (default <hidden>)
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ class Settings:
     ca_validity: float = 365 * 86400.0
     node_name: str = field(default_factory=_socket.gethostname)
     log_level: str = "info"
+    initdata: InitData | None = field(default=None, repr=False)  # INITDATA, decoded and checked
     provider_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
@@ -240,20 +243,19 @@ def common_keys() -> tuple[Key, ...]:
         Key("PODS_DIR", parse_abs_path, Path("/run/peerpod/pods"),
             help="per-pod directories (agent.ttrpc sockets)"),
         Key("STATE_DIR", parse_abs_path, Path("/run/peerpod"), help="state store and TLS material"),
-        Key("GRPC_ENDPOINT", config_security.parse_grpc_endpoint,
-            help="optional host:port (loopback unless GRPC_TLS_* are set) or unix:/path for the gRPC binding"),
-        *config_security.security_keys(),
+        *config_security.security_keys(),  # GRPC_ENDPOINT, GRPC_TLS_*, caps, certificate lifetimes
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
         Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
+        Key("INITDATA", initdata.parse_setting, None, secret=True, show=initdata.summary,
+            help="default initdata for every pod: base64 of gzip or plain TOML (the pod annotation overrides)"),
         *(Key(name, str, secret=True, help="credential (provider)")
           for name in COMMON_SECRET_KEYS),
     )
 
 
 def _cross_checks(values: Mapping[str, Any], env: Mapping[str, str]) -> list[Problem]:
-    from cloudadaptor.config_security import security_problems
-
-    problems = security_problems(values, env)
+    from cloudadaptor import config_security  # it imports this module: loaded late
+    problems = config_security.security_problems(values, env)
     allowed = values["PODVM_INSTANCE_TYPES"]
     chosen = values["PODVM_INSTANCE_TYPE"]
     if chosen and allowed and chosen not in allowed:
@@ -313,6 +315,8 @@ def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Proble
         return (), []
     try:
         cls = base.load_provider_class(name)
+    except ConfigError as exc:  # its SDK is not installed
+        return (), exc.problems
     except (ImportError, AttributeError) as exc:
         return (), [Problem("CLOUD_PROVIDER", name, f"provider could not be loaded ({exc})")]
     return cls.config_type.keys(), []
@@ -388,7 +392,7 @@ def check(
         if text is None:
             rows.append((key.name, _display(key, key.default), "default"))
             continue
-        shown = HIDDEN if key.secret else text
+        shown = (key.show(text) if key.show else HIDDEN) if key.secret else text
         rows.append((key.name, shown, "flag" if key.name in flagged else "env"))
     unique: dict[str, Problem] = {}
     for problem in [*common_problems, *problems, *provider_problems]:

@@ -55,6 +55,8 @@ def endpoint_is_local(endpoint: str) -> bool:
 def security_keys() -> tuple[Key, ...]:
     """The keys above, for ``config.common_keys()``."""
     return (
+        Key("GRPC_ENDPOINT", parse_grpc_endpoint,
+            help="optional host:port (loopback unless GRPC_TLS_* are set) or unix:/path for the gRPC binding"),
         Key("GRPC_TLS_CERT", parse_readable_file, help="server certificate of the gRPC endpoint (PEM)"),
         Key("GRPC_TLS_KEY", parse_readable_file, help="private key of GRPC_TLS_CERT (PEM)"),
         Key("GRPC_TLS_CLIENT_CA", parse_readable_file, help="CA that signs the certificates gRPC clients must present"),

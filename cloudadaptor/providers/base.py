@@ -102,6 +102,11 @@ class Provider(Protocol):
         worker's VXLAN address can be the source of its route there."""
         ...
 
+    def user_data_limit(self) -> int | None:
+        """The most user data bytes this cloud accepts (None: no limit), so CreateVM can
+        refuse or trim what does not fit before any VM exists."""
+        ...
+
 
 class ProviderClass(Protocol):
     """What an entry point of ``cloudadaptor.providers`` loads: a provider class
@@ -124,6 +129,10 @@ class ProviderBase:
 
     def network_hint(self) -> str | None:
         """No hint: the worker address follows the default route."""
+        return None
+
+    def user_data_limit(self) -> int | None:
+        """No limit of its own."""
         return None
 
     async def close(self) -> None:
@@ -156,7 +165,8 @@ def provider_names() -> list[str]:
 
 
 def load_provider_class(name: str) -> ProviderClass:
-    """Import the provider ``name`` (ValueError listing the installed ones when unknown)."""
+    """Import the provider ``name`` (ValueError listing the installed ones when unknown;
+    ``ConfigError`` naming the extra to install when its SDK is missing)."""
     providers = installed_providers()
     try:
         point = providers[name]
@@ -164,7 +174,18 @@ def load_provider_class(name: str) -> ProviderClass:
         raise ValueError(
             f"unknown cloud provider {name!r}; expected one of: {', '.join(sorted(providers))}"
         ) from None
-    return cast(ProviderClass, point.load())
+    try:
+        return cast(ProviderClass, point.load())
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if not missing or point.module == missing or point.module.startswith(missing + "."):
+            raise  # the provider itself is broken, not one of its libraries
+        # An image carries only some SDKs (package extras named after the built-in providers).
+        from cloudadaptor.config import ConfigError, Problem
+
+        hint = f"pip install 'cloudadaptor[{name}]'" if point.module.startswith("cloudadaptor.") else "install its dependencies"
+        raise ConfigError([Problem("CLOUD_PROVIDER", name, (
+            f"a provider whose libraries are installed; {missing} is missing ({hint})"))]) from None
 
 
 def load_provider_config(name: str, settings: Settings, *, relaxed: tuple[str, ...] = ()) -> ProviderConfig:
