@@ -36,6 +36,7 @@ UNSET = "<unset>"
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 # --------------------------------------------------------------------------- keys
@@ -137,6 +138,13 @@ def _parse_log_level(text: str) -> str:
     return level
 
 
+def _parse_log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError("expected one of: " + ", ".join(LOG_FORMATS))
+    return value
+
+
 def _parse_provider(text: str) -> str:
     from cloudadaptor.providers import base
 
@@ -190,6 +198,9 @@ class Settings:
     grpc_endpoint: str | None = None
     node_name: str = field(default_factory=_socket.gethostname)
     log_level: str = "info"
+    log_format: str = "text"
+    probe_address: str = "127.0.0.1"
+    probe_port: int = 8000
     provider_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
@@ -244,6 +255,11 @@ def common_keys() -> tuple[Key, ...]:
         Key("GRPC_ENDPOINT", _parse_grpc_endpoint, help="optional host:port for the gRPC binding"),
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
         Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
+        Key("LOG_FORMAT", _parse_log_format, "text",
+            help="text (one line per record) or json (one JSON object per line, sandbox/pod/instance as fields)"),
+        Key("PROBE_ADDRESS", parse_ip, "127.0.0.1",
+            help="address of the /metrics, /healthz, /startup endpoint (the pod IP in the DaemonSet)"),
+        Key("PROBE_PORT", parse_port, 8000, help="TCP port of the /metrics, /healthz, /startup endpoint"),
         *(Key(name, str, secret=True, help="credential (provider)")
           for name in COMMON_SECRET_KEYS),
     )

@@ -9,16 +9,21 @@ sandboxes in its store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from typing import TYPE_CHECKING
 
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.probes import ProbeBindError, ProbeServer
+from cloudadaptor.adaptor.proxy import AgentProxy
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.config import Settings
+from cloudadaptor.metrics import Metrics
 from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import Provider, create_provider
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
 
@@ -45,13 +50,35 @@ class Daemon:
         self._grpc: GrpcBinding | None = None
         self._store: SandboxStore | None = None
         self._k8s: NodeIntegration | None = None  # in a cluster
+        self.metrics: Metrics | None = None
+        self._probes: ProbeServer | None = None
+        self.started = False  # /startup: socket served and running sandboxes re-served
         self.closed = False
 
     async def start(self) -> None:
         settings = self.settings
         if self.provider is None:
             self.provider = create_provider(settings)
-        problems = await self.provider.verify()
+        self.metrics = Metrics(self.provider.name, self._sandbox_states)
+        calls = getattr(self.provider, "cloud_calls", None)
+        if isinstance(calls, CloudCalls):  # the provider's SDK hooks report to our counters
+            calls.recorder = self.metrics
+        # First, so a bad probe address stops the start before any cloud call;
+        # /healthz answers during recovery, /startup only after it.
+        self._probes = ProbeServer(settings.probe_address, settings.probe_port, self.metrics, lambda: self.started)
+        try:
+            await self._probes.start()
+        except ProbeBindError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            await self._start_serving(self.provider)
+        except BaseException:
+            await self._probes.close()  # a failed start leaves no listener behind
+            raise
+
+    async def _start_serving(self, provider: Provider) -> None:
+        settings = self.settings
+        problems = await provider.verify()
         if problems:
             raise StartupError("\n".join(f"{settings.cloud_provider}: {p}" for p in problems))
         try:
@@ -82,16 +109,19 @@ class Daemon:
                 vm_limit=settings.peerpods_limit_per_node,
             ),
             store=self._store,
-            provider=self.provider,
+            provider=provider,
             pod_network=self.pod_network,
             tls=tls,
             observer=self._k8s.tracker if self._k8s else None,
+            recorder=self.metrics,
+            proxy_factory=functools.partial(AgentProxy, recorder=self.metrics),
         )
         await self.lifecycle.recover()
         service = HypervisorService(self.lifecycle)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
         log.info("hypervisor service listening on %s (provider %s, node %s)", settings.socket, settings.cloud_provider, settings.node_name)
+        self.started = True
         if self._k8s is not None:
             await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
@@ -107,6 +137,8 @@ class Daemon:
         self.closed = True
         if self._grpc is not None:
             await self._grpc.close()
+        if self._probes is not None:
+            await self._probes.close()
         await self._ttrpc.close()
         if self.lifecycle is not None:
             await self.lifecycle.close()
@@ -116,6 +148,13 @@ class Daemon:
             await self.provider.close()
         if self._store is not None:
             self._store.close()
+
+
+    def _sandbox_states(self) -> list[tuple[str, bool]]:
+        """(state, has a VM) per stored sandbox, for the gauges (empty before the store opens)."""
+        if self._store is None or self.closed:
+            return []
+        return [(s.state.value, bool(s.instance_id)) for s in self._store.all()]
 
 
 async def serve(settings: Settings) -> None:

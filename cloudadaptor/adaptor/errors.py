@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from cloudadaptor.ttrpc.errors import Code
 
 
@@ -12,3 +14,12 @@ class LifecycleError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def reason_of(exc: BaseException) -> str:
+    """One line saying why a lifecycle step failed (for the record and the shim)."""
+    if isinstance(exc, LifecycleError):
+        return exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled (the caller gave up or StopVM was called)"
+    return f"{type(exc).__name__}: {exc}"

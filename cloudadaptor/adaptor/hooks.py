@@ -1,4 +1,4 @@
-"""Observers of the sandbox lifecycle: how the lifecycle tells the outside world about VMs.
+"""Observers and recorders of the sandbox lifecycle: how it tells the outside world about VMs.
 
 The lifecycle depends only on this protocol; ``cloudadaptor.k8s.peerpods.PeerPodTracker``
 implements it (PeerPod objects with a finalizer), ``NoopObserver`` is used
@@ -8,6 +8,7 @@ normally whatever happens (they log), within a bounded time.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol, runtime_checkable
 
 
@@ -30,3 +31,78 @@ class NoopObserver:
 
     async def vm_deleted(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str) -> None:
         return None
+
+
+@runtime_checkable
+class LifecycleRecorder(Protocol):
+    """Where the lifecycle reports what it measured (``cloudadaptor.metrics.Metrics`` implements it).
+
+    Labels passed here are bounded (phase, method, code, cause, direction), never
+    a pod name or sandbox id. Methods are quick, synchronous and never raise.
+    """
+
+    def phase_done(self, phase: str, seconds: float, ok: bool = True) -> None:
+        """A StartVM phase (``create_instance``, ``tunnel_up``, ``agent_ready``, ``end_to_end``) ended."""
+        ...
+
+    def call_done(self, method: str, code: str) -> None:
+        """A hypervisor call (CreateVM/StartVM/StopVM/...) answered with ``code`` (``OK`` or a ttrpc code name)."""
+        ...
+
+    def vms_deleted(self, cause: str, count: int = 1) -> None:
+        """VMs deleted by ``cause``: ``stop``, ``rollback``, ``recovery``, ``orphan_sweep``."""
+        ...
+
+    def proxy_dial(self, ok: bool) -> None:
+        """The agent proxy dialled a VM's forwarder (one attempt)."""
+        ...
+
+    def proxy_connections(self, delta: int) -> None:
+        """Piped shim⇄agent connections opened (+1) or closed (-1)."""
+        ...
+
+    def proxy_bytes(self, direction: str, count: int) -> None:
+        """``count`` bytes piped ``to_vm`` or ``from_vm``."""
+        ...
+
+
+class NoopRecorder:
+    """Records nothing (tests, tools that run the lifecycle without a daemon)."""
+
+    def phase_done(self, phase: str, seconds: float, ok: bool = True) -> None:
+        return None
+
+    def call_done(self, method: str, code: str) -> None:
+        return None
+
+    def vms_deleted(self, cause: str, count: int = 1) -> None:
+        return None
+
+    def proxy_dial(self, ok: bool) -> None:
+        return None
+
+    def proxy_connections(self, delta: int) -> None:
+        return None
+
+    def proxy_bytes(self, direction: str, count: int) -> None:
+        return None
+
+
+class PhaseClock:
+    """Times StartVM's phases for a recorder: each ``mark`` records the time since the previous one."""
+
+    def __init__(self, recorder: LifecycleRecorder) -> None:
+        self._recorder = recorder
+        self._began = self._last = time.monotonic()
+
+    def mark(self, phase: str, *, last: bool = False) -> None:
+        """``phase`` ended now; with ``last`` the whole start ended too (``end_to_end``, ok)."""
+        now = time.monotonic()
+        self._recorder.phase_done(phase, now - self._last)
+        self._last = now
+        if last:
+            self._recorder.phase_done("end_to_end", now - self._began)
+
+    def failed(self) -> None:
+        """The start failed: ``end_to_end`` recorded as not ok."""
+        self._recorder.phase_done("end_to_end", time.monotonic() - self._began, ok=False)

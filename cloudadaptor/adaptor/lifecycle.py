@@ -22,8 +22,8 @@ from typing import Callable, Mapping
 
 from cloudadaptor import podconfig, userdata
 from cloudadaptor.adaptor import recovery
-from cloudadaptor.adaptor.errors import LifecycleError
-from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
+from cloudadaptor.adaptor.errors import LifecycleError, reason_of
+from cloudadaptor.adaptor.hooks import LifecycleRecorder, NoopObserver, NoopRecorder, PhaseClock, SandboxObserver
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
@@ -76,6 +76,7 @@ class SandboxLifecycle:
         tls: AdaptorTls | None,
         proxy_factory: ProxyFactory = AgentProxy,
         observer: SandboxObserver | None = None,
+        recorder: LifecycleRecorder | None = None,
     ) -> None:
         self.options = options
         self.store = store
@@ -84,6 +85,7 @@ class SandboxLifecycle:
         self.tls = tls
         self._proxy_factory = proxy_factory
         self.observer = observer or NoopObserver()
+        self.recorder = recorder or NoopRecorder()  # metrics: phase timings, deletions
         self._proxies: dict[str, AgentProxy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting: dict[str, asyncio.Future[None]] = {}
@@ -204,6 +206,7 @@ class SandboxLifecycle:
 
     async def _start(self, sandbox: Sandbox) -> None:
         began = time.monotonic()
+        phases = PhaseClock(self.recorder)
         self.store.update(sandbox.id, state=SandboxState.STARTING, error="")
         instance: providers.Instance | None = None
         try:
@@ -215,19 +218,23 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
             sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
             log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
+            phases.mark("create_instance")
             await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name)
             await self.network.up(sandbox)
+            phases.mark("tunnel_up")
             proxy = self.serve_agent(sandbox)
             try:
                 await proxy.wait_ready(self.options.proxy_timeout)
             except AgentUnreachable as exc:
                 raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}") from exc
             await proxy.start()
+            phases.mark("agent_ready", last=True)
             self.store.update(sandbox.id, state=SandboxState.RUNNING)
             log.info("StartVM %s: agent ready after %.1fs", sandbox.id, time.monotonic() - began)
             await self._notify()
         except BaseException as exc:
-            reason = _reason(exc)
+            phases.failed()
+            reason = reason_of(exc)
             # Shielded: the rollback must finish even if the shim hung up
             # (a second cancellation leaves it running to completion).
             done = await asyncio.shield(asyncio.ensure_future(self.rollback_start(sandbox.id, reason)))
@@ -238,7 +245,7 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"StartVM {sandbox.id}: {reason}; {done}") from exc
             raise
 
-    async def rollback_start(self, sandbox_id: str, reason: str) -> str:
+    async def rollback_start(self, sandbox_id: str, reason: str, cause: str = "rollback") -> str:
         """Undo a failed start (VM, then tunnel); returns what was done, for the error message."""
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
@@ -261,6 +268,7 @@ class SandboxLifecycle:
             log.error("StartVM %s: cleanup incomplete, recorded for the next StopVM or restart: %s",
                       sandbox_id, "; ".join(problems))
             return f"{'; '.join(problems)}; it is recorded for cleanup"
+        self.recorder.vms_deleted(cause, len(deleted))
         if sandbox.instance_id or deleted:
             await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
         self.store.update(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
@@ -324,6 +332,7 @@ class SandboxLifecycle:
             except PodNetworkError as exc:
                 self.store.update(sandbox_id, error=f"tunnel removal failed: {exc}")
                 raise LifecycleError(Code.INTERNAL, f"StopVM {sandbox_id}: removing the VXLAN tunnel failed: {exc}") from exc
+            self.recorder.vms_deleted("stop", len(deleted))
             await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
             shutil.rmtree(Path(sandbox.agent_socket).parent, ignore_errors=True)
             self.store.remove(sandbox_id)
@@ -389,10 +398,3 @@ class SandboxLifecycle:
         async with self._changed:
             self._changed.notify_all()
 
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, LifecycleError):
-        return exc.message
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled (the caller gave up or StopVM was called)"
-    return f"{type(exc).__name__}: {exc}"

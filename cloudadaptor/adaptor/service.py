@@ -6,6 +6,7 @@ dials, and gRPC on the optional endpoint — so they cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -60,12 +61,33 @@ class HypervisorService:
 
     def methods(self) -> list[Method]:
         return [
-            Method(HYPERVISOR_SERVICE, "Version", hv.VersionRequest, hv.VersionResponse, self.version),
-            Method(HYPERVISOR_SERVICE, "CreateVM", hv.CreateVMRequest, hv.CreateVMResponse, self.create_vm),
-            Method(HYPERVISOR_SERVICE, "StartVM", hv.StartVMRequest, hv.StartVMResponse, self.start_vm),
-            Method(HYPERVISOR_SERVICE, "StopVM", hv.StopVMRequest, hv.StopVMResponse, self.stop_vm),
-            Method(PODVMINFO_SERVICE, "GetInfo", pvi.GetInfoRequest, pvi.GetInfoResponse, self.get_info),
+            Method(HYPERVISOR_SERVICE, "Version", hv.VersionRequest, hv.VersionResponse, self._counted("Version", self.version)),
+            Method(HYPERVISOR_SERVICE, "CreateVM", hv.CreateVMRequest, hv.CreateVMResponse, self._counted("CreateVM", self.create_vm)),
+            Method(HYPERVISOR_SERVICE, "StartVM", hv.StartVMRequest, hv.StartVMResponse, self._counted("StartVM", self.start_vm)),
+            Method(HYPERVISOR_SERVICE, "StopVM", hv.StopVMRequest, hv.StopVMResponse, self._counted("StopVM", self.stop_vm)),
+            Method(PODVMINFO_SERVICE, "GetInfo", pvi.GetInfoRequest, pvi.GetInfoResponse, self._counted("GetInfo", self.get_info)),
         ]
+
+    def _counted(self, name: str, call: Callable[[Any], Awaitable[Message]]) -> Callable[[Any], Awaitable[Message]]:
+        """``call``, reporting its status code to the lifecycle's recorder (both bindings share it)."""
+        recorder = self.lifecycle.recorder
+
+        async def counted(request: Any) -> Message:
+            try:
+                response = await call(request)
+            except LifecycleError as exc:
+                recorder.call_done(name, exc.code.name)
+                raise
+            except asyncio.CancelledError:
+                recorder.call_done(name, Code.CANCELLED.name)
+                raise
+            except Exception:
+                recorder.call_done(name, Code.INTERNAL.name)
+                raise
+            recorder.call_done(name, Code.OK.name)
+            return response
+
+        return counted
 
     def register_ttrpc(self, server: Server) -> None:
         for method in self.methods():
