@@ -150,14 +150,14 @@ class Metrics:
         self._operations.add(operation)
         return operation
 
-    def cloud_call(self, provider: str, operation: str, outcome: str) -> None:
-        self.cloud_calls.labels(self.provider, self._operation(operation), _one_of(outcome, OUTCOMES)).inc()
-
-    def cloud_retry(self, provider: str, operation: str, throttled: bool) -> None:
+    def cloud_call(self, provider: str, operation: str, outcome: str, retries: int = 0) -> None:
         op = self._operation(operation)
-        self.cloud_retries.labels(self.provider, op).inc()
-        if throttled:
-            self.cloud_throttles.labels(self.provider, op).inc()
+        self.cloud_calls.labels(self.provider, op, _one_of(outcome, OUTCOMES)).inc()
+        if retries > 0:
+            self.cloud_retries.labels(self.provider, op).inc(retries)
+
+    def cloud_throttled(self, provider: str, operation: str) -> None:
+        self.cloud_throttles.labels(self.provider, self._operation(operation)).inc()
 
     # ------------------------------------------------------------------- output
     def exposition(self) -> bytes:

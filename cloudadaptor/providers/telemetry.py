@@ -17,12 +17,12 @@ OUTCOMES = ("ok", "throttled", "auth", "not_found", "client_error", "server_erro
 
 
 class CloudCallRecorder(Protocol):
-    def cloud_call(self, provider: str, operation: str, outcome: str) -> None:
-        """One API call finished (after the SDK's own retries) with ``outcome`` (one of ``OUTCOMES``)."""
+    def cloud_call(self, provider: str, operation: str, outcome: str, retries: int = 0) -> None:
+        """One API call finished with ``outcome`` (one of ``OUTCOMES``) after ``retries`` SDK retries."""
         ...
 
-    def cloud_retry(self, provider: str, operation: str, throttled: bool) -> None:
-        """The SDK is about to retry ``operation`` (``throttled``: the cloud said slow down)."""
+    def cloud_throttled(self, provider: str, operation: str) -> None:
+        """One attempt of ``operation`` was refused as throttled (retried or not)."""
         ...
 
 
@@ -33,13 +33,13 @@ class CloudCalls:
         self.provider = provider
         self.recorder: CloudCallRecorder | None = None
 
-    def call(self, operation: str, outcome: str) -> None:
+    def call(self, operation: str, outcome: str, retries: int = 0) -> None:
         if self.recorder is not None:
-            self.recorder.cloud_call(self.provider, operation, outcome)
+            self.recorder.cloud_call(self.provider, operation, outcome, retries)
 
-    def retry(self, operation: str, throttled: bool) -> None:
+    def throttled(self, operation: str) -> None:
         if self.recorder is not None:
-            self.recorder.cloud_retry(self.provider, operation, throttled)
+            self.recorder.cloud_throttled(self.provider, operation)
 
 
 def outcome_of_status(status: int | None, *, throttled: bool = False, auth: bool = False) -> str:

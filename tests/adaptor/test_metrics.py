@@ -153,7 +153,8 @@ async def test_promtool_accepts_the_exposition(lifecycle_factory, agent, netns_f
     metrics = _metrics_for(lifecycle.store)
     lifecycle.recorder = metrics
     metrics.cloud_call("fake", "RunInstances", "ok")
-    metrics.cloud_retry("fake", "RunInstances", True)
+    metrics.cloud_call("fake", "RunInstances", "throttled", retries=2)
+    metrics.cloud_throttled("fake", "RunInstances")
     await _run_pods(_counted_service(lifecycle), netns_file, range(1, 3))
     result = subprocess.run([promtool, "check", "metrics"], input=metrics.exposition(), capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

@@ -31,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cloudadaptor.providers.aws import catalog as cat
 from cloudadaptor.providers.aws import checks, instances
 from cloudadaptor.providers.aws.client import describe, make_ec2_client
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderBase, ProviderError
@@ -64,6 +65,7 @@ class AwsProvider(ProviderBase):
         self._lock = asyncio.Lock()
         self._ec2: Any = None
         self._facts: _Facts | None = None
+        self.cloud_calls = CloudCalls(self.name)  # botocore's hooks report here (metrics)
 
     def __repr__(self) -> str:
         return f"AwsProvider(region={self.config.region!r}, subnet={self.config.subnet_id!r})"
@@ -85,7 +87,7 @@ class AwsProvider(ProviderBase):
         if problems or config.region is None:
             return problems or ["AWS_REGION is not set and could not be discovered"]
         self.config = config
-        self._ec2 = await asyncio.to_thread(make_ec2_client, config)
+        self._ec2 = await asyncio.to_thread(make_ec2_client, config, self.cloud_calls)
         return []
 
     async def _verify_locked(self) -> list[str]:

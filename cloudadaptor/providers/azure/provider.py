@@ -27,6 +27,7 @@ from cloudadaptor.providers.azure.config import (
 from cloudadaptor.providers.azure.tags import from_azure_tags, matches
 from cloudadaptor.providers.base import TAG_SANDBOX, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, select_instance_type
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.wire import AZURE_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class AzureProvider(ProviderBase):
 
     def __init__(self, config: AzureConfig, *, credential: TokenCredential | None = None) -> None:
         self.config = config
-        self.clients = az.build_clients(config, credential)
+        self.cloud_calls = CloudCalls(self.name)  # azure-core's pipeline reports here (metrics)
+        self.clients = az.build_clients(config, credential, self.cloud_calls)
         self._catalog: dict[str, InstanceTypeInfo] | None = None
         self._subnet_prefix: str | None = None
 
