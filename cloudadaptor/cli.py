@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(exc.problems)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

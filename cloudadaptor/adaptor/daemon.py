@@ -14,7 +14,9 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
+from cloudadaptor.adaptor.hooks import SandboxObserver
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.observers import LogFieldsObserver, ObserverChain
 from cloudadaptor.adaptor.probes import ProbeBindError, ProbeServer
 from cloudadaptor.adaptor.proxy import AgentProxy
 from cloudadaptor.adaptor.service import HypervisorService
@@ -112,12 +114,12 @@ class Daemon:
             provider=provider,
             pod_network=self.pod_network,
             tls=tls,
-            observer=self._k8s.tracker if self._k8s else None,
+            observer=ObserverChain(self._observers()),
             recorder=self.metrics,
             proxy_factory=functools.partial(AgentProxy, recorder=self.metrics),
         )
         await self.lifecycle.recover()
-        service = HypervisorService(self.lifecycle)
+        service = HypervisorService(self.lifecycle, starts=self._k8s.events if self._k8s else None)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
         log.info("hypervisor service listening on %s (provider %s, node %s)", settings.socket, settings.cloud_provider, settings.node_name)
@@ -149,6 +151,11 @@ class Daemon:
         if self._store is not None:
             self._store.close()
 
+
+    def _observers(self) -> list[SandboxObserver]:
+        """Who hears of VMs: PeerPods and Pod events in a cluster, and the log fields always."""
+        cluster: list[SandboxObserver] = [self._k8s.tracker, self._k8s.events] if self._k8s else []
+        return [*cluster, LogFieldsObserver()]
 
     def _sandbox_states(self) -> list[tuple[str, bool]]:
         """(state, has a VM) per stored sandbox, for the gauges (empty before the store opens)."""

@@ -10,10 +10,11 @@ from cloudadaptor.ttrpc.errors import Code
 class LifecycleError(Exception):
     """A lifecycle call failed; ``code`` is the gRPC status for the shim."""
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, console: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.console = console  # the VM's last console lines when the agent never answered (not for the shim)
 
 
 def reason_of(exc: BaseException) -> str:

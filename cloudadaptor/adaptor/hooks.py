@@ -106,3 +106,19 @@ class PhaseClock:
     def failed(self) -> None:
         """The start failed: ``end_to_end`` recorded as not ok."""
         self._recorder.phase_done("end_to_end", time.monotonic() - self._began, ok=False)
+
+
+@runtime_checkable
+class StartObserver(Protocol):
+    """Told how each StartVM ended (``cloudadaptor.k8s.events.PodEvents``: PodVMReady / PodVMFailed).
+
+    Called by the hypervisor service, which sees each StartVM whole. Like a
+    ``SandboxObserver`` it never fails or noticeably delays the call.
+    """
+
+    async def vm_ready(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, seconds: float) -> None:
+        ...
+
+    async def vm_failed(self, sandbox_id: str, pod_namespace: str, pod_name: str, reason: str, console: str) -> None:
+        """``reason``: the one-line error; ``console``: the VM's last console lines, or why there are none ("" if not read)."""
+        ...

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 from cloudadaptor import podconfig, userdata
 from cloudadaptor.adaptor import recovery
+from cloudadaptor.adaptor.console import console_tail
 from cloudadaptor.adaptor.errors import LifecycleError, reason_of
 from cloudadaptor.adaptor.hooks import LifecycleRecorder, NoopObserver, NoopRecorder, PhaseClock, SandboxObserver
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
@@ -226,7 +227,9 @@ class SandboxLifecycle:
             try:
                 await proxy.wait_ready(self.options.proxy_timeout)
             except AgentUnreachable as exc:
-                raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}") from exc
+                console = await console_tail(self.provider, instance.id, sandbox.user_data)
+                log.warning("StartVM %s: agent of VM %s never answered; %s", sandbox.id, instance.id, console)
+                raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}", console) from exc
             await proxy.start()
             phases.mark("agent_ready", last=True)
             self.store.update(sandbox.id, state=SandboxState.RUNNING)
@@ -235,11 +238,10 @@ class SandboxLifecycle:
         except BaseException as exc:
             phases.failed()
             reason = reason_of(exc)
-            # Shielded: the rollback must finish even if the shim hung up
-            # (a second cancellation leaves it running to completion).
+            # Shielded: the rollback finishes even if the shim hung up (a second cancellation too).
             done = await asyncio.shield(asyncio.ensure_future(self.rollback_start(sandbox.id, reason)))
             if isinstance(exc, LifecycleError):
-                raise LifecycleError(exc.code, f"StartVM {sandbox.id}: {exc.message}; {done}") from None
+                raise LifecycleError(exc.code, f"StartVM {sandbox.id}: {exc.message}; {done}", exc.console) from None
             if isinstance(exc, Exception):
                 log.exception("StartVM %s failed", sandbox.id)
                 raise LifecycleError(Code.INTERNAL, f"StartVM {sandbox.id}: {reason}; {done}") from exc
@@ -346,7 +348,6 @@ class SandboxLifecycle:
         while len(self._stopped) > 1024:
             self._stopped.popitem(last=False)
 
-    # ------------------------------------------------------------------- GetInfo
     async def vm_id_of_pod(self, pod_namespace: str, pod_name: str, wait: bool) -> str:
         """The pod's VM id; with ``wait`` blocks until it exists (caller's deadline)."""
         async with self._changed:
@@ -383,7 +384,6 @@ class SandboxLifecycle:
             await proxy.close()
         self._proxies.clear()
 
-    # ------------------------------------------------------------------- helpers
     def _get(self, sandbox_id: str) -> Sandbox:
         validate_sandbox_id(sandbox_id)
         sandbox = self.store.get(sandbox_id)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from google.protobuf.message import Message
 
-from cloudadaptor import __version__
+from cloudadaptor import __version__, logcontext
 from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.hooks import StartObserver
 from cloudadaptor.adaptor.lifecycle import SandboxLifecycle
+from cloudadaptor.adaptor.validation import ANN_POD_NAME, ANN_POD_NAMESPACE
 from cloudadaptor.protocols import hypervisor_pb2 as hv
 from cloudadaptor.protocols import podvminfo_pb2 as pvi
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
@@ -37,8 +40,9 @@ class Method:
 
 
 class HypervisorService:
-    def __init__(self, lifecycle: SandboxLifecycle) -> None:
+    def __init__(self, lifecycle: SandboxLifecycle, starts: StartObserver | None = None) -> None:
         self.lifecycle = lifecycle
+        self.starts = starts  # told how each StartVM ended (Pod events)
 
     async def version(self, request: hv.VersionRequest) -> hv.VersionResponse:
         return hv.VersionResponse(version=__version__)
@@ -48,7 +52,18 @@ class HypervisorService:
         return hv.CreateVMResponse(agentSocketPath=path)
 
     async def start_vm(self, request: hv.StartVMRequest) -> hv.StartVMResponse:
-        await self.lifecycle.start(request.id)
+        began = time.monotonic()
+        try:
+            await self.lifecycle.start(request.id)
+        except LifecycleError as exc:
+            sandbox = self.lifecycle.store.get(request.id)
+            if self.starts is not None and sandbox is not None:
+                await self.starts.vm_failed(request.id, sandbox.pod_namespace, sandbox.pod_name, exc.message, exc.console)
+            raise
+        sandbox = self.lifecycle.store.get(request.id)
+        if self.starts is not None and sandbox is not None:
+            await self.starts.vm_ready(request.id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id,
+                                       time.monotonic() - began)
         return hv.StartVMResponse()
 
     async def stop_vm(self, request: hv.StopVMRequest) -> hv.StopVMResponse:
@@ -73,21 +88,33 @@ class HypervisorService:
         recorder = self.lifecycle.recorder
 
         async def counted(request: Any) -> Message:
-            try:
-                response = await call(request)
-            except LifecycleError as exc:
-                recorder.call_done(name, exc.code.name)
-                raise
-            except asyncio.CancelledError:
-                recorder.call_done(name, Code.CANCELLED.name)
-                raise
-            except Exception:
-                recorder.call_done(name, Code.INTERNAL.name)
-                raise
-            recorder.call_done(name, Code.OK.name)
-            return response
+            with logcontext.bind(**self._log_fields(request)):
+                try:
+                    response = await call(request)
+                except LifecycleError as exc:
+                    recorder.call_done(name, exc.code.name)
+                    raise
+                except asyncio.CancelledError:
+                    recorder.call_done(name, Code.CANCELLED.name)
+                    raise
+                except Exception:
+                    recorder.call_done(name, Code.INTERNAL.name)
+                    raise
+                recorder.call_done(name, Code.OK.name)
+                return response
 
         return counted
+
+    def _log_fields(self, request: Any) -> dict[str, str]:
+        """Sandbox id, pod and instance id of a call, for structured logs (``logcontext``)."""
+        sandbox_id = str(getattr(request, "id", "") or "")
+        annotations = getattr(request, "annotations", None)
+        if annotations and annotations.get(ANN_POD_NAME):
+            return {"sandbox_id": sandbox_id, "pod": f"{annotations.get(ANN_POD_NAMESPACE, '')}/{annotations[ANN_POD_NAME]}"}
+        sandbox = self.lifecycle.store.get(sandbox_id) if sandbox_id else None
+        if sandbox is None:
+            return {"sandbox_id": sandbox_id}
+        return {"sandbox_id": sandbox_id, "pod": f"{sandbox.pod_namespace}/{sandbox.pod_name}", "instance_id": sandbox.instance_id}
 
     def register_ttrpc(self, server: Server) -> None:
         for method in self.methods():

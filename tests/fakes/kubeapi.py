@@ -70,7 +70,8 @@ class Resource:
 PODS = Resource("", "v1", "pods", "Pod", True)
 NODES = Resource("", "v1", "nodes", "Node", False)
 PEERPODS = Resource("confidentialcontainers.org", "v1alpha1", "peerpods", "PeerPod", True)
-DEFAULT_RESOURCES = (PODS, NODES, PEERPODS)
+EVENTS = Resource("", "v1", "events", "Event", True, status_subresource=False)  # core/v1 Events on pods
+DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, EVENTS)
 
 
 class ApiError(Exception):

@@ -18,6 +18,7 @@ IPs, so a delete has none to release.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import ipaddress
@@ -31,11 +32,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cloudadaptor.providers.aws import catalog as cat
 from cloudadaptor.providers.aws import checks, instances
 from cloudadaptor.providers.aws.client import describe, make_ec2_client
-from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
-from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderBase, ProviderError
+from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import SelectionError, select_instance_type
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.userdata import UserDataTooLarge, check_size
 from cloudadaptor.wire import AWS_USER_DATA_LIMIT
 
@@ -267,6 +268,19 @@ class AwsProvider(ProviderBase):
         except AWS_ERRORS as exc:
             raise ProviderError(f"terminating {instance_id} failed: {describe(exc, self._secrets)}") from None
         log.info("instance %s %s", instance_id, "terminated" if existed else "already gone")
+
+    async def console_output(self, instance_id: str) -> str:
+        """EC2 ``GetConsoleOutput`` (latest), decoded. EC2 publishes it some time after boot."""
+        try:
+            ec2 = await self.client()
+            reply = await asyncio.to_thread(ec2.get_console_output, InstanceId=instance_id, Latest=True)
+        except (ProviderError, *AWS_ERRORS) as exc:
+            text = str(exc) if isinstance(exc, ProviderError) else describe(exc, self._secrets)
+            raise ConsoleUnavailable(f"EC2 GetConsoleOutput for {instance_id} failed: {text}") from None
+        output = reply.get("Output")
+        if not output:
+            raise ConsoleUnavailable(f"EC2 has no console output for {instance_id} yet (it is published minutes after boot)")
+        return base64.b64decode(output).decode("utf-8", errors="replace")
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """Instances tagged ``peerpods.io/owner=cloud-api-adaptor`` and with every
