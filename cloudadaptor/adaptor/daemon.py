@@ -173,6 +173,7 @@ async def serve(settings: Settings) -> None:
     # SIGTERM would reach our handler as if we had been asked to stop; with
     # this flag the helpers reset SIGTERM/SIGINT to the default before working.
     pyroute2_config.disable_mp_signal = True
+    _log_to_state_dir(settings)
     daemon = Daemon(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,3 +188,22 @@ async def serve(settings: Settings) -> None:
             await daemon.close()
         except Exception:  # shutting down anyway: report, VMs and records stay for the restart
             log.exception("error while shutting down")
+
+
+def _log_to_state_dir(settings: Settings) -> None:
+    """Also keep the last log lines in ``STATE_DIR/adaptor.log`` (2 × 1 MiB, 0600) for ``diagnose``."""
+    from logging.handlers import RotatingFileHandler
+
+    from cloudadaptor.adaptor.diagnose import LOG_FILE
+
+    path = settings.state_dir / LOG_FILE
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        handler = RotatingFileHandler(path, maxBytes=1 << 20, backupCount=1)
+    except OSError as exc:
+        log.warning("no log file for diagnose at %s: %s", path, exc)
+        return
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else logging.Formatter())
+    root.addHandler(handler)
