@@ -125,6 +125,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(path):
             assert doc["kind"] == peerpods.KIND
             jsonschema.validate(doc, crd_schema())
             continue
+        if doc.get("apiVersion") == "monitoring.coreos.com/v1":
+            continue  # the Prometheus operator's CRD: checked in tests/deploy/test_monitoring.py
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
 
@@ -181,7 +183,11 @@ def test_the_daemonset_runs_the_adaptor_on_the_host_network_with_the_node_mounts
     assert {(e.get("configMapRef") or e.get("secretRef"))["name"] for e in container["envFrom"]} == {"peer-pods-cm", "peer-pods-secret"}
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert container["startupProbe"]["exec"]["command"][:2] == ["cloud-api-adaptor", "probe"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == int(env["PROBE_PORT"]["value"]), "the probes use the port the daemon serves"
+    assert env["PROBE_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert container["startupProbe"]["httpGet"] == {"path": "/startup", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
 
 
 def test_every_command_in_the_manifests_is_a_real_subcommand():
@@ -196,7 +202,7 @@ def test_every_command_in_the_manifests_is_a_real_subcommand():
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if "exec" in container.get(probe, {}):
                     commands.append(container[probe]["exec"]["command"])
-    assert len(commands) >= 4
+    assert len(commands) >= 3  # serve, peerpod-controller, webhook (the probes are HTTP)
     for command in commands:
         assert command[0] == "cloud-api-adaptor"
         parser.parse_args(command[1:])  # exits (SystemExit) on an unknown subcommand or flag
@@ -249,7 +255,7 @@ def test_rbac_is_least_privilege():
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role["metadata"]["name"]
             assert not {"secrets", "configmaps"} & set(rule["resources"]), "no role reads secrets or config maps"
     adaptor = {(tuple(r["apiGroups"]), r["resources"][0]): set(r["verbs"]) for r in find(docs, "ClusterRole", "peerpods-cloud-api-adaptor")["rules"]}
-    assert adaptor == {((("",), "pods")): {"get"}, (("",), "nodes/status"): {"patch"},
+    assert adaptor == {((("",), "pods")): {"get"}, (("",), "nodes/status"): {"patch"}, (("",), "events"): {"create"},
                        (("confidentialcontainers.org",), "peerpods"): {"get", "create", "patch", "delete"}}
     webhook_sa = find(docs, "ServiceAccount", "peer-pods-webhook")
     assert webhook_sa.get("automountServiceAccountToken") is False
