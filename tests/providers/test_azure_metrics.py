@@ -1,4 +1,5 @@
-"""Cloud API metrics from azure-core's pipeline (per-call and per-retry policies) against the fake ARM endpoint."""
+"""Cloud API metrics from azure-core's pipeline (per-call and per-retry policies), and VM consoles from boot
+diagnostics, against the fake ARM endpoint."""
 
 from __future__ import annotations
 
@@ -59,3 +60,40 @@ async def test_throttling_beyond_the_budget_counts_a_throttled_call(counted, arm
     assert _value(metrics, "cloud_api_adaptor_cloud_api_calls_total", operation="PUT virtualMachines", outcome="throttled") == 1
     assert _value(metrics, "cloud_api_adaptor_cloud_api_throttles_total", operation="PUT virtualMachines") == 3
     assert _value(metrics, "cloud_api_adaptor_cloud_api_retries_total", operation="PUT virtualMachines") == 2
+
+
+# ------------------------------------------------------------------ consoles (boot diagnostics)
+
+
+async def test_console_is_the_boot_diagnostics_serial_log(counted, arm: FakeArm):
+    provider, _ = counted()
+    instance = await provider.create_instance(_spec())
+    arm.state.consoles["podvm-metrics-4567abcd"] = "[    0.0] Linux version 6.1\nforwarder: listening on 15150\n"
+    assert await provider.console_output(instance.id) == arm.state.consoles["podvm-metrics-4567abcd"]
+    await provider.delete_instance(instance.id)
+
+
+async def test_console_with_boot_diagnostics_off_says_not_available_and_why(counted, arm: FakeArm):
+    from cloudadaptor.providers.base import ConsoleUnavailable
+
+    provider, _ = counted()
+    instance = await provider.create_instance(_spec())
+    assert arm.resource(instance.id)["properties"]["diagnosticsProfile"] == {"bootDiagnostics": {"enabled": True}}
+    with arm.state.lock:  # an operator turned boot diagnostics off
+        arm.state.resources[instance.id.lower()]["properties"]["diagnosticsProfile"]["bootDiagnostics"]["enabled"] = False
+    with pytest.raises(ConsoleUnavailable) as err:
+        await provider.console_output(instance.id)
+    message = str(err.value)
+    assert "boot diagnostics of VM podvm-metrics-4567abcd not available" in message and "not enabled" in message, message
+    await provider.delete_instance(instance.id)
+
+
+async def test_console_blob_refused_names_no_sas_signature(counted, arm: FakeArm):
+    from cloudadaptor.providers.base import ConsoleUnavailable
+
+    provider, _ = counted()
+    instance = await provider.create_instance(_spec())  # no serial log stored: the blob is 404
+    with pytest.raises(ConsoleUnavailable) as err:
+        await provider.console_output(instance.id)
+    assert "404" in str(err.value) and "sig=" not in str(err.value), str(err.value)
+    await provider.delete_instance(instance.id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import dataclasses
 import ipaddress
@@ -280,7 +281,7 @@ class AwsProvider(ProviderBase):
         output = reply.get("Output")
         if not output:
             raise ConsoleUnavailable(f"EC2 has no console output for {instance_id} yet (it is published minutes after boot)")
-        return base64.b64decode(output).decode("utf-8", errors="replace")
+        return _decode_console(output)
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """Instances tagged ``peerpods.io/owner=cloud-api-adaptor`` and with every
@@ -307,3 +308,12 @@ class AwsProvider(ProviderBase):
 def _sdk_default_region() -> str | None:
     """boto3's own region (AWS_DEFAULT_REGION, the profile), if any."""
     return boto3.session.Session().region_name
+
+
+def _decode_console(output: str) -> str:
+    """EC2 documents ``Output`` as base64; emulators (moto) may hand back the text itself: accept both."""
+    try:
+        raw = base64.b64decode("".join(output.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return output
+    return raw.decode("utf-8", errors="replace")
