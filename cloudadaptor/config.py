@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 from cloudadaptor import wire
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
-    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
+    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, one_of, parse_abs_path, parse_bool,
     parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_proxy_timeout, parse_readable_file,
     parse_tags, parse_tls_version,
 )
@@ -36,7 +36,6 @@ UNSET = "<unset>"
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("text", "json")
 
 
 # --------------------------------------------------------------------------- keys
@@ -128,21 +127,6 @@ def parse_keys(keys: Iterable[Key], env: Mapping[str, str]) -> tuple[dict[str, A
 def _parse_grpc_endpoint(text: str) -> str:
     parse_host_port(text)
     return text.strip()
-
-
-def _parse_log_level(text: str) -> str:
-    level = text.strip().lower()
-    level = "warning" if level == "warn" else level
-    if level not in LOG_LEVELS:
-        raise ValueError("expected one of: " + ", ".join(LOG_LEVELS))
-    return level
-
-
-def _parse_log_format(text: str) -> str:
-    value = text.strip().lower()
-    if value not in LOG_FORMATS:
-        raise ValueError("expected one of: " + ", ".join(LOG_FORMATS))
-    return value
 
 
 def _parse_provider(text: str) -> str:
@@ -254,12 +238,10 @@ def common_keys() -> tuple[Key, ...]:
         Key("STATE_DIR", parse_abs_path, Path("/run/peerpod"), help="state store and TLS material"),
         Key("GRPC_ENDPOINT", _parse_grpc_endpoint, help="optional host:port for the gRPC binding"),
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
-        Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
-        Key("LOG_FORMAT", _parse_log_format, "text",
-            help="text (one line per record) or json (one JSON object per line, sandbox/pod/instance as fields)"),
-        Key("PROBE_ADDRESS", parse_ip, "127.0.0.1",
-            help="address of the /metrics, /healthz, /startup endpoint (the pod IP in the DaemonSet)"),
-        Key("PROBE_PORT", parse_port, 8000, help="TCP port of the /metrics, /healthz, /startup endpoint"),
+        Key("LOG_LEVEL", one_of(*LOG_LEVELS, aliases={"warn": "warning"}), "info", help=", ".join(LOG_LEVELS)),
+        Key("LOG_FORMAT", one_of("text", "json"), "text", help="text, or json: one object per line with sandbox/pod/instance"),
+        Key("PROBE_ADDRESS", parse_ip, "127.0.0.1", help="address of /metrics, /healthz, /startup (the DaemonSet: pod IP)"),
+        Key("PROBE_PORT", parse_port, 8000, help="TCP port of /metrics, /healthz, /startup"),
         *(Key(name, str, secret=True, help="credential (provider)")
           for name in COMMON_SECRET_KEYS),
     )
