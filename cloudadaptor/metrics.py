@@ -167,3 +167,40 @@ class Metrics:
     def series_count(self) -> int:
         """How many samples the registry exposes now (the cardinality test's measure)."""
         return sum(len(family.samples) for family in self.registry.collect())
+
+
+class ControllerMetrics:
+    """The peerpod-controller's own metrics (its own registry, served on its PROBE_PORT)."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        Gauge(f"{PREFIX}_build_info", "Version of the running adaptor (always 1).", ["version"],
+              registry=reg).labels(__version__).set(1)
+        self.passes = Counter(f"{PREFIX}_controller_passes", "Reconcile passes, by result (ok, errors, failed).",
+                              ["result"], registry=reg)
+        self.deleted = Counter(f"{PREFIX}_controller_vms_deleted",
+                               "Pod VMs the controller deleted (PeerPods whose node died, unreferenced tagged VMs).",
+                               ["provider"], registry=reg)
+        self.released = Counter(f"{PREFIX}_controller_finalizers_released", "PeerPod finalizers the controller released.",
+                                registry=reg)
+        self.peerpods = Counter(f"{PREFIX}_controller_peerpods_deleted", "PeerPods deleted because their pod is gone.",
+                                registry=reg)
+        for result in ("ok", "errors", "failed"):
+            self.passes.labels(result)
+        self.deleted.labels(provider)
+
+    def pass_done(self, vms_deleted: int, finalizers_released: int, peerpods_deleted: int, errors: int) -> None:
+        """One reconcile pass finished with these counts."""
+        self.passes.labels("errors" if errors else "ok").inc()
+        self.deleted.labels(self.provider).inc(vms_deleted)
+        self.released.inc(finalizers_released)
+        self.peerpods.inc(peerpods_deleted)
+
+    def pass_failed(self) -> None:
+        """A pass failed as a whole (nothing swept)."""
+        self.passes.labels("failed").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 from cloudadaptor.adaptor.hooks import SandboxObserver
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
 from cloudadaptor.adaptor.observers import LogFieldsObserver, ObserverChain
-from cloudadaptor.adaptor.probes import ProbeBindError, ProbeServer
 from cloudadaptor.adaptor.proxy import AgentProxy
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.config import Settings
 from cloudadaptor.metrics import Metrics
+from cloudadaptor.probes import ProbeBindError, ProbeServer
 from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import Provider, create_provider
 from cloudadaptor.providers.telemetry import CloudCalls

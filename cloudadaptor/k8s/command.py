@@ -82,6 +82,8 @@ async def _controller_main(settings, provider_config, options, interval: float, 
     from cloudadaptor.k8s import controller
     from cloudadaptor.k8s.client import KubeConfigError, connect
     from cloudadaptor.k8s.peerpods import PeerPodApi
+    from cloudadaptor.metrics import ControllerMetrics
+    from cloudadaptor.probes import ProbeBindError, ProbeServer
     from cloudadaptor.providers.base import create_provider
 
     try:
@@ -95,10 +97,19 @@ async def _controller_main(settings, provider_config, options, interval: float, 
     provider = create_provider(settings, provider_config)
     log.info("PeerPod controller: provider %s, every %.0fs, sweep %s (grace %.0fs, tags %s)", options.provider_name,
              interval, "on" if options.sweep else "off", options.sweep_grace, dict(options.sweep_tags) or "-")
+    metrics = ControllerMetrics(options.provider_name)
+    probes = None if once else ProbeServer(settings.probe_address, settings.probe_port, metrics, lambda: True)
     try:
-        report = await run_until_signal(
-            lambda stop: controller.run(PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once))
+        if probes is not None:
+            await probes.start()  # /metrics, /healthz, /startup of the controller
+        report = await run_until_signal(lambda stop: controller.run(
+            PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once, metrics=metrics))
+    except ProbeBindError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     finally:
+        if probes is not None:
+            await probes.close()
         with contextlib.suppress(Exception):
             await provider.close()
         await api.close()

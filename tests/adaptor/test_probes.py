@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from cloudadaptor.adaptor.daemon import Daemon, StartupError
-from cloudadaptor.adaptor.probes import ProbeServer
+from cloudadaptor.probes import ProbeServer
 from cloudadaptor.config import ConfigError, load_settings
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.metrics import Metrics

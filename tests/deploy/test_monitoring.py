@@ -32,6 +32,18 @@ def test_servicemonitor_service_and_daemonset_agree_on_labels_and_port():
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
 
 
+def test_the_controller_metrics_service_reaches_the_controller_and_is_scraped():
+    deployment = next(d for d in yaml.safe_load_all((DEPLOY / "base" / "peerpod-controller.yaml").read_text())
+                      if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    service, monitor = _doc("controller-service.yaml"), _doc("servicemonitor.yaml")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    env = {e["name"]: e for e in container["env"]}
+    assert int(env["PROBE_PORT"]["value"]) == next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
 def test_dashboard_queries_only_exposed_metrics_and_labels():
     metrics = Metrics("aws", lambda: [("running", True)])
     metrics.cloud_call("aws", "RunInstances", "ok", retries=1)

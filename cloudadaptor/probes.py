@@ -1,6 +1,8 @@
-"""The daemon's HTTP endpoint on PROBE_ADDRESS:PROBE_PORT: /metrics, /healthz, /startup.
+"""The HTTP endpoint on PROBE_ADDRESS:PROBE_PORT: /metrics, /healthz, /startup.
 
-- ``/metrics``: the daemon's registry in Prometheus text format.
+Served by the worker daemon and by the peerpod-controller, each with its own registry.
+
+- ``/metrics``: the process's registry in Prometheus text format.
 - ``/healthz``: 200 when the daemon's event loop answers (this handler runs on
   it, so an answer is the proof); the liveness probe.
 - ``/startup``: 200 once the hypervisor socket is served and every sandbox
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
+from typing import Callable, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cloudadaptor.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class Exposition(Protocol):
+    def exposition(self) -> bytes: ...
 
 
 class ProbeBindError(Exception):
@@ -33,7 +38,7 @@ class ProbeBindError(Exception):
 class ProbeServer:
     """``start()`` listens (or raises ``ProbeBindError``); ``close()`` stops. ``started`` answers /startup."""
 
-    def __init__(self, address: str, port: int, metrics: Metrics, started: Callable[[], bool]) -> None:
+    def __init__(self, address: str, port: int, metrics: Exposition, started: Callable[[], bool]) -> None:
         self.address = address
         self.port = port
         self._metrics = metrics
