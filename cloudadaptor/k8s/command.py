@@ -68,7 +68,7 @@ def run_controller(args: argparse.Namespace) -> int:
     if problems or settings is None or provider_config is None:
         print_problems(problems)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags)
     try:
         return asyncio.run(_controller_main(settings, provider_config, options, values["PEERPOD_CONTROLLER_INTERVAL"],
