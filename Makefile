@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test protos duplicates clean
+.PHONY: demo test tools protos duplicates clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cloud-api-adaptor demo
 
+## System tools the tests need (promtool checks /metrics), installed once if missing.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
 ## Run the whole test suite inside a private user+net+mount namespace.
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m cloudadaptor.dev.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Regenerate cloudadaptor/protocols from protos/.

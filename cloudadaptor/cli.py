@@ -1,6 +1,7 @@
 """`cloud-api-adaptor`: one command, one subcommand per job.
 
-Worker side: ``serve`` (the daemon), ``config check``, ``demo``, ``aws open-ports``, ``azure open-ports``.
+Worker side: ``serve`` (the daemon), ``config check``, ``console``, ``diagnose``, ``demo``, ``aws open-ports``,
+``azure open-ports``.
 Cluster side: ``peerpod-controller``, ``webhook``; ``probe`` (the DaemonSet's startup probe).
 Pod VM side: ``process-user-data``, ``pod-network``, ``forwarder``. Images: ``image build|list|delete``.
 Settings come from the environment (peer-pods-cm / peer-pods-secret keys,
@@ -56,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(exc.problems)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:
@@ -108,6 +109,10 @@ SUBCOMMANDS = (
     Subcommand("webhook", "mutating admission webhook for peer pods (HTTPS)", "cloudadaptor.webhook.command"),
     Subcommand("probe", "exit 0 when the adaptor answers on its hypervisor socket (startup probe)",
                "cloudadaptor.k8s.command", "build_probe_parser", "run_probe"),
+    Subcommand("console", "print a pod VM's serial console (POD or SANDBOX_ID; secrets removed)",
+               "cloudadaptor.adaptor.consolecmd"),
+    Subcommand("diagnose", "write a support bundle (tar.gz): versions, config, sandboxes vs cloud VMs, tunnels, "
+               "logs, consoles, metrics", "cloudadaptor.adaptor.diagnose"),
     Subcommand("demo", "run 3 peer pods end to end on the local provider, in a private namespace",
                "cloudadaptor.dev.demo"),
 )

@@ -27,15 +27,14 @@ from cloudadaptor import initdata, wire
 from cloudadaptor.initdata import InitData
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
-    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool, parse_csv,
-    parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout, parse_readable_file,
+    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, one_of, parse_abs_path, parse_bool,
+    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout,
+    parse_readable_file,
     parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
 UNSET = "<unset>"
-
-
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -126,14 +125,6 @@ def parse_keys(keys: Iterable[Key], env: Mapping[str, str]) -> tuple[dict[str, A
     return values, problems
 
 
-def _parse_log_level(text: str) -> str:
-    level = text.strip().lower()
-    level = "warning" if level == "warn" else level
-    if level not in LOG_LEVELS:
-        raise ValueError("expected one of: " + ", ".join(LOG_LEVELS))
-    return level
-
-
 def _parse_provider(text: str) -> str:
     from cloudadaptor.providers import base
 
@@ -196,6 +187,9 @@ class Settings:
     node_name: str = field(default_factory=_socket.gethostname)
     log_level: str = "info"
     initdata: InitData | None = field(default=None, repr=False)  # INITDATA, decoded and checked
+    log_format: str = "text"
+    probe_address: str = "127.0.0.1"
+    probe_port: int = 8000
     provider_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
@@ -245,7 +239,10 @@ def common_keys() -> tuple[Key, ...]:
         Key("STATE_DIR", parse_abs_path, Path("/run/peerpod"), help="state store and TLS material"),
         *config_security.security_keys(),  # GRPC_ENDPOINT, GRPC_TLS_*, caps, certificate lifetimes
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
-        Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
+        Key("LOG_LEVEL", one_of(*LOG_LEVELS, aliases={"warn": "warning"}), "info", help=", ".join(LOG_LEVELS)),
+        Key("LOG_FORMAT", one_of("text", "json"), "text", help="text, or json: one object per line with sandbox/pod/instance"),
+        Key("PROBE_ADDRESS", parse_ip, "127.0.0.1", help="address of /metrics, /healthz, /startup (the DaemonSet: pod IP)"),
+        Key("PROBE_PORT", parse_port, 8000, help="TCP port of /metrics, /healthz, /startup"),
         Key("INITDATA", initdata.parse_setting, None, secret=True, show=initdata.summary,
             help="default initdata for every pod: base64 of gzip or plain TOML (the pod annotation overrides)"),
         *(Key(name, str, secret=True, help="credential (provider)")

@@ -85,6 +85,19 @@ def parse_bool(text: str) -> bool:
     raise ValueError("expected true or false (or 1/0, t/f)")
 
 
+def one_of(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[str], str]:
+    """A parser for one of ``choices`` (case-insensitive; ``aliases`` map other spellings to a choice)."""
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value not in choices:
+            raise ValueError("expected one of: " + ", ".join(choices))
+        return value
+
+    return parse
+
+
 def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """A parser for a decimal integer within [lo, hi] (either bound may be open)."""
     if lo is not None and hi is not None:

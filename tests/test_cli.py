@@ -46,6 +46,8 @@ HELP = {
     ("webhook",): ("[WEBHOOK_ADDRESS]", "--tls-cert", "--tls-key", "--runtime-class"),
     ("probe",): ("--socket", "--timeout", "startup probe"),
     ("demo",): ("--pods", "--boot-delay"),
+    ("console",): ("POD|SANDBOX_ID", "--lines"),
+    ("diagnose",): ("--output", "--log-lines"),
     ("version",): ("usage: cloud-api-adaptor version",),
 }
 

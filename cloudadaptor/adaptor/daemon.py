@@ -9,16 +9,23 @@ sandboxes in its store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from typing import TYPE_CHECKING
 
+from cloudadaptor.adaptor.hooks import SandboxObserver
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.observers import LogFieldsObserver, ObserverChain
+from cloudadaptor.adaptor.proxy import AgentProxy
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.config import Settings
+from cloudadaptor.metrics import Metrics
+from cloudadaptor.probes import ProbeBindError, ProbeServer
 from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import Provider, create_provider
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
 
@@ -46,13 +53,35 @@ class Daemon:
         self._grpc: GrpcBinding | None = None
         self._store: SandboxStore | None = None
         self._k8s: NodeIntegration | None = None  # in a cluster
+        self.metrics: Metrics | None = None
+        self._probes: ProbeServer | None = None
+        self.started = False  # /startup: socket served and running sandboxes re-served
         self.closed = False
 
     async def start(self) -> None:
         settings = self.settings
         if self.provider is None:
             self.provider = create_provider(settings)
-        problems = await self.provider.verify()
+        self.metrics = Metrics(self.provider.name, self._sandbox_states)
+        calls = getattr(self.provider, "cloud_calls", None)
+        if isinstance(calls, CloudCalls):  # the provider's SDK hooks report to our counters
+            calls.recorder = self.metrics
+        # First, so a bad probe address stops the start before any cloud call;
+        # /healthz answers during recovery, /startup only after it.
+        self._probes = ProbeServer(settings.probe_address, settings.probe_port, self.metrics, lambda: self.started)
+        try:
+            await self._probes.start()
+        except ProbeBindError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            await self._start_serving(self.provider)
+        except BaseException:
+            await self._probes.close()  # a failed start leaves no listener behind
+            raise
+
+    async def _start_serving(self, provider: Provider) -> None:
+        settings = self.settings
+        problems = await provider.verify()
         if problems:
             raise StartupError("\n".join(f"{settings.cloud_provider}: {p}" for p in problems))
         try:
@@ -85,17 +114,20 @@ class Daemon:
                 initdata=settings.initdata,
             ),
             store=self._store,
-            provider=self.provider,
+            provider=provider,
             pod_network=self.pod_network,
             tls=tls,
-            observer=self._k8s.tracker if self._k8s else None,
+            observer=ObserverChain(self._observers()),
+            recorder=self.metrics,
+            proxy_factory=functools.partial(AgentProxy, recorder=self.metrics),
             credentials=self._k8s.credentials if self._k8s else None,
         )
         await self.lifecycle.recover()
-        service = HypervisorService(self.lifecycle)
+        service = HypervisorService(self.lifecycle, starts=self._k8s.events if self._k8s else None)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
         log.info("hypervisor service listening on %s (provider %s, node %s)", settings.socket, settings.cloud_provider, settings.node_name)
+        self.started = True
         if self._k8s is not None:
             await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
@@ -123,6 +155,8 @@ class Daemon:
         self.closed = True
         if self._grpc is not None:
             await self._grpc.close()
+        if self._probes is not None:
+            await self._probes.close()
         await self._ttrpc.close()
         if self.lifecycle is not None:
             await self.lifecycle.close()
@@ -134,6 +168,18 @@ class Daemon:
             self._store.close()
 
 
+    def _observers(self) -> list[SandboxObserver]:
+        """Who hears of VMs: PeerPods and Pod events in a cluster, and the log fields always."""
+        cluster: list[SandboxObserver] = [self._k8s.tracker, self._k8s.events] if self._k8s else []
+        return [*cluster, LogFieldsObserver()]
+
+    def _sandbox_states(self) -> list[tuple[str, bool]]:
+        """(state, has a VM) per stored sandbox, for the gauges (empty before the store opens)."""
+        if self._store is None or self.closed:
+            return []
+        return [(s.state.value, bool(s.instance_id)) for s in self._store.all()]
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT."""
     from pyroute2 import config as pyroute2_config
@@ -143,6 +189,7 @@ async def serve(settings: Settings) -> None:
     # SIGTERM would reach our handler as if we had been asked to stop; with
     # this flag the helpers reset SIGTERM/SIGINT to the default before working.
     pyroute2_config.disable_mp_signal = True
+    _log_to_state_dir(settings)
     daemon = Daemon(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,3 +204,22 @@ async def serve(settings: Settings) -> None:
             await daemon.close()
         except Exception:  # shutting down anyway: report, VMs and records stay for the restart
             log.exception("error while shutting down")
+
+
+def _log_to_state_dir(settings: Settings) -> None:
+    """Also keep the last log lines in ``STATE_DIR/adaptor.log`` (2 × 1 MiB, 0600) for ``diagnose``."""
+    from logging.handlers import RotatingFileHandler
+
+    from cloudadaptor.adaptor.diagnose import LOG_FILE
+
+    path = settings.state_dir / LOG_FILE
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        handler = RotatingFileHandler(path, maxBytes=1 << 20, backupCount=1)
+    except OSError as exc:
+        log.warning("no log file for diagnose at %s: %s", path, exc)
+        return
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else logging.Formatter())
+    root.addHandler(handler)

@@ -1,4 +1,5 @@
-"""The lifecycle's seams to the cluster: observers of its VMs, and the pods' registry credentials.
+"""The lifecycle's seams to the outside world: observers of its VMs, recorders of
+what it measured, and the pods' registry credentials.
 
 The lifecycle depends only on these protocols. ``cloudadaptor.k8s.peerpods.PeerPodTracker``
 implements ``SandboxObserver`` (PeerPod objects with a finalizer) and
@@ -10,6 +11,7 @@ within a bounded time.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol, runtime_checkable
 
 
@@ -51,3 +53,91 @@ class NoCredentials:
 
     async def registry_auth(self, pod_namespace: str, pod_name: str) -> bytes | None:
         return None
+class LifecycleRecorder(Protocol):
+    """Where the lifecycle reports what it measured (``cloudadaptor.metrics.Metrics`` implements it).
+
+    Labels passed here are bounded (phase, method, code, cause, direction), never
+    a pod name or sandbox id. Methods are quick, synchronous and never raise.
+    """
+
+    def phase_done(self, phase: str, seconds: float, ok: bool = True) -> None:
+        """A StartVM phase (``create_instance``, ``tunnel_up``, ``agent_ready``, ``end_to_end``) ended."""
+        ...
+
+    def call_done(self, method: str, code: str) -> None:
+        """A hypervisor call (CreateVM/StartVM/StopVM/...) answered with ``code`` (``OK`` or a ttrpc code name)."""
+        ...
+
+    def vms_deleted(self, cause: str, count: int = 1) -> None:
+        """VMs deleted by ``cause``: ``stop``, ``rollback``, ``recovery``, ``orphan_sweep``."""
+        ...
+
+    def proxy_dial(self, ok: bool) -> None:
+        """The agent proxy dialled a VM's forwarder (one attempt)."""
+        ...
+
+    def proxy_connections(self, delta: int) -> None:
+        """Piped shim⇄agent connections opened (+1) or closed (-1)."""
+        ...
+
+    def proxy_bytes(self, direction: str, count: int) -> None:
+        """``count`` bytes piped ``to_vm`` or ``from_vm``."""
+        ...
+
+
+class NoopRecorder:
+    """Records nothing (tests, tools that run the lifecycle without a daemon)."""
+
+    def phase_done(self, phase: str, seconds: float, ok: bool = True) -> None:
+        return None
+
+    def call_done(self, method: str, code: str) -> None:
+        return None
+
+    def vms_deleted(self, cause: str, count: int = 1) -> None:
+        return None
+
+    def proxy_dial(self, ok: bool) -> None:
+        return None
+
+    def proxy_connections(self, delta: int) -> None:
+        return None
+
+    def proxy_bytes(self, direction: str, count: int) -> None:
+        return None
+
+
+class PhaseClock:
+    """Times StartVM's phases for a recorder: each ``mark`` records the time since the previous one."""
+
+    def __init__(self, recorder: LifecycleRecorder) -> None:
+        self._recorder = recorder
+        self._began = self._last = time.monotonic()
+
+    def mark(self, phase: str, *, last: bool = False) -> None:
+        """``phase`` ended now; with ``last`` the whole start ended too (``end_to_end``, ok)."""
+        now = time.monotonic()
+        self._recorder.phase_done(phase, now - self._last)
+        self._last = now
+        if last:
+            self._recorder.phase_done("end_to_end", now - self._began)
+
+    def failed(self) -> None:
+        """The start failed: ``end_to_end`` recorded as not ok."""
+        self._recorder.phase_done("end_to_end", time.monotonic() - self._began, ok=False)
+
+
+@runtime_checkable
+class StartObserver(Protocol):
+    """Told how each StartVM ended (``cloudadaptor.k8s.events.PodEvents``: PodVMReady / PodVMFailed).
+
+    Called by the hypervisor service, which sees each StartVM whole. Like a
+    ``SandboxObserver`` it never fails or noticeably delays the call.
+    """
+
+    async def vm_ready(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, seconds: float) -> None:
+        ...
+
+    async def vm_failed(self, sandbox_id: str, pod_namespace: str, pod_name: str, reason: str, console: str) -> None:
+        """``reason``: the one-line error; ``console``: the VM's last console lines, or why there are none ("" if not read)."""
+        ...

@@ -22,8 +22,11 @@ from typing import Callable, Mapping
 
 from cloudadaptor import podconfig
 from cloudadaptor.adaptor import podvmdata, recovery
-from cloudadaptor.adaptor.errors import LifecycleError
-from cloudadaptor.adaptor.hooks import NoCredentials, NoopObserver, PodCredentials, SandboxObserver
+from cloudadaptor.adaptor.console import console_tail
+from cloudadaptor.adaptor.errors import LifecycleError, reason_of
+from cloudadaptor.adaptor.hooks import (
+    LifecycleRecorder, NoCredentials, NoopObserver, NoopRecorder, PhaseClock, PodCredentials, SandboxObserver,
+)
 from cloudadaptor.adaptor.locks import KeyedLocks
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
@@ -80,6 +83,7 @@ class SandboxLifecycle:
         proxy_factory: ProxyFactory = AgentProxy,
         observer: SandboxObserver | None = None,
         credentials: PodCredentials | None = None,
+        recorder: LifecycleRecorder | None = None,
     ) -> None:
         self.options = options
         self.store = store
@@ -89,6 +93,7 @@ class SandboxLifecycle:
         self._proxy_factory = proxy_factory
         self.observer = observer or NoopObserver()
         self.credentials = credentials or NoCredentials()
+        self.recorder = recorder or NoopRecorder()  # metrics: phase timings, deletions
         self._proxies: dict[str, AgentProxy] = {}
         self._locks = KeyedLocks()
         self._starting: dict[str, asyncio.Future[None]] = {}
@@ -158,12 +163,8 @@ class SandboxLifecycle:
     def _render_user_data(self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str,
                           network: podconfig.PodNetworkConfig, init: InitData | None, auth: bytes | None) -> str:
         config = podconfig.ForwarderConfig(
-            sandbox_id=sandbox_id,
-            pod_name=pod_name,
-            pod_namespace=pod_namespace,
-            listen_port=self.options.agent_port,
-            tls=self.tls.mint_vm_material(vm_name) if self.tls else None,
-            tls_min_version=self.options.tls_min_version,
+            sandbox_id=sandbox_id, pod_name=pod_name, pod_namespace=pod_namespace, listen_port=self.options.agent_port,
+            tls=self.tls.mint_vm_material(vm_name) if self.tls else None, tls_min_version=self.options.tls_min_version,
             network=network,
         )
         return podvmdata.render(config.to_json(), init, auth, self.provider.user_data_limit(), f"{pod_namespace}/{pod_name}")
@@ -206,6 +207,7 @@ class SandboxLifecycle:
 
     async def _start(self, sandbox: Sandbox) -> None:
         began = time.monotonic()
+        phases = PhaseClock(self.recorder)
         self.store.update(sandbox.id, state=SandboxState.STARTING, error="")
         instance: providers.Instance | None = None
         try:
@@ -217,30 +219,35 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
             sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
             log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
+            phases.mark("create_instance")
             await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name)
             await self.network.up(sandbox)
+            phases.mark("tunnel_up")
             proxy = self.serve_agent(sandbox)
             try:
                 await proxy.wait_ready(self.options.proxy_timeout)
             except AgentUnreachable as exc:
-                raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}") from exc
+                console = await console_tail(self.provider, instance.id, sandbox.user_data)
+                log.warning("StartVM %s: agent of VM %s never answered; %s", sandbox.id, instance.id, console)
+                raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}", console) from exc
             await proxy.start()
+            phases.mark("agent_ready", last=True)
             self.store.update(sandbox.id, state=SandboxState.RUNNING)
             log.info("StartVM %s: agent ready after %.1fs", sandbox.id, time.monotonic() - began)
             await self._notify()
         except BaseException as exc:
-            reason = _reason(exc)
-            # Shielded: the rollback must finish even if the shim hung up
-            # (a second cancellation leaves it running to completion).
+            phases.failed()
+            reason = reason_of(exc)
+            # Shielded: the rollback finishes even if the shim hung up (a second cancellation too).
             done = await asyncio.shield(asyncio.ensure_future(self.rollback_start(sandbox.id, reason)))
             if isinstance(exc, LifecycleError):
-                raise LifecycleError(exc.code, f"StartVM {sandbox.id}: {exc.message}; {done}") from None
+                raise LifecycleError(exc.code, f"StartVM {sandbox.id}: {exc.message}; {done}", exc.console) from None
             if isinstance(exc, Exception):
                 log.exception("StartVM %s failed", sandbox.id)
                 raise LifecycleError(Code.INTERNAL, f"StartVM {sandbox.id}: {reason}; {done}") from exc
             raise
 
-    async def rollback_start(self, sandbox_id: str, reason: str) -> str:
+    async def rollback_start(self, sandbox_id: str, reason: str, cause: str = "rollback") -> str:
         """Undo a failed start (VM, then tunnel); returns what was done, for the error message."""
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
@@ -263,6 +270,7 @@ class SandboxLifecycle:
             log.error("StartVM %s: cleanup incomplete, recorded for the next StopVM or restart: %s",
                       sandbox_id, "; ".join(problems))
             return f"{'; '.join(problems)}; it is recorded for cleanup"
+        self.recorder.vms_deleted(cause, len(deleted))
         if sandbox.instance_id or deleted:
             await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
         self.store.update(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
@@ -326,6 +334,7 @@ class SandboxLifecycle:
             except PodNetworkError as exc:
                 self.store.update(sandbox_id, error=f"tunnel removal failed: {exc}")
                 raise LifecycleError(Code.INTERNAL, f"StopVM {sandbox_id}: removing the VXLAN tunnel failed: {exc}") from exc
+            self.recorder.vms_deleted("stop", len(deleted))
             await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
             shutil.rmtree(Path(sandbox.agent_socket).parent, ignore_errors=True)
             self.store.remove(sandbox_id)
@@ -338,7 +347,6 @@ class SandboxLifecycle:
         while len(self._stopped) > 1024:
             self._stopped.popitem(last=False)
 
-    # ------------------------------------------------------------------- GetInfo
     async def vm_id_of_pod(self, pod_namespace: str, pod_name: str, wait: bool) -> str:
         """The pod's VM id; ``wait`` blocks until it exists, at most ``options.getinfo_wait`` s (or the caller's deadline)."""
         try:
@@ -379,7 +387,6 @@ class SandboxLifecycle:
             await proxy.close()
         self._proxies.clear()
 
-    # ------------------------------------------------------------------- helpers
     def _get(self, sandbox_id: str) -> Sandbox:
         validate_sandbox_id(sandbox_id)
         sandbox = self.store.get(sandbox_id)
@@ -391,10 +398,3 @@ class SandboxLifecycle:
         async with self._changed:
             self._changed.notify_all()
 
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, LifecycleError):
-        return exc.message
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled (the caller gave up or StopVM was called)"
-    return f"{type(exc).__name__}: {exc}"

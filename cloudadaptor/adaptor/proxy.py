@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudadaptor.adaptor.hooks import LifecycleRecorder, NoopRecorder
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.ttrpc.client import Client
@@ -55,9 +57,10 @@ class AgentEndpoint:
 class AgentProxy:
     """Serves ``socket_path`` for one sandbox, forwarding to ``endpoint``."""
 
-    def __init__(self, socket_path: str, endpoint: AgentEndpoint) -> None:
+    def __init__(self, socket_path: str, endpoint: AgentEndpoint, recorder: LifecycleRecorder | None = None) -> None:
         self.socket_path = socket_path
         self.endpoint = endpoint
+        self.recorder = recorder or NoopRecorder()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -69,7 +72,7 @@ class AgentProxy:
         """
 
         async def check() -> None:
-            reader, writer = await self.endpoint.open()
+            reader, writer = await self._dial()
             client = Client(reader, writer)
             try:
                 reply = await client.call_message(
@@ -127,19 +130,32 @@ class AgentProxy:
         finally:
             self._pipes.discard(task)
 
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            streams = await self.endpoint.open()
+        except BaseException:
+            self.recorder.proxy_dial(False)
+            raise
+        self.recorder.proxy_dial(True)
+        return streams
+
     async def _pipe(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
         try:
-            up_r, up_w = await self.endpoint.open()
+            up_r, up_w = await self._dial()
         except (OSError, ssl.SSLError) as exc:
             log.warning("agent proxy %s: cannot reach agent at %s: %s", self.socket_path, self.endpoint, exc)
             await close_writer(down_w)
             return
+        self.recorder.proxy_connections(1)
+        to_vm = functools.partial(self.recorder.proxy_bytes, "to_vm")
+        from_vm = functools.partial(self.recorder.proxy_bytes, "from_vm")
         try:
-            done, pending = await _first_completed(_copy(down_r, up_w), _copy(up_r, down_w))
+            done, pending = await _first_completed(_copy(down_r, up_w, to_vm), _copy(up_r, down_w, from_vm))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         finally:
+            self.recorder.proxy_connections(-1)
             await asyncio.gather(close_writer(up_w), close_writer(down_w))
 
 
@@ -154,9 +170,10 @@ async def _first_completed(*coros: Awaitable[object]) -> tuple[set[asyncio.Futur
         raise
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counted: Callable[[int], None]) -> None:
     with contextlib.suppress(ConnectionError, ssl.SSLError):
         while data := await reader.read(_COPY_CHUNK):
+            counted(len(data))
             writer.write(data)
             await writer.drain()
 

@@ -37,7 +37,7 @@ async def recover(lifecycle: SandboxLifecycle) -> list[str]:
             await lifecycle.serve_agent(sandbox).start()
             actions.append(f"sandbox {sandbox.id}: re-serving agent proxy for VM {sandbox.instance_id}")
         elif sandbox.state is SandboxState.STARTING or (sandbox.state is SandboxState.FAILED and sandbox.instance_id):
-            done = await lifecycle.rollback_start(sandbox.id, "daemon restarted during StartVM")
+            done = await lifecycle.rollback_start(sandbox.id, "daemon restarted during StartVM", cause="recovery")
             actions.append(f"sandbox {sandbox.id}: interrupted start, {done}")
         elif sandbox.state is SandboxState.STOPPING:
             try:
@@ -67,5 +67,6 @@ async def sweep_orphans(lifecycle: SandboxLifecycle) -> list[str]:
         if sandbox_id in known:
             continue
         await lifecycle.provider.delete_instance(instance.id)
+        lifecycle.recorder.vms_deleted("orphan_sweep")
         actions.append(f"deleted orphan VM {instance.id} (sandbox {sandbox_id or '?'})")
     return actions

@@ -6,15 +6,19 @@ dials, and gRPC on the optional endpoint — so they cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from google.protobuf.message import Message
 
-from cloudadaptor import __version__
+from cloudadaptor import __version__, logcontext
 from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.hooks import StartObserver
 from cloudadaptor.adaptor.lifecycle import SandboxLifecycle
+from cloudadaptor.adaptor.validation import ANN_POD_NAME, ANN_POD_NAMESPACE
 from cloudadaptor.protocols import hypervisor_pb2 as hv
 from cloudadaptor.protocols import podvminfo_pb2 as pvi
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
@@ -36,8 +40,9 @@ class Method:
 
 
 class HypervisorService:
-    def __init__(self, lifecycle: SandboxLifecycle) -> None:
+    def __init__(self, lifecycle: SandboxLifecycle, starts: StartObserver | None = None) -> None:
         self.lifecycle = lifecycle
+        self.starts = starts  # told how each StartVM ended (Pod events)
 
     async def version(self, request: hv.VersionRequest) -> hv.VersionResponse:
         return hv.VersionResponse(version=__version__)
@@ -47,7 +52,18 @@ class HypervisorService:
         return hv.CreateVMResponse(agentSocketPath=path)
 
     async def start_vm(self, request: hv.StartVMRequest) -> hv.StartVMResponse:
-        await self.lifecycle.start(request.id)
+        began = time.monotonic()
+        try:
+            await self.lifecycle.start(request.id)
+        except LifecycleError as exc:
+            sandbox = self.lifecycle.store.get(request.id)
+            if self.starts is not None and sandbox is not None:
+                await self.starts.vm_failed(request.id, sandbox.pod_namespace, sandbox.pod_name, exc.message, exc.console)
+            raise
+        sandbox = self.lifecycle.store.get(request.id)
+        if self.starts is not None and sandbox is not None:
+            await self.starts.vm_ready(request.id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id,
+                                       time.monotonic() - began)
         return hv.StartVMResponse()
 
     async def stop_vm(self, request: hv.StopVMRequest) -> hv.StopVMResponse:
@@ -60,12 +76,45 @@ class HypervisorService:
 
     def methods(self) -> list[Method]:
         return [
-            Method(HYPERVISOR_SERVICE, "Version", hv.VersionRequest, hv.VersionResponse, self.version),
-            Method(HYPERVISOR_SERVICE, "CreateVM", hv.CreateVMRequest, hv.CreateVMResponse, self.create_vm),
-            Method(HYPERVISOR_SERVICE, "StartVM", hv.StartVMRequest, hv.StartVMResponse, self.start_vm),
-            Method(HYPERVISOR_SERVICE, "StopVM", hv.StopVMRequest, hv.StopVMResponse, self.stop_vm),
-            Method(PODVMINFO_SERVICE, "GetInfo", pvi.GetInfoRequest, pvi.GetInfoResponse, self.get_info),
+            Method(HYPERVISOR_SERVICE, "Version", hv.VersionRequest, hv.VersionResponse, self._counted("Version", self.version)),
+            Method(HYPERVISOR_SERVICE, "CreateVM", hv.CreateVMRequest, hv.CreateVMResponse, self._counted("CreateVM", self.create_vm)),
+            Method(HYPERVISOR_SERVICE, "StartVM", hv.StartVMRequest, hv.StartVMResponse, self._counted("StartVM", self.start_vm)),
+            Method(HYPERVISOR_SERVICE, "StopVM", hv.StopVMRequest, hv.StopVMResponse, self._counted("StopVM", self.stop_vm)),
+            Method(PODVMINFO_SERVICE, "GetInfo", pvi.GetInfoRequest, pvi.GetInfoResponse, self._counted("GetInfo", self.get_info)),
         ]
+
+    def _counted(self, name: str, call: Callable[[Any], Awaitable[Message]]) -> Callable[[Any], Awaitable[Message]]:
+        """``call``, reporting its status code to the lifecycle's recorder (both bindings share it)."""
+        recorder = self.lifecycle.recorder
+
+        async def counted(request: Any) -> Message:
+            with logcontext.bind(**self._log_fields(request)):
+                try:
+                    response = await call(request)
+                except LifecycleError as exc:
+                    recorder.call_done(name, exc.code.name)
+                    raise
+                except asyncio.CancelledError:
+                    recorder.call_done(name, Code.CANCELLED.name)
+                    raise
+                except Exception:
+                    recorder.call_done(name, Code.INTERNAL.name)
+                    raise
+                recorder.call_done(name, Code.OK.name)
+                return response
+
+        return counted
+
+    def _log_fields(self, request: Any) -> dict[str, str]:
+        """Sandbox id, pod and instance id of a call, for structured logs (``logcontext``)."""
+        sandbox_id = str(getattr(request, "id", "") or "")
+        annotations = getattr(request, "annotations", None)
+        if annotations and annotations.get(ANN_POD_NAME):
+            return {"sandbox_id": sandbox_id, "pod": f"{annotations.get(ANN_POD_NAMESPACE, '')}/{annotations[ANN_POD_NAME]}"}
+        sandbox = self.lifecycle.store.get(sandbox_id) if sandbox_id else None
+        if sandbox is None:
+            return {"sandbox_id": sandbox_id}
+        return {"sandbox_id": sandbox_id, "pod": f"{sandbox.pod_namespace}/{sandbox.pod_name}", "instance_id": sandbox.instance_id}
 
     def register_ttrpc(self, server: Server) -> None:
         for method in self.methods():

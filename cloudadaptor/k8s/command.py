@@ -68,7 +68,7 @@ def run_controller(args: argparse.Namespace) -> int:
     if problems or settings is None or provider_config is None:
         print_problems(problems)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags)
     try:
         return asyncio.run(_controller_main(settings, provider_config, options, values["PEERPOD_CONTROLLER_INTERVAL"],
@@ -82,6 +82,8 @@ async def _controller_main(settings, provider_config, options, interval: float, 
     from cloudadaptor.k8s import controller
     from cloudadaptor.k8s.client import KubeConfigError, connect
     from cloudadaptor.k8s.peerpods import PeerPodApi
+    from cloudadaptor.metrics import ControllerMetrics
+    from cloudadaptor.probes import ProbeBindError, ProbeServer
     from cloudadaptor.providers.base import create_provider
 
     try:
@@ -95,10 +97,19 @@ async def _controller_main(settings, provider_config, options, interval: float, 
     provider = create_provider(settings, provider_config)
     log.info("PeerPod controller: provider %s, every %.0fs, sweep %s (grace %.0fs, tags %s)", options.provider_name,
              interval, "on" if options.sweep else "off", options.sweep_grace, dict(options.sweep_tags) or "-")
+    metrics = ControllerMetrics(options.provider_name)
+    probes = None if once else ProbeServer(settings.probe_address, settings.probe_port, metrics, lambda: True)
     try:
-        report = await run_until_signal(
-            lambda stop: controller.run(PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once))
+        if probes is not None:
+            await probes.start()  # /metrics, /healthz, /startup of the controller
+        report = await run_until_signal(lambda stop: controller.run(
+            PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once, metrics=metrics))
+    except ProbeBindError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     finally:
+        if probes is not None:
+            await probes.close()
         with contextlib.suppress(Exception):
             await provider.close()
         await api.close()

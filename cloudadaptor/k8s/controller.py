@@ -30,9 +30,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cloudadaptor.config import Key, parse_bool, parse_duration
+
+if TYPE_CHECKING:
+    from cloudadaptor.metrics import ControllerMetrics
 from cloudadaptor.k8s.client import API_ERRORS, describe
 from cloudadaptor.k8s.peerpods import FINALIZER, JSON, PeerPodApi
 from cloudadaptor.providers.base import (
@@ -240,19 +243,25 @@ async def _pod_alive(peerpods: PeerPodApi, instance: Instance, report: Reconcile
 
 async def run(
     peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, *,
-    interval: float, stop: asyncio.Event, once: bool = False,
+    interval: float, stop: asyncio.Event, once: bool = False, metrics: ControllerMetrics | None = None,
 ) -> ReconcileReport | None:
-    """Reconcile every ``interval`` seconds until ``stop`` is set (or once). Returns the last report."""
+    """Reconcile every ``interval`` seconds until ``stop`` is set (or once). Returns the last report.
+    Each pass is counted in ``metrics`` when given."""
     state = SweepState()
     report: ReconcileReport | None = None
     while not stop.is_set():
         try:
             report = await reconcile(peerpods, provider, options, state, time.monotonic())
+            if metrics is not None:
+                metrics.pass_done(len(report.vms_deleted), len(report.finalizers_released),
+                                  len(report.peerpods_deleted), len(report.errors))
             if report.vms_deleted or report.errors:
                 log.info("pass: %d VM(s) deleted, %d finalizer(s) released, %d error(s)",
                          len(report.vms_deleted), len(report.finalizers_released), len(report.errors))
         except Exception as exc:  # the controller outlives a bad pass
             state.errors.error("pass", "reconcile pass failed (nothing swept)", exc)
+            if metrics is not None:
+                metrics.pass_failed()
         state.errors.end_pass()
         if once:
             break

@@ -23,6 +23,7 @@ from kubernetes_asyncio import client as k8s
 from cloudadaptor.config import Settings
 from cloudadaptor.k8s.capacity import advertise_vm_capacity
 from cloudadaptor.k8s.client import API_ERRORS, connect, describe
+from cloudadaptor.k8s.events import PodEvents
 from cloudadaptor.k8s.peerpods import PeerPodTracker
 from cloudadaptor.k8s.pullsecrets import PullSecretReader
 from cloudadaptor.retry import Backoff, retry_until
@@ -39,6 +40,7 @@ class NodeIntegration:
         self.limit = settings.peerpods_limit_per_node
         self.tracker = PeerPodTracker(api, node_name=settings.node_name)
         self.credentials = PullSecretReader(api)
+        self.events = PodEvents(api, node_name=settings.node_name)  # PodVM* Events on the Pod
         self._backoff = backoff
         self._advertiser: asyncio.Task[None] | None = None
         self._last_unexpected: str | None = None
@@ -78,6 +80,7 @@ class NodeIntegration:
             self._advertiser.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._advertiser
+        await self.events.close()
         await self.api.close()
 
 

@@ -61,6 +61,10 @@ class Instance:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+class ConsoleUnavailable(Exception):
+    """The VM's console cannot be read; the message says why (not supported, turned off, refused)."""
+
+
 class ProviderError(Exception):
     """A provider call failed; ``message`` is safe to show to the shim.
 
@@ -107,6 +111,11 @@ class Provider(Protocol):
         refuse or trim what does not fit before any VM exists."""
         ...
 
+    async def console_output(self, instance_id: str) -> str:
+        """The VM's serial console so far (the cloud may lag by minutes), for diagnosing a VM
+        that never answered. Raises ``ConsoleUnavailable`` saying why when it cannot be read."""
+        ...
+
 
 class ProviderClass(Protocol):
     """What an entry point of ``cloudadaptor.providers`` loads: a provider class
@@ -137,6 +146,10 @@ class ProviderBase:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+    async def console_output(self, instance_id: str) -> str:
+        """Not supported unless the provider overrides it."""
+        raise ConsoleUnavailable(f"the {self.name} provider cannot read VM consoles")
 
 
 def installed_providers() -> dict[str, EntryPoint]:

@@ -18,7 +18,7 @@ from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.podnetwork.api import PodNetwork, TunnelSpec
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy
-from cloudadaptor.providers.base import Instance, InstanceSpec, Provider, ProviderError
+from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, Provider, ProviderError
 from cloudadaptor.ttrpc.server import Server, unary
 from cloudadaptor.podconfig import PodInterface, PodRoute
 
@@ -39,6 +39,7 @@ class FakeProvider:
     deleted: list[str] = field(default_factory=list)
     fail_create: str | None = None
     limit: int | None = None  # user_data_limit(): None as the local provider, a number as a cloud
+    consoles: dict[str, str] = field(default_factory=dict)  # instance id -> its console text
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     async def verify(self) -> list[str]:
@@ -70,6 +71,10 @@ class FakeProvider:
 
     def user_data_limit(self) -> int | None:
         return self.limit
+    async def console_output(self, instance_id: str) -> str:
+        if instance_id not in self.consoles:
+            raise ConsoleUnavailable(f"fake VM {instance_id} has no console")
+        return self.consoles[instance_id]
 
 
 # Checked by mypy (tests/test_lint.py): the fakes must keep satisfying the protocols they stand in for.

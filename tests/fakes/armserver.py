@@ -76,6 +76,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         arm = self.server.arm
+        if self.command == "GET" and self.path.startswith("/fakeblobs/"):
+            self._blob(arm)
+            return
         if self.headers.get("Authorization") != f"Bearer {arm.token}":
             status, headers, body = 401, {}, {"error": {"code": "InvalidAuthenticationToken",
                                                         "message": "The access token is invalid."}}
@@ -97,6 +100,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_POST = _serve
+
+    def _blob(self, arm: FakeArm) -> None:
+        """A boot diagnostics blob by its SAS URI (no bearer token: the signature is the credential)."""
+        name = self.path.split("/")[2]
+        text = arm.state.consoles.get(name) if "sig=" in self.path else None
+        data = (text or "").encode()
+        arm.record("GET", self.path.split("?")[0], 200 if text is not None else 404)
+        self.send_response(200 if text is not None else 404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -131,6 +131,7 @@ class ArmState:
     deleted: list[Json] = field(default_factory=list)  # every resource deleted, in order
     skus: list[Json] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    consoles: dict[str, str] = field(default_factory=dict)  # VM name -> its boot diagnostics serial log
     operations: dict[str, Operation] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -156,6 +157,8 @@ class ArmState:
         if not bare.lower().startswith(f"/subscriptions/{self.subscription_id.lower()}"):
             sub = (bare.split("/") + ["", "", ""])[2]
             raise ArmError(404, "SubscriptionNotFound", f"The subscription '{sub}' could not be found.")
+        if method == "POST" and bare.rstrip("/").endswith("/retrieveBootDiagnosticsData"):
+            return self._boot_diagnostics(bare.rstrip("/").rsplit("/", 1)[0])
         if path is None:
             raise ArmError(400, "InvalidResourceType", f"no resource provider path in {bare}")
         if path.resource_group and f"/subscriptions/{self.subscription_id}/resourcegroups/{path.resource_group}".lower() \
@@ -168,6 +171,16 @@ class ArmState:
         if method == "DELETE" and not path.is_collection:
             return self._delete(path)
         raise ArmError(405, "MethodNotAllowed", f"{method} {bare} is not supported by the fake ARM endpoint")
+
+    def _boot_diagnostics(self, vm_key: str) -> Reply:
+        """VM retrieveBootDiagnosticsData: SAS URIs of the blobs (served by armserver under /fakeblobs/)."""
+        vm = self._get(vm_key)
+        profile = vm.get("properties", {}).get("diagnosticsProfile", {}).get("bootDiagnostics", {})
+        if not profile.get("enabled"):
+            raise ArmError(409, "OperationNotAllowed", "Boot diagnostics are not enabled for this virtual machine.")
+        blobs = f"{self.base_url}/fakeblobs/{vm['name']}"
+        return 200, {}, {"consoleScreenshotBlobUri": f"{blobs}/screenshot.bmp?sv=2024&sig=fake-sas-signature",
+                         "serialConsoleLogBlobUri": f"{blobs}/serial.log?sv=2024&sig=fake-sas-signature"}
 
     def _take_fault(self, method: str, kind: str | None) -> Fault | None:
         for fault in self.faults:

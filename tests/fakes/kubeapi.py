@@ -72,7 +72,8 @@ NODES = Resource("", "v1", "nodes", "Node", False)
 PEERPODS = Resource("confidentialcontainers.org", "v1alpha1", "peerpods", "PeerPod", True)
 SECRETS = Resource("", "v1", "secrets", "Secret", True, status_subresource=False)
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", True, status_subresource=False)
-DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS)
+EVENTS = Resource("", "v1", "events", "Event", True, status_subresource=False)  # core/v1 Events on pods
+DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS, EVENTS)
 
 
 class ApiError(Exception):

@@ -21,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from cloudadaptor import __version__
 from cloudadaptor.providers.aws.config import AwsConfig
+from cloudadaptor.providers.telemetry import CloudCalls, outcome_of_status
 
 # Codes that mean "the credentials (or their permissions) are the problem".
 AUTH_CODES = frozenset({
@@ -44,11 +45,12 @@ def _quiet_sdk_loggers() -> None:
             logger.setLevel(logging.INFO)
 
 
-def make_ec2_client(config: AwsConfig) -> Any:
+def make_ec2_client(config: AwsConfig, calls: CloudCalls | None = None) -> Any:
     """A thread-safe EC2 client for ``config.region`` with botocore retries.
 
     Static credentials when configured, else boto3's default chain. Builds a
-    fresh session (sessions are not thread-safe; clients are).
+    fresh session (sessions are not thread-safe; clients are). With ``calls``,
+    every API call, retry and throttle is reported there (``instrument``).
     """
     _quiet_sdk_loggers()
     creds = config.credentials
@@ -65,7 +67,47 @@ def make_ec2_client(config: AwsConfig) -> Any:
         read_timeout=60,
         user_agent_extra=f"cloud-api-adaptor/{__version__}",
     )
-    return session.client("ec2", config=boto_config)
+    client = session.client("ec2", config=boto_config)
+    if calls is not None:
+        instrument(client, calls)
+    return client
+
+
+# botocore's own list of throttling error codes (standard retry mode), plus EC2's.
+THROTTLE_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "RequestLimitExceeded", "RequestThrottled", "SlowDown",
+    "EC2ThrottledException", "BandwidthLimitExceeded", "PriorRequestNotComplete",
+})
+
+
+def instrument(client: Any, calls: CloudCalls) -> None:
+    """Report ``client``'s calls through botocore's event hooks, not by wrapping calls.
+
+    ``after-call`` fires once per operation (retries included in its
+    ``RetryAttempts``), ``after-call-error`` when no response came at all, and
+    ``needs-retry`` after every attempt (where throttled attempts are seen).
+    """
+    prefix = client.meta.service_model.service_id.hyphenize()
+
+    def after_call(http_response: Any, parsed: dict[str, Any], model: Any, **_: Any) -> None:
+        code = str(parsed.get("Error", {}).get("Code", ""))
+        retries = int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+        outcome = outcome_of_status(http_response.status_code, throttled=code in THROTTLE_CODES, auth=code in AUTH_CODES)
+        if code in INSTANCE_GONE_CODES:
+            outcome = "not_found"
+        calls.call(model.name, outcome, retries)
+
+    def after_call_error(event_name: str, **_: Any) -> None:
+        calls.call(event_name.rsplit(".", 1)[-1], "connection_error")
+
+    def needs_retry(response: Any, operation: Any, **_: Any) -> None:
+        if response is not None and str(response[1].get("Error", {}).get("Code", "")) in THROTTLE_CODES:
+            calls.throttled(operation.name)
+
+    client.meta.events.register(f"after-call.{prefix}", after_call)
+    client.meta.events.register(f"after-call-error.{prefix}", after_call_error)
+    client.meta.events.register(f"needs-retry.{prefix}", needs_retry)
 
 
 def error_code(exc: BaseException) -> str:

@@ -18,6 +18,8 @@ IPs, so a delete has none to release.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import ipaddress
@@ -33,8 +35,9 @@ from cloudadaptor.providers.aws import checks, instances
 from cloudadaptor.providers.aws.client import describe, make_ec2_client
 from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
-from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderBase, ProviderError
+from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import SelectionError, select_instance_type
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.userdata import UserDataTooLarge, check_size
 from cloudadaptor.wire import AWS_USER_DATA_LIMIT
 
@@ -64,6 +67,7 @@ class AwsProvider(ProviderBase):
         self._lock = asyncio.Lock()
         self._ec2: Any = None
         self._facts: _Facts | None = None
+        self.cloud_calls = CloudCalls(self.name)  # botocore's hooks report here (metrics)
 
     def __repr__(self) -> str:
         return f"AwsProvider(region={self.config.region!r}, subnet={self.config.subnet_id!r})"
@@ -85,7 +89,7 @@ class AwsProvider(ProviderBase):
         if problems or config.region is None:
             return problems or ["AWS_REGION is not set and could not be discovered"]
         self.config = config
-        self._ec2 = await asyncio.to_thread(make_ec2_client, config)
+        self._ec2 = await asyncio.to_thread(make_ec2_client, config, self.cloud_calls)
         return []
 
     async def _verify_locked(self) -> list[str]:
@@ -266,6 +270,19 @@ class AwsProvider(ProviderBase):
             raise ProviderError(f"terminating {instance_id} failed: {describe(exc, self._secrets)}") from None
         log.info("instance %s %s", instance_id, "terminated" if existed else "already gone")
 
+    async def console_output(self, instance_id: str) -> str:
+        """EC2 ``GetConsoleOutput`` (latest), decoded. EC2 publishes it some time after boot."""
+        try:
+            ec2 = await self.client()
+            reply = await asyncio.to_thread(ec2.get_console_output, InstanceId=instance_id, Latest=True)
+        except (ProviderError, *AWS_ERRORS) as exc:
+            text = str(exc) if isinstance(exc, ProviderError) else describe(exc, self._secrets)
+            raise ConsoleUnavailable(f"EC2 GetConsoleOutput for {instance_id} failed: {text}") from None
+        output = reply.get("Output")
+        if not output:
+            raise ConsoleUnavailable(f"EC2 has no console output for {instance_id} yet (it is published minutes after boot)")
+        return _decode_console(output)
+
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """Instances tagged ``peerpods.io/owner=cloud-api-adaptor`` and with every
         one of ``tags``, pending to stopped (not shutting down or terminated)."""
@@ -294,3 +311,12 @@ class AwsProvider(ProviderBase):
 def _sdk_default_region() -> str | None:
     """boto3's own region (AWS_DEFAULT_REGION, the profile), if any."""
     return boto3.session.Session().region_name
+
+
+def _decode_console(output: str) -> str:
+    """EC2 documents ``Output`` as base64; emulators (moto) may hand back the text itself: accept both."""
+    try:
+        raw = base64.b64decode("".join(output.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return output
+    return raw.decode("utf-8", errors="replace")

@@ -24,11 +24,14 @@ from typing import Any, Callable, TypeVar
 
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.polling import LROPoller
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
 from cloudadaptor.providers.azure.config import AzureConfig
+from cloudadaptor.providers.telemetry import CloudCalls, outcome_of_status
 
 T = TypeVar("T")
 
@@ -74,8 +77,11 @@ class AzureClients:
             close()
 
 
-def build_clients(config: AzureConfig, credential: TokenCredential | None = None) -> AzureClients:
-    """Clients bound to ``config``'s subscription and endpoint, with the retry policy configured."""
+def build_clients(config: AzureConfig, credential: TokenCredential | None = None,
+                  calls: CloudCalls | None = None) -> AzureClients:
+    """Clients bound to ``config``'s subscription and endpoint, with the retry policy configured.
+
+    With ``calls``, azure-core's pipeline reports every call and throttled attempt there (``CallPolicy``)."""
     _quiet_sdk_logs()
     owns_credential = credential is None
     credential = credential or make_credential(config)
@@ -89,6 +95,9 @@ def build_clients(config: AzureConfig, credential: TokenCredential | None = None
         "connection_timeout": 30,
         "read_timeout": 120,
     }
+    if calls is not None:
+        options["per_call_policies"] = [CallPolicy(calls)]
+        options["per_retry_policies"] = [AttemptPolicy(calls)]
     return AzureClients(
         credential=credential,
         compute=ComputeManagementClient(credential, config.subscription_id, **options),
@@ -96,6 +105,58 @@ def build_clients(config: AzureConfig, credential: TokenCredential | None = None
         scope=config.credential_scope,
         owns_credential=owns_credential,
     )
+
+
+# ------------------------------------------------------------------ metrics
+
+_ATTEMPTS = "cloudadaptor.attempts"
+
+
+def operation_name(request: PipelineRequest[Any]) -> str:
+    """``METHOD resourceType[/childType]`` from an ARM URL: names a kind of call, never a resource."""
+    path = request.http_request.url.split("?", 1)[0]
+    parts = [p for p in path.split("/") if p]
+    lowered = [p.lower() for p in parts]
+    if "providers" in lowered:
+        start = len(lowered) - 1 - lowered[::-1].index("providers") + 2  # skip "providers/<Namespace>"
+        kind = "/".join(parts[start::2]) or "provider"
+    elif "resourcegroups" in lowered:
+        kind = "resourceGroups"
+    else:
+        kind = parts[0] if parts else "root"
+    return f"{request.http_request.method} {kind}"
+
+
+class CallPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Per call (outside the retry policy): one report per call, with its outcome and retries."""
+
+    def __init__(self, calls: CloudCalls) -> None:
+        self._calls = calls
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        request.context[_ATTEMPTS] = 0
+
+    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
+        retries = max(0, int(request.context.get(_ATTEMPTS, 1)) - 1)
+        self._calls.call(operation_name(request), outcome_of_status(response.http_response.status_code), retries)
+
+    def on_exception(self, request: PipelineRequest[Any]) -> None:
+        retries = max(0, int(request.context.get(_ATTEMPTS, 1)) - 1)
+        self._calls.call(operation_name(request), "connection_error", retries)
+
+
+class AttemptPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Per attempt (inside the retry policy): counts attempts and throttled (429) answers."""
+
+    def __init__(self, calls: CloudCalls) -> None:
+        self._calls = calls
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        request.context[_ATTEMPTS] = int(request.context.get(_ATTEMPTS, 0)) + 1
+
+    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
+        if response.http_response.status_code == 429:
+            self._calls.throttled(operation_name(request))
 
 
 def _quiet_sdk_logs() -> None:

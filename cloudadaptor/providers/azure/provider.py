@@ -25,8 +25,9 @@ from cloudadaptor.providers.azure.config import (
     AzureConfig, ImageRef, parse_image_id, parse_vm_id, read_ssh_public_key,
 )
 from cloudadaptor.providers.azure.tags import from_azure_tags, matches
-from cloudadaptor.providers.base import TAG_SANDBOX, Instance, InstanceSpec, ProviderBase, ProviderError
+from cloudadaptor.providers.base import TAG_SANDBOX, ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, select_instance_type
+from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.wire import AZURE_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class AzureProvider(ProviderBase):
 
     def __init__(self, config: AzureConfig, *, credential: TokenCredential | None = None) -> None:
         self.config = config
-        self.clients = az.build_clients(config, credential)
+        self.cloud_calls = CloudCalls(self.name)  # azure-core's pipeline reports here (metrics)
+        self.clients = az.build_clients(config, credential, self.cloud_calls)
         self._catalog: dict[str, InstanceTypeInfo] | None = None
         self._subnet_prefix: str | None = None
 
@@ -124,6 +126,24 @@ class AzureProvider(ProviderBase):
         problems = await self._remove(vm.resource_group, vm.name)
         if problems:
             raise ProviderError(f"deleting VM {vm.name}: {'; '.join(problems)}")
+
+    async def console_output(self, instance_id: str) -> str:
+        """The serial log of boot diagnostics (``retrieveBootDiagnosticsData`` gives a SAS URI
+        of the blob, fetched with ``requests``, which honours ``REQUESTS_CA_BUNDLE``)."""
+        try:
+            vm = parse_vm_id(instance_id)
+        except ValueError as exc:
+            raise ConsoleUnavailable(f"cannot read the console of {instance_id!r}: {exc}") from None
+        try:
+            data = await az.call(self.clients.compute.virtual_machines.retrieve_boot_diagnostics_data,
+                                 vm.resource_group, vm.name, sas_uri_expiration_time_in_minutes=5)
+        except AzureError as exc:
+            raise ConsoleUnavailable(f"boot diagnostics of VM {vm.name} not available (are they enabled?): "
+                                     f"{az.describe(exc)}") from None
+        uri = getattr(data, "serial_console_log_blob_uri", None)
+        if not uri:
+            raise ConsoleUnavailable(f"VM {vm.name} has no serial console log (boot diagnostics off)")
+        return await asyncio.to_thread(_fetch_blob, uri, vm.name)
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """VMs in AZURE_RESOURCE_GROUP carrying every one of ``tags``, plus the
@@ -272,3 +292,16 @@ def _first_ip(nic: Any) -> str | None:
         if getattr(config, "private_ip_address", None):
             return config.private_ip_address
     return None
+
+
+def _fetch_blob(uri: str, vm_name: str) -> str:
+    """GET a boot diagnostics blob by its SAS URI (the URI is a credential: never in a message)."""
+    import requests
+
+    try:
+        response = requests.get(uri, timeout=30)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        status = getattr(exc.response, "status_code", None)
+        raise ConsoleUnavailable(f"serial log blob of VM {vm_name} unreadable ({status or type(exc).__name__})") from None
+    return response.content.decode("utf-8", errors="replace")

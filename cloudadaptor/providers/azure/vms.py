@@ -83,6 +83,8 @@ def vm_body(
             {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}},
         ]},
         "userData": base64.b64encode(user_data.encode("utf-8")).decode("ascii"),
+        # Managed boot diagnostics: the serial log the adaptor shows when a VM's agent never answers.
+        "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
     }
     profile = security_profile(config)
     if profile is not None:

@@ -22,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cloudadaptor import linuxns
 from cloudadaptor.providers import local_vm
-from cloudadaptor.providers.base import Instance, InstanceSpec, ProviderBase, ProviderError
+from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.local import machine
 from cloudadaptor.providers.local.config import LocalConfig
 
@@ -86,6 +86,16 @@ class LocalProvider(ProviderBase):
 
     async def close(self) -> None:
         """Nothing to release; VMs keep running."""
+
+    async def console_output(self, instance_id: str) -> str:
+        """The VM's ``console.log`` (its init's and components' output)."""
+        path = self._dir(instance_id) / local_vm.CONSOLE_LOG
+        try:
+            return await asyncio.to_thread(path.read_text, errors="replace")
+        except FileNotFoundError:
+            raise ConsoleUnavailable(f"no console log for local VM {instance_id} (unknown or deleted VM)") from None
+        except OSError as exc:
+            raise ConsoleUnavailable(f"console log {path} unreadable: {exc}") from None
 
     def network_hint(self) -> str:
         """An address inside the VM network (no I/O): the worker's VXLAN address
