@@ -28,7 +28,7 @@ from cloudadaptor import wire
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
     DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
     parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_proxy_timeout, parse_readable_file,
-    parse_tags, parse_tls_version,
+    parse_cluster_id, parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
@@ -173,6 +173,8 @@ class Settings:
     proxy_timeout: float = 300.0
     podvm_instance_type: str | None = None
     podvm_instance_types: tuple[str, ...] = ()
+    podvm_images: tuple[str, ...] = ()  # allow-list of the image annotation; () allows any
+    cluster_id: str | None = None  # None: derived (daemon.resolve_cluster_id)
     disable_cvm: bool | None = None  # None: not set (distinct from explicitly false)
     tags: Mapping[str, str] = field(default_factory=dict, hash=False)
     use_public_ip: bool = False
@@ -225,6 +227,8 @@ def common_keys() -> tuple[Key, ...]:
             help="how long StartVM waits for the pod VM's agent (below the shim's 600 s)"),
         Key("PODVM_INSTANCE_TYPE", str, help="default pod VM instance type"),
         Key("PODVM_INSTANCE_TYPES", parse_csv, (), help="allowed instance types (comma list)"),
+        Key("PODVM_IMAGES", parse_csv, (), help="images the pod image annotation may pick (comma list; unset: any)"),
+        Key("CLUSTER_ID", parse_cluster_id, help="this cluster's tag on every pod VM (default: kube-system namespace uid)"),
         Key("DISABLECVM", parse_bool, None, help="create ordinary VMs instead of confidential VMs"),
         Key("TAGS", parse_tags, {}, help="extra tags on pod VMs: k=v,k2=v2"),
         Key("USE_PUBLIC_IP", parse_bool, False, help="dial pod VMs on their public IP"),

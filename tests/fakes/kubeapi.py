@@ -70,7 +70,9 @@ class Resource:
 PODS = Resource("", "v1", "pods", "Pod", True)
 NODES = Resource("", "v1", "nodes", "Node", False)
 PEERPODS = Resource("confidentialcontainers.org", "v1alpha1", "peerpods", "PeerPod", True)
-DEFAULT_RESOURCES = (PODS, NODES, PEERPODS)
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
+EVENTS = Resource("", "v1", "events", "Event", True, status_subresource=False)
+DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, NAMESPACES, EVENTS)
 
 
 class ApiError(Exception):
@@ -281,6 +283,8 @@ class KubeApiServer:
         ca_file: Path | None = None,
     ) -> None:
         self.store = ObjectStore(resources, garbage_collect)
+        if NAMESPACES in resources:  # every cluster has it; its uid is the cluster's identity
+            self.store.create(NAMESPACES, "", {"metadata": {"name": "kube-system"}}, seeding=True)
         self.requests: list[RecordedRequest] = []
         self._ssl = ssl_context
         self._ca_file = ca_file

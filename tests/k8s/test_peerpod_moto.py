@@ -19,6 +19,7 @@ from fakes.kubeapi import PEERPODS, PODS
 
 REGION = "us-east-1"
 SANDBOX = "c0ffee00" * 8
+CLUSTER = "cluster-blue"
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ async def start_vm(provider, pod: str) -> str:
     spec = base.InstanceSpec(
         name=f"podvm-{pod}-{SANDBOX[:8]}", sandbox_id=SANDBOX, user_data="#cloud-config\nwrite_files: []\n",
         client_token=SANDBOX[:32], vcpus=1, memory_mib=2048,
-        tags={base.TAG_OWNER: base.OWNER_VALUE, base.TAG_NODE: "worker-1", base.TAG_SANDBOX: SANDBOX,
+        tags={base.TAG_OWNER: base.OWNER_VALUE, base.TAG_CLUSTER: CLUSTER, base.TAG_NODE: "worker-1", base.TAG_SANDBOX: SANDBOX,
               base.TAG_POD: f"default/{pod}"},
     )
     return (await provider.create_instance(spec)).id
@@ -64,7 +65,7 @@ async def test_adaptor_killed_after_vm_created_then_pod_deleted_terminates_the_e
     await PeerPodTracker(api, node_name="worker-1").vm_created(SANDBOX, "default", "web", instance_id, "aws")
     # The adaptor is killed here. The user deletes the pod; GC marks the PeerPod deleted.
     kubeapi.delete(PODS, "web", "default")
-    report = await reconcile(PeerPodApi(api), provider, ControllerOptions(provider_name="aws"), SweepState(), now=0.0)
+    report = await reconcile(PeerPodApi(api), provider, ControllerOptions(provider_name="aws", cluster_id=CLUSTER), SweepState(), now=0.0)
     await provider.close()
     assert report.vms_deleted == [instance_id] and not report.errors
     assert state_of(ec2, instance_id) in ("shutting-down", "terminated")
@@ -75,7 +76,7 @@ async def test_a_vm_whose_peerpod_was_never_written_is_swept_after_its_pod_goes(
     provider, ec2 = ec2_provider
     add_pod("web")
     instance_id = await start_vm(provider, "web")  # killed before the PeerPod was written
-    options = ControllerOptions(provider_name="aws", sweep_grace=30.0)
+    options = ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=30.0)
     state = SweepState()
     await reconcile(PeerPodApi(api), provider, options, state, now=0.0)
     assert state_of(ec2, instance_id) == "running", "its pod is live: the VM stays"
