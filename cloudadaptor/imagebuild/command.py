@@ -64,8 +64,6 @@ def _add_build(sub: Any) -> None:
     build.add_argument("--podvm-files", type=Path, help="the images/podvm directory (provision.py, files/)")
     build.add_argument("--ssh-user", help="AWS: login user on the builder VM (default ec2-user, RHEL's); "
                        "Azure always uses SSH_USERNAME, the VM's admin user")
-    build.add_argument("--ssh-private-key", type=Path, help="Azure: the private key of SSH_PUB_KEY_PATH "
-                       "[SSH_PRIVATE_KEY_PATH] (default: SSH_PUB_KEY_PATH without .pub)")
     build.add_argument("--ssh-cidr", action="append", help="AWS: also allow SSH to the builder VM from this CIDR "
                        "(default: from AWS_SG_IDS only); repeatable")
     build.add_argument("--ssh-endpoint", type=_endpoint, help="reach the builder VM's SSH at HOST:PORT instead of its "
@@ -106,8 +104,7 @@ def make_backend(cloud: str, env: Mapping[str, str], args: argparse.Namespace) -
     from cloudadaptor.providers.azure.client import build_clients
 
     config = dataclasses.replace(azure.load_config(env), polling_interval=poll)
-    key = getattr(args, "ssh_private_key", None) or (Path(env["SSH_PRIVATE_KEY_PATH"]) if env.get("SSH_PRIVATE_KEY_PATH") else None)
-    return azure.AzureImageBackend(config, build_clients(config), private_key=key)
+    return azure.AzureImageBackend(config, build_clients(config))
 
 
 def payload_sha256(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:

@@ -166,6 +166,34 @@ def test_wait_for_ssh_retries_refused_logins_until_the_key_is_installed():
     assert len(vm.refused) == 2 and len(vm.logins) == 1
 
 
+def test_a_pinned_host_key_is_required_and_any_other_is_refused_before_login():
+    from cloudadaptor.imagebuild import buildkeys
+
+    key = paramiko.RSAKey.generate(2048)
+    with FakeSshHost() as vm:
+        host = wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key, vm.host_key), timeout=10, interval=0.01)
+        host.close()
+        assert len(vm.logins) == 1, "the right host key: logged in"
+        with pytest.raises(SshUnavailable, match="is not the one this build gave the VM"):
+            wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key, buildkeys.new_host_key()), timeout=0.5, interval=0.05)
+        with pytest.raises(SshUnavailable, match="host key"):  # another key type than the pinned one
+            wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key, paramiko.RSAKey.generate(1024)), timeout=0.5, interval=0.05)
+    assert len(vm.logins) == 1, "no login with a wrong host key"
+
+
+def test_the_host_key_cloud_config_installs_only_the_builds_key():
+    import yaml
+
+    from cloudadaptor.imagebuild import buildkeys
+
+    key = buildkeys.new_host_key()
+    document = yaml.safe_load(buildkeys.host_key_cloud_config(key))
+    assert document["ssh_deletekeys"] is True and document["ssh_genkeytypes"] == []
+    assert document["ssh_keys"]["ecdsa_public"] == buildkeys.public_line(key)
+    installed = paramiko.ECDSAKey.from_private_key(__import__("io").StringIO(document["ssh_keys"]["ecdsa_private"]))
+    assert installed.fingerprint == key.fingerprint
+
+
 def test_wait_for_ssh_gives_up_at_its_timeout_naming_the_endpoint_and_the_last_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
