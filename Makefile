@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test protos lint clean
+.PHONY: demo test protos duplicates clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 ## Regenerate cloudadaptor/protocols from protos/.
 protos: $(STAMP)
 	$(BIN)/python -m cloudadaptor.protocols.generate
+
+## Repeated code across the tree (the library's `duplicates` command), without the generated *_pb2 modules.
+duplicates:
+	tmp=$$(mktemp -d) && git ls-files -z | grep -zv '_pb2\.pyi\?$$' | xargs -0 cp --parents -t "$$tmp" && \
+	duplicates --repo "$$tmp" --most 40 --seconds 120; rm -rf "$$tmp"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

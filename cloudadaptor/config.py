@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from cloudadaptor import wire
+from cloudadaptor import initdata, wire
+from cloudadaptor.initdata import InitData
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
     DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
@@ -56,6 +57,7 @@ class Key:
     required: bool = False
     secret: bool = False
     help: str = ""
+    show: Callable[[str], str] | None = None  # what config check prints for a set secret (default <hidden>)
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,8 @@ class Settings:
     grpc_endpoint: str | None = None
     node_name: str = field(default_factory=_socket.gethostname)
     log_level: str = "info"
-    provider_env: Mapping[str, str] = field(
-        default_factory=dict, repr=False, compare=False, hash=False
-    )
+    initdata: InitData | None = field(default=None, repr=False)  # INITDATA, decoded and checked
+    provider_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @property
     def operator_tls(self) -> bool:
@@ -248,8 +249,9 @@ def common_keys() -> tuple[Key, ...]:
         Key("GRPC_ENDPOINT", _parse_grpc_endpoint, help="optional host:port for the gRPC binding"),
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
         Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
-        *(Key(name, str, secret=True, help="credential (provider)")
-          for name in COMMON_SECRET_KEYS),
+        Key("INITDATA", initdata.parse_setting, None, secret=True, show=initdata.summary,
+            help="default initdata for every pod: base64 of gzip or plain TOML (the pod annotation overrides)"),
+        *(Key(name, str, secret=True, help="credential (provider)") for name in COMMON_SECRET_KEYS),
     )
 
 
@@ -389,7 +391,7 @@ def check(
         if text is None:
             rows.append((key.name, _display(key, key.default), "default"))
             continue
-        shown = HIDDEN if key.secret else text
+        shown = (key.show(text) if key.show else HIDDEN) if key.secret else text
         rows.append((key.name, shown, "flag" if key.name in flagged else "env"))
     unique: dict[str, Problem] = {}
     for problem in [*common_problems, *problems, *provider_problems]:

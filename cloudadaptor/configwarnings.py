@@ -28,7 +28,6 @@ GO_KEYS: Mapping[str, str] = {
     "EXTERNAL_NETWORK_VIA_PODVM": "not supported (experimental in Go): pod traffic leaves through the worker",
     "POD_SUBNET_CIDRS": "not supported (goes with EXTERNAL_NETWORK_VIA_PODVM)",
     "FORWARDER_PORT": "not configurable: the forwarder listens on 15150 (wire.AGENT_PORT)",
-    "INITDATA": "not supported as a default: give initdata per pod (io.katacontainers.config.hypervisor.cc_init_data)",
     "PAUSE_IMAGE": "not used: the pod VM image brings its own pause image",
     "REMOTE_HYPERVISOR_ENDPOINT": "renamed: use SOCKET",
     "TLS_CIPHER_SUITES": "not configurable: the TLS library's defaults for TLS_MIN_VERSION are used",

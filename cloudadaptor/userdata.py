@@ -7,7 +7,9 @@ The adaptor hands each pod VM a ``#cloud-config`` document whose
   (``cloudadaptor.podconfig.ForwarderConfig``: pod network, pod name, TLS
   server material), mode 0600;
 - ``/run/peerpod/auth.json``: registry credentials (optional), mode 0600;
-- ``/run/peerpod/initdata``: the pod's ``cc_init_data`` (optional).
+- ``/run/peerpod/initdata``: the pod's initdata as given (base64 of gzip or
+  plain TOML; ``cloudadaptor.initdata``), optional, mode 0600; process-user-data
+  unpacks its entries and digest next to it.
 
 Clouds cap user data (``cloudadaptor.wire``: AWS 16 KiB, Azure 64 KiB):
 ``check_size`` refuses clearly instead of letting the cloud API fail obscurely.
@@ -38,7 +40,7 @@ INITDATA_PATH = "/run/peerpod/initdata"
 ALLOWED_PATHS = frozenset({APF_CONFIG_PATH, AUTH_JSON_PATH, INITDATA_PATH})
 
 # Mode written for each allowed path when the user data does not say.
-DEFAULT_PERMISSIONS = {APF_CONFIG_PATH: "0600", AUTH_JSON_PATH: "0600", INITDATA_PATH: "0644"}
+DEFAULT_PERMISSIONS = {APF_CONFIG_PATH: "0600", AUTH_JSON_PATH: "0600", INITDATA_PATH: "0600"}
 
 CLOUD_CONFIG_HEADER = "#cloud-config"
 

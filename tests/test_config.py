@@ -369,3 +369,30 @@ def test_a_key_shared_with_the_provider_is_listed_once_and_still_checked(monkeyp
                             "PODVM_INSTANCE_TYPES": "t3.small"})
     assert [r[0] for r in rows].count("PODVM_INSTANCE_TYPE") == 1
     assert [p.key for p in problems] == ["PODVM_INSTANCE_TYPE"], "check must refuse what serve refuses"
+
+
+def test_initdata_is_parsed_once_and_config_check_shows_its_digest_never_its_content():
+    import base64
+    import gzip
+    import hashlib
+
+    document = b'version = "0.1.0"\nalgorithm = "sha256"\n[data]\n"cdh.toml" = "kbs_token = \'s3cr3t-token\'"\n'
+    encoded = base64.b64encode(gzip.compress(document)).decode()
+    s = load_settings(env(INITDATA=encoded))
+    assert s.initdata is not None and s.initdata.document == document
+    assert "s3cr3t" not in repr(s)
+    rows = {key: (value, source) for key, value, source in effective_settings(env(INITDATA=encoded))}
+    assert rows["INITDATA"] == (f"<set, sha256 {hashlib.sha256(document).hexdigest()}>", "env")
+    assert "s3cr3t" not in repr(rows) and encoded not in repr(rows)
+    assert {k: v for k, v, _ in effective_settings(env())}["INITDATA"] == "<unset>"
+
+
+def test_bad_initdata_is_a_config_problem_naming_the_part_not_the_value():
+    import base64
+
+    bad = base64.b64encode(b'version = "0.1.0"\nalgorithm = "md4"\n# s3cr3t\n').decode()
+    with pytest.raises(ConfigError) as info:
+        load_settings(env(INITDATA=bad))
+    message = str(info.value)
+    assert "INITDATA" in message and "'algorithm' is not one of" in message, message
+    assert bad not in message and "s3cr3t" not in message

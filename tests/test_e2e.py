@@ -105,6 +105,8 @@ async def test_two_pods_run_commands_in_their_own_vm_podns(daemon_factory, make_
     started = await asyncio.gather(*(start_pod(shim, f"web-{i}", "e2e", pod.path) for i, pod in enumerate(pods)))
     outputs = []
     for run, create_s, start_s in started:
+        assert run.guest is not None and run.guest.agent_details.version.startswith("devagent "), (
+            "GetGuestDetails went through the adaptor and the forwarder to the VM's agent")
         result = await run.exec(["sh", "-c", "readlink /proc/self/ns/net; echo from-vm >&2; exit 3"])
         assert result.exit_code == 3 and result.stderr == b"from-vm\n", result
         outputs.append(result.stdout.strip())
@@ -162,3 +164,52 @@ async def test_restarted_daemon_keeps_serving_a_running_pod(daemon_factory, make
         assert await again.provider.list_owned({}) == []
     finally:
         await again.close()
+
+
+_INITDATA_DOC = b'''version = "0.1.0"
+algorithm = "sha384"
+
+[data]
+"aa.toml" = \'\'\'
+[token_configs.kbs]
+url = "https://198.51.100.80:8080"
+\'\'\'
+"cdh.toml" = \'\'\'
+socket = "unix:///run/confidential-containers/cdh.sock"
+\'\'\'
+"policy.rego" = \'\'\'
+package agent_policy
+default ExecProcessRequest := true
+\'\'\'
+'''
+
+
+async def test_initdata_reaches_the_vm_unpacked_with_its_digest_and_a_pod_without_gets_nothing(
+        daemon_factory, make_pod_netns):
+    import base64
+    import gzip
+    import hashlib
+    import tomllib
+
+    _, socket_path = await daemon_factory()
+    shim = ShimEmulator(socket_path)
+    pods = [await asyncio.to_thread(make_pod_netns, f"198.51.100.{30 + i}/24", "198.51.100.1") for i in range(2)]
+    encoded = base64.b64encode(gzip.compress(_INITDATA_DOC)).decode()
+    (with_init, _, _), (without, _, _) = await asyncio.gather(
+        start_pod(shim, "coco", "e2e", pods[0].path,
+                  annotations={"io.katacontainers.config.hypervisor.cc_init_data": encoded}),
+        start_pod(shim, "plain", "e2e", pods[1].path))
+    entries = tomllib.loads(_INITDATA_DOC.decode())["data"]
+    for name in ("aa.toml", "cdh.toml", "policy.rego"):
+        result = await with_init.exec(["cat", f"/run/peerpod/{name}"])
+        assert result.exit_code == 0 and result.stdout.decode() == entries[name], (name, result)
+    digest = await with_init.exec(["cat", "/run/peerpod/initdata.digest"])
+    assert digest.stdout.decode() == hashlib.sha384(_INITDATA_DOC).hexdigest(), digest
+    modes = await with_init.exec(["stat", "-c", "%n %a", "/run/peerpod/aa.toml", "/run/peerpod/initdata.digest"])
+    assert modes.stdout.decode().split("\n")[:2] == ["/run/peerpod/aa.toml 600", "/run/peerpod/initdata.digest 644"]
+    listing = await without.exec(["ls", "/run/peerpod"])
+    assert listing.exit_code == 0, listing
+    assert set(listing.stdout.decode().split()) & {"initdata", "aa.toml", "cdh.toml", "policy.rego",
+                                                   "initdata.digest"} == set(), listing.stdout
+    for run in (with_init, without):
+        await stop_pod(shim, run)

@@ -28,6 +28,12 @@ def test_wire_field_numbers():
     assert _numbers(agent_pb2.Spec)["Linux"] == 8
     assert _numbers(agent_pb2.Linux) == {"CgroupsPath": 5, "Namespaces": 6}
     assert _numbers(agent_pb2.CreateSandboxRequest)["dns"] == 2
+    assert _numbers(agent_pb2.GuestDetailsRequest) == {"mem_block_size": 1, "mem_hotplug_probe": 2}
+    assert _numbers(agent_pb2.GuestDetailsResponse) == {
+        "mem_block_size_bytes": 1, "agent_details": 2, "support_mem_hotplug_probe": 3}
+    assert _numbers(agent_pb2.AgentDetails) == {
+        "version": 1, "init_daemon": 2, "device_handlers": 3, "storage_handlers": 4,
+        "supports_seccomp": 5, "extra_features": 6}
     assert _numbers(agent_pb2.ReadStreamRequest) == {"container_id": 1, "exec_id": 2, "len": 3}
 
 

@@ -116,12 +116,14 @@ class Daemon:
                 vxlan_port=settings.vxlan_port,
                 vxlan_min_id=settings.vxlan_min_id,
                 vm_limit=settings.peerpods_limit_per_node,
+                initdata=settings.initdata,
             ),
             store=self._store,
             provider=self.provider,
             pod_network=self.pod_network,
             tls=tls,
             observer=self._k8s.tracker if self._k8s else None,
+            credentials=self._k8s.credentials if self._k8s else None,
         )
         await self.lifecycle.recover()
         service = HypervisorService(self.lifecycle)

@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from cloudadaptor import podconfig, userdata
-from cloudadaptor.adaptor import recovery
+from cloudadaptor import podconfig
+from cloudadaptor.adaptor import podvmdata, recovery
 from cloudadaptor.adaptor.errors import LifecycleError
-from cloudadaptor.adaptor.hooks import NoopObserver, SandboxObserver
+from cloudadaptor.adaptor.hooks import NoCredentials, NoopObserver, PodCredentials, SandboxObserver
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
+from cloudadaptor.initdata import InitData
 from cloudadaptor.adaptor.validation import (
     AGENT_SOCKET_NAME,
-    ANN_INITDATA,
     ANN_POD_NAME,
     ANN_POD_NAMESPACE,
     MAX_UNIX_PATH,
@@ -61,6 +61,7 @@ class LifecycleOptions:
     vxlan_port: int = VXLAN_PORT
     vxlan_min_id: int = VXLAN_MIN_ID
     vm_limit: int | None = None  # PEERPODS_LIMIT_PER_NODE: pod VMs this node may run
+    initdata: InitData | None = None  # INITDATA: every pod's default (its annotation overrides)
 
 
 ProxyFactory = Callable[[str, AgentEndpoint], AgentProxy]
@@ -77,6 +78,7 @@ class SandboxLifecycle:
         tls: AdaptorTls | None,
         proxy_factory: ProxyFactory = AgentProxy,
         observer: SandboxObserver | None = None,
+        credentials: PodCredentials | None = None,
     ) -> None:
         self.options = options
         self.store = store
@@ -85,6 +87,7 @@ class SandboxLifecycle:
         self.tls = tls
         self._proxy_factory = proxy_factory
         self.observer = observer or NoopObserver()
+        self.credentials = credentials or NoCredentials()
         self._proxies: dict[str, AgentProxy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting: dict[str, asyncio.Future[None]] = {}
@@ -99,7 +102,7 @@ class SandboxLifecycle:
 
         Idempotent: a repeated call with the same id returns the same path and
         creates nothing new. Blocks only on local work (no cloud calls).
-        A netns that is not one is INVALID_ARGUMENT; one without a pod
+        A netns that is not one, or bad initdata, is INVALID_ARGUMENT; one without a pod
         interface, or no worker address for the tunnel, FAILED_PRECONDITION.
         """
         validate_sandbox_id(sandbox_id)
@@ -107,6 +110,7 @@ class SandboxLifecycle:
         spec_errors = annotation_problems(annotations)
         if spec_errors:
             raise LifecycleError(Code.INVALID_ARGUMENT, "; ".join(spec_errors))
+        init = podvmdata.pod_initdata(annotations, self.options.initdata)
         async with self._lock(sandbox_id):
             existing = self.store.get(sandbox_id)
             if existing is not None:
@@ -124,6 +128,7 @@ class SandboxLifecycle:
                 )
             pod = await self.network.inspect(netns_path)
             worker_ip = await self.network.worker_ip(self.provider)
+            auth = await self.credentials.registry_auth(pod_namespace, pod_name)
             # No await from here to store.add: the VNI stays free until recorded.
             try:
                 vni = self.store.next_free_vni(self.options.vxlan_min_id)
@@ -138,7 +143,7 @@ class SandboxLifecycle:
                 vm_name=vm_name,
                 agent_socket=str(pod_dir / AGENT_SOCKET_NAME),
                 annotations=dict(annotations),
-                user_data=self._render_user_data(sandbox_id, pod_name, pod_namespace, vm_name, annotations, network),
+                user_data=self._render_user_data(sandbox_id, pod_name, pod_namespace, vm_name, network, init, auth),
                 vni=vni,
                 pod_network=network,
             )
@@ -149,10 +154,8 @@ class SandboxLifecycle:
             await self._notify()
             return sandbox.agent_socket
 
-    def _render_user_data(
-        self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str, annotations: Mapping[str, str],
-        network: podconfig.PodNetworkConfig,
-    ) -> str:
+    def _render_user_data(self, sandbox_id: str, pod_name: str, pod_namespace: str, vm_name: str,
+                          network: podconfig.PodNetworkConfig, init: InitData | None, auth: bytes | None) -> str:
         config = podconfig.ForwarderConfig(
             sandbox_id=sandbox_id,
             pod_name=pod_name,
@@ -162,10 +165,7 @@ class SandboxLifecycle:
             tls_min_version=self.options.tls_min_version,
             network=network,
         )
-        files = {userdata.APF_CONFIG_PATH: config.to_json()}
-        if annotations.get(ANN_INITDATA):
-            files[userdata.INITDATA_PATH] = annotations[ANN_INITDATA]
-        return userdata.render(files)
+        return podvmdata.render(config.to_json(), init, auth, self.provider.user_data_limit(), f"{pod_namespace}/{pod_name}")
 
     # ------------------------------------------------------------------- StartVM
     async def start(self, sandbox_id: str) -> None:

@@ -1,7 +1,7 @@
 """What the shim's requests carry, checked: sandbox ids, netns paths, annotations,
 and what is derived from them (VM names, idempotency tokens, the instance spec).
 
-Pure functions, no I/O beyond ``os.path.exists``; a refusal is a
+Pure functions, no I/O beyond ``os.path.exists`` and ``os.stat``; a refusal is a
 ``LifecycleError`` with ``INVALID_ARGUMENT`` whose message says what was
 expected, so the shim's user sees it.
 """
@@ -57,6 +57,38 @@ def validate_netns_path(path: str) -> None:
         raise LifecycleError(Code.INVALID_ARGUMENT, f"networkNamespacePath {path!r} must be an absolute path")
     if not os.path.exists(path):
         raise LifecycleError(Code.INVALID_ARGUMENT, f"networkNamespacePath {path!r} does not exist")
+    node_ns = _node_namespace_named(path)
+    if node_ns:
+        # StartVM would move the pod's interface into a VXLAN: on the node's own namespace that
+        # takes the node's network away. Compared by identity, so any spelling or bind mount is caught.
+        raise LifecycleError(
+            Code.INVALID_ARGUMENT,
+            f"networkNamespacePath {path!r} is {node_ns}, not a pod's own network namespace; "
+            "expected the namespace CNI made for the pod (e.g. /run/netns/cni-...)",
+        )
+
+
+# The node's namespaces a pod must never be given: the adaptor's own and PID 1's.
+_NODE_NAMESPACES = (("/proc/self/ns/net", "the adaptor's own network namespace"),
+                    ("/proc/1/ns/net", "the network namespace of PID 1 (the node's)"))
+
+
+def _node_namespace_named(path: str) -> str | None:
+    """Which node namespace ``path`` is (same device and inode), or None.
+
+    A namespace we may not stat (PID 1's in a container) cannot be compared and is skipped."""
+    try:
+        given = os.stat(path)
+    except OSError:
+        return None
+    for node_path, description in _NODE_NAMESPACES:
+        try:
+            node = os.stat(node_path)
+        except OSError:
+            continue
+        if (given.st_dev, given.st_ino) == (node.st_dev, node.st_ino):
+            return description
+    return None
 
 
 _NAME_CHARS = re.compile(r"[^a-z0-9-]+")

@@ -67,6 +67,14 @@ EOF_MESSAGE = "read meet eof"
 DEFAULT_READ = 32 * 1024
 MAX_READ = 1024 * 1024  # stays well under the 4 MiB ttrpc message limit
 KILL_WAIT = 5.0
+# Where kata-agent reads the guest's memory facts (rpc.rs get_memory_info): the block size as hex,
+# and hotplug-by-probe support as the probe file's existence.
+MEMORY_BLOCK_SIZE_PATH = "/sys/devices/system/memory/block_size_bytes"
+MEMORY_HOTPLUG_PROBE_PATH = "/sys/devices/system/memory/probe"
+# kata-agent 3.x answers an empty device-handler list (rpc.rs get_agent_details); the development
+# agent has no devices or storages either, so both lists stay empty rather than claim support.
+DEVICE_HANDLERS: tuple[str, ...] = ()
+STORAGE_HANDLERS: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -91,6 +99,20 @@ def network_namespace(spec: agent_pb2.Spec) -> str | None:
     return path
 
 
+def memory_block_size(path: str) -> int:
+    """The memory block size in bytes from ``path`` (hex, as sysfs writes it); 0 when the file is
+    absent (kata-agent does the same); INTERNAL when it cannot be parsed."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return 0
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise TtrpcError(Code.INTERNAL, f"invalid memory block size in {path}: {text[:32]!r}") from None
+
+
 class DevAgent:
     """The agent's state and RPC implementations; ``register`` binds them to a server."""
 
@@ -106,6 +128,7 @@ class DevAgent:
         methods = {
             "CreateSandbox": (agent_pb2.CreateSandboxRequest, self.create_sandbox),
             "DestroySandbox": (agent_pb2.DestroySandboxRequest, self.destroy_sandbox),
+            "GetGuestDetails": (agent_pb2.GuestDetailsRequest, self.get_guest_details),
             "CreateContainer": (agent_pb2.CreateContainerRequest, self.create_container),
             "StartContainer": (agent_pb2.StartContainerRequest, self.start_container),
             "RemoveContainer": (agent_pb2.RemoveContainerRequest, self.remove_container),
@@ -140,6 +163,17 @@ class DevAgent:
         await self.kill_everything()
         log.info("sandbox %s destroyed", self.sandbox_id)
         return empty_pb2.Empty()
+
+    async def get_guest_details(self, req: agent_pb2.GuestDetailsRequest, ctx: CallContext) -> agent_pb2.GuestDetailsResponse:
+        """As kata-agent: memory facts only when asked, agent details always."""
+        reply = agent_pb2.GuestDetailsResponse(agent_details=agent_pb2.AgentDetails(
+            version=AGENT_VERSION, init_daemon=os.getpid() == 1,
+            device_handlers=DEVICE_HANDLERS, storage_handlers=STORAGE_HANDLERS, supports_seccomp=False))
+        if req.mem_block_size:
+            reply.mem_block_size_bytes = memory_block_size(MEMORY_BLOCK_SIZE_PATH)
+        if req.mem_hotplug_probe:
+            reply.support_mem_hotplug_probe = os.path.exists(MEMORY_HOTPLUG_PROBE_PATH)
+        return reply
 
     async def kill_everything(self) -> None:
         """Kill and reap every process of every container; forget the containers."""

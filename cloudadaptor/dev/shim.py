@@ -4,7 +4,8 @@
   StartVM with ``max(10 s, remote_hypervisor_timeout)`` (600 s by default).
 - Every CreateVM carries the annotations the real shim always sends.
 - After StartVM it dials ``agentSocketPath`` (retrying for ~30 s), calls
-  ``grpc.Health/Check``, then ``CreateSandbox`` (300 s), ``CreateContainer``,
+  ``grpc.Health/Check``, then ``CreateSandbox`` (300 s), ``GetGuestDetails``
+  (memory block size and hotplug probe, as ``Sandbox.getAndStoreGuestDetails``), ``CreateContainer``,
   ``StartContainer`` and, for commands, ``ExecProcess`` / ``ReadStdout`` /
   ``ReadStderr`` / ``WaitProcess`` — the calls ``kubectl exec`` turns into.
 """
@@ -118,6 +119,13 @@ class AgentSession:
         request = agent_pb2.CreateSandboxRequest(hostname=hostname, sandbox_id=sandbox_id, dns=dns or ["nameserver 198.51.100.53"])
         await self._agent("CreateSandbox", request, timeout=CREATE_SANDBOX_TIMEOUT)
 
+    async def guest_details(self) -> agent_pb2.GuestDetailsResponse:
+        """GetGuestDetails as the shim asks it right after CreateSandbox (both flags set)."""
+        request = agent_pb2.GuestDetailsRequest(mem_block_size=True, mem_hotplug_probe=True)
+        reply = await self._agent("GetGuestDetails", request, agent_pb2.GuestDetailsResponse)
+        assert isinstance(reply, agent_pb2.GuestDetailsResponse)
+        return reply
+
     async def create_container(self, container_id: str, args: list[str], netns_path: str = "") -> None:
         spec = agent_pb2.Spec(Version="1.1.0", Process=agent_pb2.Process(Args=args, Cwd="/"), Root=agent_pb2.Root(Path="rootfs"))
         # The real shim passes the worker-side netns path; the forwarder in the VM
@@ -171,19 +179,21 @@ class PodRun:
     agent_socket: str
     session: AgentSession
     container_id: str
+    guest: agent_pb2.GuestDetailsResponse | None = None
 
     async def exec(self, args: list[str]) -> ExecResult:
         return await self.session.exec(self.container_id, args)
 
 
-async def start_pod(shim: ShimEmulator, pod_name: str, pod_namespace: str, netns_path: str, sandbox_id: str | None = None) -> tuple[PodRun, float, float]:
-    """CreateVM → StartVM → dial agent → Health.Check → CreateSandbox →
+async def start_pod(shim: ShimEmulator, pod_name: str, pod_namespace: str, netns_path: str, sandbox_id: str | None = None,
+                    annotations: Mapping[str, str] | None = None) -> tuple[PodRun, float, float]:
+    """CreateVM → StartVM → dial agent → Health.Check → CreateSandbox → GetGuestDetails →
     CreateContainer(pause) → StartContainer. Returns the run and the
-    CreateVM/StartVM durations in seconds."""
+    CreateVM/StartVM durations in seconds. ``annotations`` add to (or replace) the shim's defaults."""
     loop = asyncio.get_running_loop()
     sandbox_id = sandbox_id or uuid.uuid4().hex + uuid.uuid4().hex
     began = loop.time()
-    agent_socket = await shim.create_vm(sandbox_id, netns_path, shim_annotations(pod_name, pod_namespace))
+    agent_socket = await shim.create_vm(sandbox_id, netns_path, shim_annotations(pod_name, pod_namespace, annotations))
     created = loop.time()
     try:
         await shim.start_vm(sandbox_id)
@@ -199,13 +209,14 @@ async def start_pod(shim: ShimEmulator, pod_name: str, pod_namespace: str, netns
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"agent health is {status}, expected SERVING")
         await session.create_sandbox(sandbox_id, hostname=pod_name)
+        guest = await session.guest_details()  # the real shim fails the sandbox when this fails
         container_id = sandbox_id  # the pause container carries the sandbox id
         await session.create_container(container_id, ["sleep", "infinity"], netns_path)
         await session.start_container(container_id)
     except BaseException:
         await session.close()
         raise
-    return PodRun(sandbox_id, agent_socket, session, container_id), created - began, started - created
+    return PodRun(sandbox_id, agent_socket, session, container_id, guest), created - began, started - created
 
 
 async def stop_pod(shim: ShimEmulator, run: PodRun) -> None:

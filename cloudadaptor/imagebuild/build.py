@@ -36,6 +36,7 @@ PROVISION = "provisioning (provision.py install)"
 SEAL = "sealing (provision.py seal)"
 CAPTURE = "creating the image"
 CLEANUP = "removing temporary resources"
+PUBLISH = "publishing the gallery image version"
 CONFIGMAP = "updating peer-pods-cm"
 STEPS = (CHECK_INPUTS, CHECK_NAME, LAUNCH, WAIT_SSH, UPLOAD, PROVISION, SEAL, CAPTURE, CLEANUP)
 
@@ -58,19 +59,21 @@ class BuildResult:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-def steps_for(update_configmap: bool) -> list[str]:
-    return [*STEPS, CONFIGMAP] if update_configmap else list(STEPS)
+def steps_for(update_configmap: bool, publish: bool = False) -> list[str]:
+    return [*STEPS, *([PUBLISH] if publish else []), *([CONFIGMAP] if update_configmap else [])]
 
 
 def build_image(backend: ImageBackend, options: BuildOptions, spec: InputSpec, progress: Progress,
-                update_configmap: Callable[[str], None] | None = None) -> BuildResult:
+                update_configmap: Callable[[str], None] | None = None,
+                publish: Callable[[str], str] | None = None) -> BuildResult:
     """Build the image ``options.name`` with ``backend``; the result, or an exception.
 
     Raises ``BuildError`` (incl. ``ImageExists``, ``SshUnavailable``,
     ``ProvisioningFailed``) after removing every temporary resource,
     ``CleanupError`` when some could not be removed, and lets
     ``KeyboardInterrupt``/``Terminated`` through after the clean-up.
-    ``update_configmap(image_id)`` runs last when given.
+    ``publish(image_id)`` (a gallery, ``--gallery``) runs after the build and its
+    result becomes the image id; ``update_configmap(image_id)`` runs last when given.
     """
     with tempfile.TemporaryDirectory(prefix="peerpod-image-") as tmp:
         progress.step(CHECK_INPUTS)
@@ -87,6 +90,9 @@ def build_image(backend: ImageBackend, options: BuildOptions, spec: InputSpec, p
             image_id, reused = existing.id, True
         else:
             image_id, reused = _build(backend, options, inputs, existing, progress), False
+    if publish is not None:
+        progress.step(PUBLISH)
+        image_id = publish(image_id)
     if update_configmap is not None:
         progress.step(CONFIGMAP)
         update_configmap(image_id)

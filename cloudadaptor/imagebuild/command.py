@@ -72,6 +72,9 @@ def _add_build(sub: Any) -> None:
     build.add_argument("--poll-interval", type=_duration, default=5.0, help="between polls of cloud operations (default 5s)")
     build.add_argument("--install-root", default="/", help="where provisioning installs on the builder VM (default /; "
                        "another directory makes an image without the pod VM components: for tests and inspection)")
+    build.add_argument("--gallery", help="Azure: also publish the image as a version (the pod VM version) of an "
+                       "image definition of this Azure Compute Gallery, fit for confidential VMs; prints the "
+                       "version id, for AZURE_IMAGE_ID")
     build.add_argument("--update-configmap", action="store_true",
                        help="put the image id into peer-pods-cm (PODVM_AMI_ID / AZURE_IMAGE_ID)")
     build.add_argument("--namespace", help="namespace of peer-pods-cm (default: POD_NAMESPACE, else "
@@ -151,10 +154,28 @@ def _build(args: argparse.Namespace, env: Mapping[str, str], backend: ImageBacke
             configmap.update(env, namespace, CONFIGMAP_KEYS[args.cloud], image_id)
     payload = args.agent_payload or (env.get("PODVM_AGENT_PAYLOAD") or "").strip() or None
     spec = build.InputSpec(payload, args.wheel, args.podvm_files, payload_sha256(args, env))
-    progress = Progress(build.steps_for(update is not None), err)
-    result = build.build_image(backend, options, spec, progress, update)
+    publish = _gallery_publisher(args, backend, options)
+    progress = Progress(build.steps_for(update is not None, publish is not None), err)
+    result = build.build_image(backend, options, spec, progress, update, publish)
     print(result.image_id, file=out, flush=True)
     return 0
+
+
+def _gallery_publisher(args: argparse.Namespace, backend: ImageBackend,
+                       options: BuildOptions) -> Callable[[str], str] | None:
+    """``--gallery``: publish the built image there (Azure only; refused before anything is built elsewhere)."""
+    gallery = getattr(args, "gallery", None)
+    if not gallery:
+        return None
+    if args.cloud != "azure":
+        raise BuildError("--gallery is for Azure (an Azure Compute Gallery)")
+    from cloudadaptor.imagebuild import azure_gallery
+
+    def publish(image_id: str) -> str:
+        return azure_gallery.publish(backend.clients, backend.config, gallery=gallery,  # type: ignore[attr-defined]
+                                     definition=options.name, image_id=image_id, tags=options.tags,
+                                     replace=options.replace)
+    return publish
 
 
 def _list(args: argparse.Namespace, backend: ImageBackend, out: TextIO) -> int:

@@ -4,6 +4,7 @@
     if k8s is not None:
         await k8s.start()                     # advertises kata.peerpods.io/vm (retried in the background)
         observer = k8s.tracker                # a SandboxObserver for the lifecycle
+        credentials = k8s.credentials         # PodCredentials: the pods' pull secrets
     ...
     await k8s.close()
 
@@ -23,19 +24,21 @@ from cloudadaptor.config import Settings
 from cloudadaptor.k8s.capacity import advertise_vm_capacity
 from cloudadaptor.k8s.client import API_ERRORS, connect, describe
 from cloudadaptor.k8s.peerpods import PeerPodTracker
+from cloudadaptor.k8s.pullsecrets import PullSecretReader
 from cloudadaptor.retry import Backoff, retry_until
 
 log = logging.getLogger(__name__)
 
 
 class NodeIntegration:
-    """The daemon's Kubernetes side: node capacity and the PeerPod tracker."""
+    """The daemon's Kubernetes side: node capacity, the PeerPod tracker and the pull-secret reader."""
 
     def __init__(self, api: k8s.ApiClient, settings: Settings, *, backoff: Backoff = Backoff(initial=1.0, maximum=60.0)) -> None:
         self.api = api
         self.node_name = settings.node_name
         self.limit = settings.peerpods_limit_per_node
         self.tracker = PeerPodTracker(api, node_name=settings.node_name)
+        self.credentials = PullSecretReader(api)
         self._backoff = backoff
         self._advertiser: asyncio.Task[None] | None = None
         self._last_unexpected: str | None = None

@@ -4,7 +4,15 @@ It fetches the user data from the cloud's metadata service (AWS IMDSv2, Azure
 IMDS) or from a file (local provider), parses it as ``#cloud-config`` and
 writes only ``userdata.ALLOWED_PATHS`` under ``--root``, each atomically
 (temp file + rename) with the mode the user data gives (0600 by default for
-apf.json and auth.json). Any other path is logged as refused and skipped.
+apf.json, auth.json and initdata). Any other path is logged as refused and skipped.
+
+When the user data carries ``/run/peerpod/initdata`` it is decoded
+(``cloudadaptor.initdata``) and its ``aa.toml``, ``cdh.toml`` and
+``policy.rego`` entries are written next to it (0600), with
+``initdata.digest`` (0644): the hex digest of the TOML document with its
+``algorithm``, as the Go adaptor writes it. Without initdata none of these
+files is written. Initdata that cannot be decoded fails the run (exit 1)
+before any of its files is written.
 
 Fetching retries with backoff until ``--deadline``; then it prints one line
 naming the source and the last failure and exits 1. User data that arrives
@@ -27,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cloudadaptor import userdata
+from cloudadaptor import initdata, userdata
 from cloudadaptor.files import write_atomic
 from cloudadaptor.config import parse_duration
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_call
@@ -170,6 +178,30 @@ def write_files(entries: Sequence[userdata.WriteFile], root: Path) -> list[Path]
     return written
 
 
+DIGEST_NAME = "initdata.digest"
+DATA_MODE, DIGEST_MODE = 0o600, 0o644
+
+
+def initdata_files(entries: Sequence[userdata.WriteFile]) -> dict[str, tuple[bytes, int]]:
+    """{path: (content, mode)} unpacked from the user data's initdata; empty without one.
+
+    Pure (nothing written), so bad initdata fails the run before any file is:
+    raises ``initdata.InitDataError`` naming the part."""
+    given = [entry for entry in entries if entry.path == userdata.INITDATA_PATH]
+    if not given:
+        return {}
+    doc = initdata.decode(given[-1].content, userdata.INITDATA_PATH)  # a later entry wins, as in write_files
+    directory = userdata.INITDATA_PATH.rsplit("/", 1)[0]
+    files = {f"{directory}/{name}": (doc.data[name].encode("utf-8"), DATA_MODE)
+             for name in initdata.DATA_FILES if name in doc.data}
+    ignored = sorted(set(doc.data) - set(initdata.DATA_FILES))
+    if ignored:
+        log.warning("initdata entries not unpacked (only %s are): %s", ", ".join(initdata.DATA_FILES), ", ".join(ignored))
+    files[f"{directory}/{DIGEST_NAME}"] = (doc.digest_hex().encode("ascii"), DIGEST_MODE)
+    log.info("initdata (%s) unpacks to %s", doc.algorithm, ", ".join(sorted(files)))
+    return files
+
+
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--source", choices=SOURCES, default="auto",
                         help="where the user data comes from (auto: aws, then azure)")
@@ -207,7 +239,14 @@ def run(args: argparse.Namespace) -> int:
     except userdata.UserDataError as exc:
         return _fail(f"user data from {source}: {exc}")
     try:
+        unpacked = initdata_files(entries)
+    except initdata.InitDataError as exc:
+        return _fail(str(exc))
+    try:
         write_files(entries, Path(args.root))
+        for path, (content, mode) in unpacked.items():
+            write_atomic(Path(args.root) / path.lstrip("/"), content, mode)
+            log.info("wrote %s", path)
     except OSError as exc:
         return _fail(f"cannot write user data files: {exc}")
     if userdata.APF_CONFIG_PATH not in {entry.path for entry in entries}:

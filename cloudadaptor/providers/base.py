@@ -129,6 +129,11 @@ class Provider(Protocol):
         worker's VXLAN address can be the source of its route there."""
         ...
 
+    def user_data_limit(self) -> int | None:
+        """The most user data bytes this cloud accepts (None: no limit), so CreateVM can
+        refuse or trim what does not fit before any VM exists."""
+        ...
+
 
 class ProviderClass(Protocol):
     """What an entry point of ``cloudadaptor.providers`` loads: a provider class
@@ -151,6 +156,10 @@ class ProviderBase:
 
     def network_hint(self) -> str | None:
         """No hint: the worker address follows the default route."""
+        return None
+
+    def user_data_limit(self) -> int | None:
+        """No limit of its own."""
         return None
 
     async def close(self) -> None:

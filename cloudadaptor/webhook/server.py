@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from cloudadaptor.webhook.mutate import BadReview, MutationOptions, admission_response
+from cloudadaptor.wire import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class CertificateReloader:
     def __init__(self, cert_file: Path, key_file: Path) -> None:
         self.cert_file, self.key_file = cert_file, key_file
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.minimum_version = TLS_VERSIONS[DEFAULT_TLS_MIN_VERSION]
         self._stamp = self._mtimes()
         self.context.load_cert_chain(cert_file, key_file)
 

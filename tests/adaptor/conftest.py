@@ -38,6 +38,7 @@ class FakeProvider:
     created: list[InstanceSpec] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     fail_create: str | None = None
+    limit: int | None = None  # user_data_limit(): None as the local provider, a number as a cloud
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     async def verify(self) -> list[str]:
@@ -69,6 +70,9 @@ class FakeProvider:
 
     def network_hint(self) -> str | None:
         return None
+
+    def user_data_limit(self) -> int | None:
+        return self.limit
 
 
 # Checked by mypy (tests/test_lint.py): the fakes must keep satisfying the protocols they stand in for.
@@ -204,16 +208,19 @@ async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvi
     made: list[tuple[SandboxLifecycle, SandboxStore]] = []
 
     def make(agent_port: int, proxy_timeout: float = 5.0, vm_limit: int | None = None, observer=None,
-             proxy_factory: ProxyFactory = AgentProxy, cluster_id: str = "cluster-a") -> SandboxLifecycle:
+             proxy_factory: ProxyFactory = AgentProxy, initdata=None, credentials=None,
+             cluster_id: str = "cluster-a") -> SandboxLifecycle:
         store = SandboxStore(tmp_path / "state" / "state.db")
         lifecycle = SandboxLifecycle(
-            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", cluster_id=cluster_id, proxy_timeout=proxy_timeout,
-                                     agent_port=agent_port, vm_limit=vm_limit),
+            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", cluster_id=cluster_id,
+                                     proxy_timeout=proxy_timeout, agent_port=agent_port, vm_limit=vm_limit,
+                                     initdata=initdata),
             store=store,
             provider=provider,
             pod_network=pod_network,
             tls=None,
             observer=observer,
+            credentials=credentials,
             proxy_factory=proxy_factory,
         )
         made.append((lifecycle, store))

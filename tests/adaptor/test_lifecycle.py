@@ -58,14 +58,18 @@ async def test_repeated_createvm_keeps_one_sandbox(lifecycle_factory, netns_file
 
 
 async def test_createvm_renders_user_data_with_forwarder_config(lifecycle_factory, netns_file):
-    from cloudadaptor import podconfig, userdata
+    import base64
 
+    from cloudadaptor import initdata, podconfig, userdata
+
+    document = b'version = "0.1.0"\nalgorithm = "sha256"\n[data]\n"aa.toml" = "x"\n'
+    plain = base64.b64encode(document).decode()
     lifecycle = lifecycle_factory(agent_port=1)
-    await lifecycle.create(SANDBOX, shim_annotations("web", "prod", {"io.katacontainers.config.hypervisor.cc_init_data": "aW5pdA=="}), netns_file)
+    await lifecycle.create(SANDBOX, shim_annotations("web", "prod", {"io.katacontainers.config.hypervisor.cc_init_data": plain}), netns_file)
     files = userdata.parse(lifecycle.store.get(SANDBOX).user_data)
     config = podconfig.ForwarderConfig.from_json(files[userdata.APF_CONFIG_PATH])
     assert (config.sandbox_id, config.pod_name, config.pod_namespace) == (SANDBOX, "web", "prod")
-    assert files[userdata.INITDATA_PATH] == "aW5pdA=="
+    assert initdata.decode(files[userdata.INITDATA_PATH]).document == document, "the VM gets the same document"
 
 
 async def test_startvm_creates_tagged_vm_and_serves_agent_socket(lifecycle_factory, provider, agent, netns_file):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
@@ -101,3 +104,34 @@ async def test_grpc_binding_serves_the_same_service_and_health(service, netns_fi
             assert provider.instances == {}
     finally:
         await binding.close()
+
+
+def _node_namespace_spellings() -> list[str]:
+    """Paths naming the node's (here: this process's) network namespace, spelled differently."""
+    return ["/proc/self/ns/net", f"/proc/{os.getpid()}/ns/net", "/proc/thread-self/ns/net"]
+
+
+async def test_an_independent_clients_createvm_with_the_nodes_namespace_is_refused(socket_path, provider):
+    for path in _node_namespace_spellings():
+        async with await Client.connect_unix(socket_path) as client:
+            request = hv.CreateVMRequest(id=SANDBOX, annotations={}, networkNamespacePath=path)
+            with pytest.raises(TtrpcError) as err:
+                await client.call_message("hypervisor.Hypervisor", "CreateVM", request, hv.CreateVMResponse)
+        assert err.value.code == Code.INVALID_ARGUMENT, (path, err.value)
+        assert path in err.value.message and "not a pod's own network namespace" in err.value.message, err.value.message
+    assert provider.instances == {}
+
+
+async def test_a_bind_mount_of_the_nodes_namespace_is_refused_by_identity(private_ns, socket_path, short_dir, provider):
+    target = short_dir / "looks-like-a-pod-netns"
+    target.touch()
+    # Test code may use mount(8); the bind mount lives in the test's private mount namespace.
+    subprocess.run(["mount", "--bind", "/proc/self/ns/net", str(target)], check=True)
+    try:
+        with pytest.raises(TtrpcError) as err:
+            await ShimEmulator(socket_path).create_vm(SANDBOX, str(target), shim_annotations("web", "prod"))
+        assert err.value.code == Code.INVALID_ARGUMENT and str(target) in err.value.message, err.value
+        assert "adaptor's own network namespace" in err.value.message, err.value.message
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert provider.instances == {}

@@ -101,6 +101,38 @@ async def test_health_check_is_serving_and_version_names_the_devagent(agent: Age
     assert version.agent_version == devagent.AGENT_VERSION and version.agent_version.startswith("devagent ")
 
 
+async def _guest_details(agent: Agent, **flags: bool) -> agent_pb2.GuestDetailsResponse:
+    return await agent.call("GetGuestDetails", agent_pb2.GuestDetailsRequest(**flags), agent_pb2.GuestDetailsResponse)
+
+
+async def test_guest_details_answer_the_memory_facts_the_shim_asks_for(agent: Agent, tmp_path: Path, monkeypatch):
+    block, probe = tmp_path / "block_size_bytes", tmp_path / "probe"
+    block.write_text("8000000\n")  # sysfs writes hex: 128 MiB
+    probe.write_text("")
+    monkeypatch.setattr(devagent, "MEMORY_BLOCK_SIZE_PATH", str(block))
+    monkeypatch.setattr(devagent, "MEMORY_HOTPLUG_PROBE_PATH", str(probe))
+    reply = await _guest_details(agent, mem_block_size=True, mem_hotplug_probe=True)
+    assert (reply.mem_block_size_bytes, reply.support_mem_hotplug_probe) == (128 << 20, True), reply
+    details = reply.agent_details
+    assert details.version == devagent.AGENT_VERSION and details.init_daemon is False, details
+    assert list(details.device_handlers) == [] and details.supports_seccomp is False, details
+    unasked = await _guest_details(agent)
+    assert (unasked.mem_block_size_bytes, unasked.support_mem_hotplug_probe) == (0, False), "facts only when asked"
+    assert unasked.agent_details.version == devagent.AGENT_VERSION, "agent details always"
+
+
+async def test_guest_details_without_sysfs_files_and_with_a_garbled_one(agent: Agent, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(devagent, "MEMORY_BLOCK_SIZE_PATH", str(tmp_path / "absent"))
+    monkeypatch.setattr(devagent, "MEMORY_HOTPLUG_PROBE_PATH", str(tmp_path / "absent-probe"))
+    reply = await _guest_details(agent, mem_block_size=True, mem_hotplug_probe=True)
+    assert (reply.mem_block_size_bytes, reply.support_mem_hotplug_probe) == (0, False), reply
+    (tmp_path / "garbled").write_text("not hex")
+    monkeypatch.setattr(devagent, "MEMORY_BLOCK_SIZE_PATH", str(tmp_path / "garbled"))
+    with pytest.raises(TtrpcError) as err:
+        await _guest_details(agent, mem_block_size=True)
+    assert err.value.code == Code.INTERNAL and "invalid memory block size" in err.value.message, err.value
+
+
 async def test_unimplemented_methods_are_answered_unimplemented(agent: Agent):
     with pytest.raises(TtrpcError) as err:
         await agent.client.call(AGENT, "PullImage", b"")

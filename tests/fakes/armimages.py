@@ -11,7 +11,13 @@ module (the base fake belongs to the Azure provider's tests):
   ``sourceVirtualMachine``): refused unless the VM exists and is
   generalized; the image gets the VM's OS disk as its source;
 - marketplace image references (``publisher``/``offer``/``sku``/``version``)
-  for the images registered with ``add_marketplace_image``.
+  for the images registered with ``add_marketplace_image``;
+- Azure Compute Gallery resources (PUT/GET/DELETE with the long-running
+  operation headers of the base): ``galleries/<g>``, image definitions
+  ``galleries/<g>/images/<d>`` (a ``ConfidentialVmSupported`` feature demands
+  Hyper-V V2, as ARM does) and image versions ``.../versions/<v>`` (Major.Minor.Patch;
+  ``storageProfile.source.id`` must be a managed image whose OS state matches
+  the definition's). The parent must exist (404 otherwise).
 
 Faults work as in the base (``fail_next("POST", "deallocate")``,
 ``fail_next("PUT", "images", lro=True)``...).
@@ -19,6 +25,7 @@ Faults work as in the base (``fail_next("POST", "deallocate")``,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +86,28 @@ class ImageArmState(ArmState):
             return
         super()._check_image(ref)
 
+    def _put_galleries(self, path: Path, gallery: Json, existing: Json | None) -> None:
+        self._check_location(gallery)
+
+    def _put_versions(self, path: Path, version: Json, existing: Json | None) -> None:
+        self._check_location(version)
+        if not re.fullmatch(r"\d+\.\d+\.\d+", path.names[-1]):
+            raise ArmError(400, "InvalidParameter", f"The gallery image version name {path.names[-1]} is not "
+                                                    "Major.Minor.Patch.")
+        definition = self.resources[path.parent_key or ""]["properties"]
+        source = ((version["properties"].get("storageProfile") or {}).get("source") or {}).get("id", "")
+        image = self.resources.get(source.lower())
+        if image is None or "/images/" not in source.lower() or "/galleries/" in source.lower():
+            raise ArmError(400, "InvalidParameter", f"storageProfile.source.id {source or '(none)'} is not a managed image.")
+        image_state = ((image["properties"].get("storageProfile") or {}).get("osDisk") or {}).get("osState")
+        if image_state != definition.get("osState"):
+            raise ArmError(400, "InvalidParameter", f"The source image is {image_state}, the image definition expects "
+                                                    f"{definition.get('osState')}.")
+        version["properties"]["storageProfile"]["osDiskImage"] = {"hostCaching": "ReadWrite", "source": {"id": source}}
+
     def _put_images(self, path: Path, image: Json, existing: Json | None) -> None:
+        if path.types[0].lower() == "galleries":
+            return self._put_gallery_image(image)
         self._check_location(image)
         props = image["properties"]
         source = (props.get("sourceVirtualMachine") or {}).get("id", "")
@@ -95,6 +123,17 @@ class ImageArmState(ArmState):
             "managedDisk": {"id": (os_disk.get("managedDisk") or {}).get("id", "")},
         }}
         props.setdefault("hyperVGeneration", "V1")
+
+
+    def _put_gallery_image(self, definition: Json) -> None:
+        self._check_location(definition)
+        props = definition["properties"]
+        features = {f.get("name", "").lower(): f.get("value", "").lower() for f in props.get("features") or []}
+        if features.get("securitytype", "").startswith("confidentialvm") and props.get("hyperVGeneration") != "V2":
+            raise ArmError(400, "InvalidParameter", "SecurityType ConfidentialVmSupported requires HyperVGeneration V2.")
+        for key in ("osType", "osState", "identifier"):
+            if not props.get(key):
+                raise ArmError(400, "InvalidParameter", f"Required parameter '{key}' is missing (null).")
 
 
 class ImageFakeArm(FakeArm):

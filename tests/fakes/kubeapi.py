@@ -1,8 +1,8 @@
 """A local Kubernetes API endpoint for tests: a fake in the moto sense.
 
 ``KubeApiServer`` serves the REST paths a real API server serves, for the
-resources tests need — pods, nodes (with their ``status`` subresource) and
-PeerPods — over HTTP (or HTTPS with ``ssl_context`` and ``ca_file``) on 127.0.0.1, storing
+resources tests need — pods, nodes (with their ``status`` subresource),
+PeerPods, secrets and service accounts — over HTTP (or HTTPS with ``ssl_context`` and ``ca_file``) on 127.0.0.1, storing
 objects in memory. Real clients (kubernetes_asyncio) are pointed at it
 through ``configuration()`` or a kubeconfig file written by ``write_kubeconfig``.
 
@@ -70,9 +70,11 @@ class Resource:
 PODS = Resource("", "v1", "pods", "Pod", True)
 NODES = Resource("", "v1", "nodes", "Node", False)
 PEERPODS = Resource("confidentialcontainers.org", "v1alpha1", "peerpods", "PeerPod", True)
+SECRETS = Resource("", "v1", "secrets", "Secret", True, status_subresource=False)
+SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", True, status_subresource=False)
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
 EVENTS = Resource("", "v1", "events", "Event", True, status_subresource=False)
-DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, NAMESPACES, EVENTS)
+DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS, NAMESPACES, EVENTS)
 
 
 class ApiError(Exception):

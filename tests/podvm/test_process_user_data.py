@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
+import hashlib
 import json
 import logging
 import stat
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +26,14 @@ from cloudadaptor.userdata import APF_CONFIG_PATH, AUTH_JSON_PATH, INITDATA_PATH
 
 TOKEN = "imds-token-42"
 APF = json.dumps({"sandbox_id": "sid", "pod_name": "web", "pod_namespace": "default"})
+INIT_DOC = (b'version = "0.1.0"\nalgorithm = "sha384"\n[data]\n"aa.toml" = "[token_configs]\\n"\n'
+            b'"cdh.toml" = "socket = \'unix:///run/cdh.sock\'"\n"policy.rego" = "package agent_policy\\n"\n'
+            b'"extra.txt" = "not unpacked"\n')
+INIT_ENC = base64.b64encode(gzip.compress(INIT_DOC)).decode()
 
 
 def user_data(extra: dict[str, str] | None = None) -> str:
-    return userdata.render({APF_CONFIG_PATH: APF, INITDATA_PATH: "version = \"0.1.0\"\n", **(extra or {})})
+    return userdata.render({APF_CONFIG_PATH: APF, INITDATA_PATH: INIT_ENC, **(extra or {})})
 
 
 class FakeImds:
@@ -127,7 +134,7 @@ def test_aws_source_uses_imdsv2_and_writes_the_files(tmp_path):
     apf = written(tmp_path, APF_CONFIG_PATH)
     assert apf.read_text() == APF
     assert mode_of(apf) == 0o600
-    assert written(tmp_path, INITDATA_PATH).read_text() == 'version = "0.1.0"\n'
+    assert written(tmp_path, INITDATA_PATH).read_text() == INIT_ENC
 
 
 def test_azure_source_sends_the_metadata_header_and_decodes_base64(tmp_path):
@@ -249,7 +256,7 @@ def test_paths_outside_the_allow_list_are_not_written(tmp_path, caplog):
 def test_permissions_from_user_data_are_applied(tmp_path):
     text = (
         "#cloud-config\nwrite_files:\n"
-        f"- path: {INITDATA_PATH}\n  permissions: '0640'\n  content: data\n"
+        f"- path: {INITDATA_PATH}\n  permissions: '0640'\n  content: {INIT_ENC}\n"
         f"- path: {AUTH_JSON_PATH}\n  content: '{{}}'\n"
     )
     source = tmp_path / "ud"
@@ -267,4 +274,43 @@ def test_existing_files_are_replaced_atomically_without_leftovers(tmp_path):
     source.write_text(user_data())
     assert pud.run(args(tmp_path, source="file", file=source)) == 0
     assert target.read_text() == APF
-    assert sorted(p.name for p in target.parent.iterdir()) == ["apf.json", "initdata"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "aa.toml", "apf.json", "cdh.toml", "initdata", "initdata.digest", "policy.rego"]
+
+
+# ---------------------------------------------------------------- initdata
+
+
+def test_initdata_is_unpacked_next_to_it_with_its_digest(tmp_path):
+    source = tmp_path / "ud"
+    source.write_text(user_data())
+    root = tmp_path / "r"
+    assert pud.run(args(root, source="file", file=source)) == 0
+    run_dir = root / "run" / "peerpod"
+    entries = tomllib.loads(INIT_DOC.decode())["data"]
+    for name in ("aa.toml", "cdh.toml", "policy.rego"):
+        assert (run_dir / name).read_text() == entries[name], name
+        assert mode_of(run_dir / name) == 0o600, name
+    assert (run_dir / "initdata.digest").read_text() == hashlib.sha384(INIT_DOC).hexdigest()
+    assert mode_of(run_dir / "initdata.digest") == 0o644
+    assert mode_of(run_dir / "initdata") == 0o600
+    assert not (run_dir / "extra.txt").exists(), "only the three known entries are unpacked"
+
+
+def test_without_initdata_no_initdata_file_is_written(tmp_path):
+    source = tmp_path / "ud"
+    source.write_text(userdata.render({APF_CONFIG_PATH: APF}))
+    root = tmp_path / "r"
+    assert pud.run(args(root, source="file", file=source)) == 0
+    assert sorted(p.name for p in (root / "run" / "peerpod").iterdir()) == ["apf.json"]
+
+
+def test_bad_initdata_fails_before_any_file_is_written(tmp_path, capsys):
+    source = tmp_path / "ud"
+    bad = base64.b64encode(b'version = "0.1.0"\nalgorithm = "crc32"\n').decode()
+    source.write_text(userdata.render({APF_CONFIG_PATH: APF, INITDATA_PATH: bad}))
+    root = tmp_path / "r"
+    assert pud.run(args(root, source="file", file=source)) == 1
+    err = capsys.readouterr().err
+    assert "/run/peerpod/initdata: 'algorithm' is not one of sha256, sha384, sha512" in err, err
+    assert not root.exists(), "nothing written"

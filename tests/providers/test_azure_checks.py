@@ -144,3 +144,28 @@ async def test_verify_learns_an_address_in_the_vm_subnet_for_the_worker_address_
         assert provider.network_hint() == "203.0.113.4"
     finally:
         await provider.close()
+
+
+@pytest.mark.parametrize("disablecvm", ["false", None])
+async def test_confidential_vms_refuse_a_managed_image_saying_what_to_build(verify, arm_env, arm_seeded, disablecvm):
+    changes = {"AZURE_INSTANCE_SIZE": "Standard_DC2as_v5", "AZURE_INSTANCE_SIZES": ""}
+    if disablecvm is None:
+        arm_env.pop("DISABLECVM")
+    else:
+        changes["DISABLECVM"] = disablecvm
+    lines = [line for line in await verify(**changes) if not line.startswith("AZURE_INSTANCE_SIZE")]
+    line = only(lines, f"AZURE_IMAGE_ID={arm_seeded.image_id}")
+    assert "a managed image cannot boot a confidential VM" in line
+    assert "image build azure --gallery NAME" in line and "DISABLECVM=true" in line
+
+
+async def test_confidential_vms_accept_a_gallery_image_version(verify, arm, arm_seeded):
+    rg_path = arm_seeded.image_id.rsplit("/images/", 1)[0]
+    version_id = f"{rg_path}/galleries/g1/images/podvm/versions/0.1.0"
+    for path, kind in ((f"{rg_path}/galleries/g1", "galleries"), (f"{rg_path}/galleries/g1/images/podvm", "galleries/images"),
+                       (version_id, "galleries/images/versions")):
+        arm.state.resources[path.lower()] = {"id": path, "name": path.rsplit("/", 1)[1], "location": arm.location,
+                                             "type": f"Microsoft.Compute/{kind}",
+                                             "properties": {"provisioningState": "Succeeded"}}
+    lines = await verify(DISABLECVM="false", AZURE_IMAGE_ID=version_id)
+    assert not [line for line in lines if line.startswith("AZURE_IMAGE_ID")], lines

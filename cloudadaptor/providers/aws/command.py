@@ -19,6 +19,7 @@ from typing import Mapping
 from cloudadaptor.config import ConfigError, parse_port
 from cloudadaptor.providers.aws.config import AwsConfig, parse_sg_id
 from cloudadaptor.providers.base import load_provider
+from cloudadaptor.wire import AGENT_PORT, VXLAN_PORT
 
 # boto3 is imported by the functions that call AWS, not here: every
 # `cloud-api-adaptor` command line (the pod VM's forwarder too) builds this parser.
@@ -27,9 +28,9 @@ from cloudadaptor.providers.base import load_provider
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``aws`` actions to ``parser``."""
     sub = parser.add_subparsers(dest="aws_command", metavar="ACTION", required=True)
-    ports = sub.add_parser("open-ports", help="allow 15150/tcp and VXLAN_PORT/udp within the worker security group (idempotent)")
+    ports = sub.add_parser("open-ports", help=f"allow {AGENT_PORT}/tcp and VXLAN_PORT/udp within the worker security group (idempotent)")
     ports.add_argument("--group-id", help="security group to open (default: the first of AWS_SG_IDS, else the worker's first)")
-    ports.add_argument("--vxlan-port", help="VXLAN UDP port (default: VXLAN_PORT or 9000)")
+    ports.add_argument("--vxlan-port", help=f"VXLAN UDP port (default: VXLAN_PORT or {VXLAN_PORT})")
 
 
 def _fill_from_worker(config: AwsConfig, group_id: str | None) -> tuple[AwsConfig, str | None, list[str]]:

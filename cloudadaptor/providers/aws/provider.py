@@ -287,6 +287,9 @@ class AwsProvider(ProviderBase):
         except AWS_ERRORS as exc:
             raise ProviderError(f"listing instances failed: {describe(exc, self._secrets)}") from None
 
+    def user_data_limit(self) -> int | None:
+        return AWS_USER_DATA_LIMIT
+
     def network_hint(self) -> str | None:
         """An address in the pod VMs' subnet (no I/O; known once ``verify`` passed):
         the worker's VXLAN address is the source of its route there."""

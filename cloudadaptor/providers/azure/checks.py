@@ -3,7 +3,8 @@
 Order: the SSH key file (local), a token, the resource group (which also
 proves the subscription and that ARM accepts the token); when those fail the
 rest would only repeat the same error, so it stops there. Then subnet, NSG,
-image and the region's sizes. Secrets never appear in a message.
+image (a managed image is refused for confidential VMs: only a gallery image
+version can boot one) and the region's sizes. Secrets never appear in a message.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def credential_keys(config: AzureConfig) -> str:
     if config.client_secret:
         return "AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET (client secret)"
     return "credentials (DefaultAzureCredential: workload identity, managed identity, ...)"
+
+
+def cvm_managed_image_problem(image_id: str) -> str:
+    """The one line refusing a managed image for confidential VMs, and what to build instead."""
+    return (f"AZURE_IMAGE_ID={image_id}: a managed image cannot boot a confidential VM (DISABLECVM is unset or "
+            "false); publish it to a gallery with `cloud-api-adaptor image build azure --gallery NAME` and set "
+            "AZURE_IMAGE_ID to the version id it prints, or set DISABLECVM=true for ordinary VMs")
 
 
 async def _lookup(what: str, fn: Callable[[], Awaitable[Any]]) -> str | None:
@@ -106,6 +114,8 @@ async def _resources(clients: az.AzureClients, config: AzureConfig, result: Chec
         elif image.kind == "managed" and location and location != config.region:
             problems.append(f"AZURE_IMAGE_ID={image.text}: the image is in {location}, "
                             f"expected AZURE_REGION {config.region} (copy it to a gallery replicated there)")
+        if not reason and image.kind == "managed" and not config.disable_cvm:
+            problems.append(cvm_managed_image_problem(image.text))
 
 
 def _size_problems(config: AzureConfig, catalog: dict[str, InstanceTypeInfo]) -> list[str]:

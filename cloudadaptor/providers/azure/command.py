@@ -18,6 +18,7 @@ import sys
 
 from cloudadaptor.commandline import print_problems
 from cloudadaptor.providers.azure.config import AzureConfig
+from cloudadaptor.wire import AGENT_PORT, VXLAN_PORT
 
 # Keys open-ports does not need (it touches only the NSG and reads the subnet).
 _NOT_NEEDED = ("AZURE_REGION", "AZURE_RESOURCE_GROUP")
@@ -28,11 +29,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="azure_command", metavar="ACTION", required=True)
     ports = sub.add_parser(
         "open-ports",
-        help="allow 15150/tcp and VXLAN_PORT/udp within the worker subnet in AZURE_NSG_ID (idempotent)",
+        help=f"allow {AGENT_PORT}/tcp and VXLAN_PORT/udp within the worker subnet in AZURE_NSG_ID (idempotent)",
     )
     ports.add_argument("--nsg-id", help="network security group to change (default: AZURE_NSG_ID)")
     ports.add_argument("--prefix", help="source and destination prefix (default: AZURE_SUBNET_ID's address prefix)")
-    ports.add_argument("--vxlan-port", help="VXLAN UDP port (default: VXLAN_PORT or 9000)")
+    ports.add_argument("--vxlan-port", help=f"VXLAN UDP port (default: VXLAN_PORT or {VXLAN_PORT})")
 
 
 def run(args: argparse.Namespace) -> int:

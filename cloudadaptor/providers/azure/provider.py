@@ -79,6 +79,9 @@ class AzureProvider(ProviderBase):
             self._subnet_prefix = result.subnet_prefix
         return result.problems
 
+    def user_data_limit(self) -> int | None:
+        return AZURE_USER_DATA_LIMIT
+
     def network_hint(self) -> str | None:
         """An address in the pod VMs' subnet (no I/O; known once ``verify`` ran), so
         the worker's VXLAN address can be the source of its route there."""
