@@ -31,7 +31,7 @@ from cloudadaptor.podnetwork.netns import inspect_pod_netns
 from cloudadaptor.dev import privatens
 from cloudadaptor.dev.datapath import CloudNet, socket_in_netns
 from cloudadaptor.dev.podnet import create_pod_netns
-from cloudadaptor.userdata import PodNetworkConfig
+from cloudadaptor.podconfig import PodNetworkConfig
 
 CHUNK = 1 << 20
 PORT = 5201

@@ -27,8 +27,8 @@ from cloudadaptor import initdata, wire
 from cloudadaptor.initdata import InitData
 
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
-    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool,
-    parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_proxy_timeout, parse_readable_file,
+    DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, parse_abs_path, parse_bool, parse_csv,
+    parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout, parse_readable_file,
     parse_cluster_id, parse_tags, parse_tls_version,
 )
 
@@ -126,11 +126,6 @@ def parse_keys(keys: Iterable[Key], env: Mapping[str, str]) -> tuple[dict[str, A
     return values, problems
 
 
-def _parse_grpc_endpoint(text: str) -> str:
-    parse_host_port(text)
-    return text.strip()
-
-
 def _parse_log_level(text: str) -> str:
     level = text.strip().lower()
     level = "warning" if level == "warn" else level
@@ -151,12 +146,7 @@ def _parse_provider(text: str) -> str:
 # ------------------------------------------------------------------------ settings
 
 # Secrets named here are masked everywhere even if no provider declares them.
-COMMON_SECRET_KEYS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AZURE_CLIENT_SECRET",
-)
+COMMON_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_CLIENT_SECRET")
 
 
 @dataclass(frozen=True)
@@ -191,7 +181,15 @@ class Settings:
     socket: Path = Path("/run/peerpod/hypervisor.sock")
     pods_dir: Path = Path("/run/peerpod/pods")
     state_dir: Path = Path("/run/peerpod")
-    grpc_endpoint: str | None = None
+    grpc_endpoint: str | None = None  # host:port or unix:/path (config_security)
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None
+    ttrpc_max_connections: int = 512
+    ttrpc_max_requests: int = 64
+    getinfo_wait_timeout: float = 600.0
+    vm_cert_validity: float = 30 * 86400.0
+    ca_validity: float = 365 * 86400.0
     node_name: str = field(default_factory=_socket.gethostname)
     log_level: str = "info"
     initdata: InitData | None = field(default=None, repr=False)  # INITDATA, decoded and checked
@@ -202,11 +200,6 @@ class Settings:
         """True when the operator supplied CACERT_FILE, CERT_FILE and CERT_KEY."""
         return None not in (self.cacert_file, self.cert_file, self.cert_key)
 
-    @property
-    def grpc_address(self) -> tuple[str, int] | None:
-        """GRPC_ENDPOINT as (host, port); host "" means all interfaces."""
-        return parse_host_port(self.grpc_endpoint) if self.grpc_endpoint else None
-
 
 # Settings field = key name in lower case, except these.
 _FIELD_NAMES = {"DISABLECVM": "disable_cvm"}
@@ -214,6 +207,7 @@ _FIELD_NAMES = {"DISABLECVM": "disable_cvm"}
 
 def common_keys() -> tuple[Key, ...]:
     """The common keys (built per call: the provider list and hostname are looked up now)."""
+    from cloudadaptor import config_security
     from cloudadaptor.providers import base
 
     providers = ", ".join(base.provider_names())
@@ -246,7 +240,7 @@ def common_keys() -> tuple[Key, ...]:
         Key("PODS_DIR", parse_abs_path, Path("/run/peerpod/pods"),
             help="per-pod directories (agent.ttrpc sockets)"),
         Key("STATE_DIR", parse_abs_path, Path("/run/peerpod"), help="state store and TLS material"),
-        Key("GRPC_ENDPOINT", _parse_grpc_endpoint, help="optional host:port for the gRPC binding"),
+        *config_security.security_keys(),  # GRPC_ENDPOINT, GRPC_TLS_*, caps, certificate lifetimes
         Key("NODE_NAME", str, _socket.gethostname(), help="this worker node's name"),
         Key("LOG_LEVEL", _parse_log_level, "info", help=", ".join(LOG_LEVELS)),
         Key("INITDATA", initdata.parse_setting, None, secret=True, show=initdata.summary,
@@ -256,7 +250,8 @@ def common_keys() -> tuple[Key, ...]:
 
 
 def _cross_checks(values: Mapping[str, Any], env: Mapping[str, str]) -> list[Problem]:
-    problems = []
+    from cloudadaptor import config_security  # it imports this module: loaded late
+    problems = config_security.security_problems(values, env)
     allowed = values["PODVM_INSTANCE_TYPES"]
     chosen = values["PODVM_INSTANCE_TYPE"]
     if chosen and allowed and chosen not in allowed:
@@ -316,6 +311,8 @@ def _provider_keys(env: Mapping[str, str]) -> tuple[tuple[Key, ...], list[Proble
         return (), []
     try:
         cls = base.load_provider_class(name)
+    except ConfigError as exc:  # its SDK is not installed
+        return (), exc.problems
     except (ImportError, AttributeError) as exc:
         return (), [Problem("CLOUD_PROVIDER", name, f"provider could not be loaded ({exc})")]
     return cls.config_type.keys(), []
@@ -328,7 +325,7 @@ def _display(key: Key, value: Any) -> str:
         return HIDDEN
     if isinstance(value, bool):
         return "true" if value else "false"
-    if key.parse in (parse_duration, parse_proxy_timeout):
+    if key.parse in (parse_duration, parse_proxy_timeout, parse_positive_duration):
         return format_duration(value)
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value)

@@ -170,6 +170,14 @@ def parse_tls_version(text: str) -> str:
     raise ValueError("expected 1.2 or 1.3")
 
 
+def parse_positive_duration(text: str) -> float:
+    """A duration above zero, in seconds (lifetimes, waits)."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError("expected a duration above zero, like 90s, 10m or 168h")
+    return seconds
+
+
 def parse_proxy_timeout(text: str) -> float:
     seconds = parse_duration(text)
     if not 0 < seconds < SHIM_STARTVM_DEADLINE:

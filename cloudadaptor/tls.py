@@ -24,11 +24,10 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -44,8 +43,8 @@ CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca.key"
 CLIENT_CERT_NAME = "client.pem"
 CLIENT_KEY_NAME = "client.key"
-CA_DAYS = 3650
-CERT_DAYS = 1825
+CA_DAYS = 365.0  # CA_VALIDITY's default; rotated with overlap (tlsrotation)
+CERT_DAYS = 30.0  # VM_CERT_VALIDITY's default
 # Pod VMs boot with their own clock; accept a skew this large.
 BACKDATE = datetime.timedelta(hours=1)
 
@@ -113,7 +112,7 @@ def _cert_pem(cert: x509.Certificate) -> str:
 # ------------------------------------------------------------------------- CA
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int, *,
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: float, *,
              ca: bool, not_after: datetime.datetime | None = None) -> x509.CertificateBuilder:
     """What every certificate we sign shares: a random serial, validity backdated by
     ``BACKDATE`` (pod VM clocks drift) for ``days`` but never past ``not_after``,
@@ -159,7 +158,7 @@ class CertificateAuthority:
         return self._cert
 
     @classmethod
-    def create(cls, common_name: str = "cloud-api-adaptor CA", days: int = CA_DAYS) -> CertificateAuthority:
+    def create(cls, common_name: str = "cloud-api-adaptor CA", days: float = CA_DAYS) -> CertificateAuthority:
         """A new CA held in memory only."""
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -171,7 +170,7 @@ class CertificateAuthority:
         return cls(cert, key)
 
     @classmethod
-    def load_or_create(cls, directory: Path) -> CertificateAuthority:
+    def load_or_create(cls, directory: Path, days: float = CA_DAYS) -> CertificateAuthority:
         """Load ``ca.pem``/``ca.key`` from ``directory``, or create and persist them.
 
         The directory is made 0700 and the key file 0600. Restart-safe: an
@@ -182,7 +181,7 @@ class CertificateAuthority:
         _ensure_private_dir(directory)
         cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
         if not cert_path.exists() and not key_path.exists():
-            ca = cls.create()
+            ca = cls.create(days=days)
             write_atomic(key_path, _key_pem(ca._key), 0o600)
             write_atomic(cert_path, ca.cert_pem, 0o644)
             log.info("created a new TLS CA in %s", directory)
@@ -213,7 +212,7 @@ class CertificateAuthority:
         server: bool,
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[str] = (),
-        days: int = CERT_DAYS,
+        days: float = CERT_DAYS,
     ) -> tuple[str, str]:
         """A new key pair and certificate signed by this CA, as (cert_pem, key_pem).
 
@@ -314,6 +313,9 @@ class AdaptorTls:
         *,
         min_version: str = DEFAULT_TLS_MIN_VERSION,
         skip_verify: bool = False,
+        vm_cert_days: float = CERT_DAYS,
+        trusted_ca_pem: str | None = None,
+        refresh: Callable[[], AdaptorTls | None] | None = None,
     ):
         _min_version(min_version)
         self.ca = ca
@@ -322,6 +324,9 @@ class AdaptorTls:
         self.vm_client_ca_pem = vm_client_ca_pem
         self.min_version = min_version
         self.skip_verify = skip_verify
+        self.vm_cert_days = vm_cert_days
+        self.trusted_ca_pem = trusted_ca_pem or ca.cert_pem  # CAs whose VM certificates we accept
+        self._refresh = refresh  # a newer state when the CA was rotated (tlsrotation), else None
         self._client_context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
@@ -330,39 +335,30 @@ class AdaptorTls:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdaptorTls | None:
-        """None when DISABLE_TLS; otherwise load or create the material (see module doc).
+        """None when DISABLE_TLS; otherwise load or create the material (``tlsrotation.adaptor_tls``).
 
         Raises ``TlsError`` naming the file when persisted or operator material is bad.
         """
-        if settings.disable_tls:
-            return None
-        tls_dir = Path(settings.state_dir) / "tls"
-        ca = CertificateAuthority.load_or_create(tls_dir)
-        if settings.cacert_file and settings.cert_file and settings.cert_key:
-            _, cert_pem, key_pem = _load_pair(Path(settings.cert_file), Path(settings.cert_key))
-            client_ca = _read(Path(settings.cacert_file))
-            _load_cert(Path(settings.cacert_file), client_ca)
-            vm_client_ca = client_ca.decode()
-        else:
-            cert_pem, key_pem = _load_or_issue_client(ca, tls_dir, settings.node_name)
-            vm_client_ca = ca.cert_pem
-        return cls(ca, cert_pem, key_pem, vm_client_ca,
-                   min_version=settings.tls_min_version, skip_verify=settings.tls_skip_verify)
+        from cloudadaptor.tlsrotation import adaptor_tls
+
+        return adaptor_tls(settings)
 
     def mint_vm_material(self, server_name: str) -> ServerTlsMaterial:
-        """A fresh server certificate for one pod VM (SAN = ``server_name``)."""
+        """A fresh server certificate for one pod VM (SAN = ``server_name``), valid ``vm_cert_days``;
+        rotates the CA first when it is due."""
+        newer = self._refresh() if self._refresh else None
+        if newer is not None:
+            self.__dict__.update(newer.__dict__)  # same object: the lifecycle keeps its reference
         ips = (server_name,) if _is_ip(server_name) else ()
         dns = () if ips else (server_name,)
-        cert_pem, key_pem = self.ca.issue(server_name, server=True, dns_names=dns, ip_addresses=ips)
+        cert_pem, key_pem = self.ca.issue(server_name, server=True, dns_names=dns, ip_addresses=ips, days=self.vm_cert_days)
         return ServerTlsMaterial(cert_pem, key_pem, self.vm_client_ca_pem)
 
     def client_context(self) -> ssl.SSLContext:
         """The context to dial pod VMs with (``server_hostname=server_name``); built once."""
-        if self._client_context is None:
-            if self.skip_verify:
-                log.warning("TLS_SKIP_VERIFY is set: pod VM certificates are not verified")
+        if self._client_context is None:  # TLS_SKIP_VERIFY was announced at start (tlsrotation.adaptor_tls)
             self._client_context = client_context(
-                self.client_cert_pem, self._client_key_pem, self.ca.cert_pem,
+                self.client_cert_pem, self._client_key_pem, self.trusted_ca_pem,
                 self.min_version, skip_verify=self.skip_verify,
             )
         return self._client_context
@@ -376,21 +372,3 @@ def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, str, 
     if not _same_public_key(cert, key):
         raise TlsError(f"{key_path}: does not match the certificate in {cert_path}")
     return cert, cert_data.decode(), key_data.decode()
-
-
-def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: str) -> tuple[str, str]:
-    """The persisted client pair if it is still good (signed by ``ca``, matching, not
-    expiring within a day); otherwise a new one, persisted."""
-    cert_path, key_path = tls_dir / CLIENT_CERT_NAME, tls_dir / CLIENT_KEY_NAME
-    if cert_path.exists() and key_path.exists():
-        try:
-            cert, cert_pem, key_pem = _load_pair(cert_path, key_path)
-            cert.verify_directly_issued_by(ca.certificate)
-            if cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1):
-                return cert_pem, key_pem
-        except (TlsError, ValueError, TypeError, InvalidSignature) as exc:
-            log.warning("replacing the adaptor client certificate in %s: %s", tls_dir, exc)
-    cert_pem, key_pem = ca.issue(f"cloud-api-adaptor {node_name}", server=False)
-    write_atomic(key_path, key_pem, 0o600)
-    write_atomic(cert_path, cert_pem, 0o644)
-    return cert_pem, key_pem

@@ -137,7 +137,7 @@ def test_values_are_parsed_into_their_types():
     assert s.podvm_instance_types == ("t3.small", "t3.medium")
     assert s.podvm_instance_type == "t3.medium"
     assert s.tls_min_version == "1.3"
-    assert s.grpc_address == ("127.0.0.1", 50051)
+    assert s.grpc_endpoint == "127.0.0.1:50051"
     assert (s.node_name, s.log_level, s.socket) == ("worker-1", "debug", Path("/tmp/h.sock"))
 
 

@@ -75,7 +75,8 @@ class Daemon:
         self.provider = provider
         self.pod_network = pod_network
         self.lifecycle: SandboxLifecycle | None = None
-        self._ttrpc = Server()
+        # The shim dials once per call: idle connections past the cap are evicted, busy ones refused.
+        self._ttrpc = Server(max_connections=settings.ttrpc_max_connections, max_requests=settings.ttrpc_max_requests)
         self._grpc: GrpcBinding | None = None
         self._store: SandboxStore | None = None
         self._k8s: NodeIntegration | None = None  # in a cluster
@@ -116,6 +117,7 @@ class Daemon:
                 vxlan_port=settings.vxlan_port,
                 vxlan_min_id=settings.vxlan_min_id,
                 vm_limit=settings.peerpods_limit_per_node,
+                getinfo_wait=settings.getinfo_wait_timeout,
                 initdata=settings.initdata,
             ),
             store=self._store,
@@ -133,10 +135,16 @@ class Daemon:
         if self._k8s is not None:
             await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
-            from cloudadaptor.adaptor.grpc_binding import GrpcBinding
+            from cloudadaptor.adaptor.grpc_binding import GrpcBinding, GrpcTls
 
-            self._grpc = GrpcBinding(service, settings.grpc_endpoint)
-            await self._grpc.start()
+            grpc_tls = None
+            if settings.grpc_tls_cert and settings.grpc_tls_key and settings.grpc_tls_client_ca:
+                grpc_tls = GrpcTls(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
+            try:
+                self._grpc = GrpcBinding(service, settings.grpc_endpoint, grpc_tls)
+                await self._grpc.start()
+            except (ValueError, OSError) as exc:  # also re-checked here: Settings can be built without load_settings
+                raise StartupError(str(exc)) from None
 
     async def close(self) -> None:
         """Stop listening; VMs and their records stay for the next start. Idempotent."""

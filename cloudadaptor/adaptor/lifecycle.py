@@ -24,21 +24,14 @@ from cloudadaptor import podconfig
 from cloudadaptor.adaptor import podvmdata, recovery
 from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.hooks import NoCredentials, NoopObserver, PodCredentials, SandboxObserver
+from cloudadaptor.adaptor.locks import KeyedLocks
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy, AgentUnreachable
 from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
 from cloudadaptor.initdata import InitData
 from cloudadaptor.adaptor.validation import (
-    AGENT_SOCKET_NAME,
-    ANN_POD_NAME,
-    ANN_POD_NAMESPACE,
-    MAX_UNIX_PATH,
-    annotation_problems,
-    check_vm_limit,
-    instance_spec,
-    validate_netns_path,
-    validate_sandbox_id,
-    vm_name_for,
+    AGENT_SOCKET_NAME, ANN_POD_NAME, ANN_POD_NAMESPACE, MAX_UNIX_PATH, annotation_problems, check_vm_limit,
+    instance_spec, validate_netns_path, validate_sandbox_id, vm_name_for,
 )
 from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
@@ -61,6 +54,7 @@ class LifecycleOptions:
     vxlan_port: int = VXLAN_PORT
     vxlan_min_id: int = VXLAN_MIN_ID
     vm_limit: int | None = None  # PEERPODS_LIMIT_PER_NODE: pod VMs this node may run
+    getinfo_wait: float = 600.0  # GETINFO_WAIT_TIMEOUT: GetInfo(wait) without a deadline gives up after this
     initdata: InitData | None = None  # INITDATA: every pod's default (its annotation overrides)
 
 
@@ -89,7 +83,7 @@ class SandboxLifecycle:
         self.observer = observer or NoopObserver()
         self.credentials = credentials or NoCredentials()
         self._proxies: dict[str, AgentProxy] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._starting: dict[str, asyncio.Future[None]] = {}
         self._changed = asyncio.Condition()
         # Ids stopped recently: a repeated StopVM is harmless, not NOT_FOUND.
@@ -111,7 +105,7 @@ class SandboxLifecycle:
         if spec_errors:
             raise LifecycleError(Code.INVALID_ARGUMENT, "; ".join(spec_errors))
         init = podvmdata.pod_initdata(annotations, self.options.initdata)
-        async with self._lock(sandbox_id):
+        async with self._locks.hold(sandbox_id):
             existing = self.store.get(sandbox_id)
             if existing is not None:
                 log.info("CreateVM %s: already recorded (state %s)", sandbox_id, existing.state.value)
@@ -176,7 +170,7 @@ class SandboxLifecycle:
         tunnel are removed before this returns or raises. Idempotent for a
         running sandbox.
         """
-        async with self._lock(sandbox_id):
+        async with self._locks.hold(sandbox_id):
             sandbox = self._get(sandbox_id)
             if sandbox.state is SandboxState.RUNNING:
                 return
@@ -303,7 +297,7 @@ class SandboxLifecycle:
         starting = self._starting.get(sandbox_id)
         if starting is not None:
             starting.cancel()
-        async with self._lock(sandbox_id):
+        async with self._locks.hold(sandbox_id):
             sandbox = self.store.get(sandbox_id)
             if sandbox is None:
                 if sandbox_id in self._stopped:
@@ -329,7 +323,6 @@ class SandboxLifecycle:
             shutil.rmtree(Path(sandbox.agent_socket).parent, ignore_errors=True)
             self.store.remove(sandbox_id)
             self._remember_stopped(sandbox_id)
-            self._locks.pop(sandbox_id, None)
             log.info("StopVM %s: deleted %s", sandbox_id, ", ".join(deleted) or "no VM")
             await self._notify()
 
@@ -340,15 +333,19 @@ class SandboxLifecycle:
 
     # ------------------------------------------------------------------- GetInfo
     async def vm_id_of_pod(self, pod_namespace: str, pod_name: str, wait: bool) -> str:
-        """The pod's VM id; with ``wait`` blocks until it exists (caller's deadline)."""
-        async with self._changed:
-            while True:
-                for sandbox in self.store.find_pod(pod_namespace, pod_name):
-                    if sandbox.instance_id:
-                        return sandbox.instance_id
-                if not wait:
-                    raise LifecycleError(Code.NOT_FOUND, f"no pod VM for pod {pod_namespace}/{pod_name}")
-                await self._changed.wait()
+        """The pod's VM id; ``wait`` blocks until it exists, at most ``options.getinfo_wait`` s (or the caller's deadline)."""
+        try:
+            async with asyncio.timeout(self.options.getinfo_wait if wait else None), self._changed:
+                while True:
+                    for sandbox in self.store.find_pod(pod_namespace, pod_name):
+                        if sandbox.instance_id:
+                            return sandbox.instance_id
+                    if not wait:
+                        raise LifecycleError(Code.NOT_FOUND, f"no pod VM for pod {pod_namespace}/{pod_name}")
+                    await self._changed.wait()
+        except TimeoutError:
+            waited = f"{self.options.getinfo_wait:g} s (GETINFO_WAIT_TIMEOUT)"
+            raise LifecycleError(Code.DEADLINE_EXCEEDED, f"no pod VM for pod {pod_namespace}/{pod_name} after {waited}") from None
 
     # --------------------------------------------------------- restart and close
     async def recover(self) -> list[str]:
@@ -382,9 +379,6 @@ class SandboxLifecycle:
         if sandbox is None:
             raise LifecycleError(Code.NOT_FOUND, f"sandbox {sandbox_id} not found")
         return sandbox
-
-    def _lock(self, sandbox_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
     async def _notify(self) -> None:
         async with self._changed:

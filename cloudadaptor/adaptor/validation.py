@@ -34,17 +34,24 @@ AGENT_SOCKET_NAME = "agent.ttrpc"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
 
 
+# containerd's identifier rule (github.com/containerd/containerd/identifiers): a letter or digit first,
+# then letters, digits, '_', '.', '-'. ASCII only (re.ASCII): a unicode digit is not a path-safe id.
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
+
+
 def validate_sandbox_id(sandbox_id: str) -> None:
-    """Refuse an id that is empty, too long, or could escape the pods dir as a path component."""
+    """Refuse an id that is not a containerd identifier: it names a directory under PODS_DIR,
+    so ``.``, ``..``, ``/``, NUL or a leading ``-`` must never get through (``.`` would make
+    StopVM remove every pod's directory)."""
     problem = None
     if not sandbox_id:
         problem = "must not be empty"
     elif len(sandbox_id) > MAX_ID_LENGTH:
         problem = f"is {len(sandbox_id)} characters long, the limit is {MAX_ID_LENGTH}"
-    elif "\x00" in sandbox_id:
-        problem = "must not contain NUL"
-    elif "/" in sandbox_id or ".." in sandbox_id:
-        problem = "must not contain '/' or '..'"
+    elif sandbox_id in (".", "..") or "/" in sandbox_id:
+        problem = "must not contain '/' or '..', nor be '.' (it names a directory under PODS_DIR)"
+    elif not _SANDBOX_ID.fullmatch(sandbox_id):
+        problem = "must start with a letter or digit and contain only letters, digits, '_', '.' and '-' (ASCII)"
     if problem:
         raise LifecycleError(Code.INVALID_ARGUMENT, f"sandbox id {sandbox_id[:MAX_ID_LENGTH]!r} {problem}")
 

@@ -8,6 +8,10 @@ two tc ingress filters (u32 match-all, mirred egress redirect) pass every
 frame entering the pod interface to the tunnel and every frame coming out of
 the tunnel to the pod interface: the pod netns itself never routes anything.
 
+Linux VXLAN accepts a frame from any sender, so before the device exists an
+nftables table ``ppvx<vni>`` in the worker's netns drops VXLAN packets of this
+VNI from anyone but the VM (``peerfilter``); it goes with the tunnel.
+
 Devices are named ``ppvx<vni>`` and the filters use priority
 ``REDIRECT_PRIO``, so ``tunnel_down`` finds everything from the netns path
 and VNI alone, wherever a crash left it. Blocking: call through
@@ -24,6 +28,7 @@ from typing import Any, Callable, Collection
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cloudadaptor.podnetwork import peerfilter
 from cloudadaptor.podnetwork.api import NetnsUnusable, PodNetworkError, TunnelSpec, vni_of_device
 from cloudadaptor.podnetwork.netns import netns_exists, open_netns
 
@@ -43,6 +48,7 @@ def tunnel_up(tunnel: TunnelSpec) -> None:
         raise PodNetworkError(f"tunnel {tunnel.device}: no VM address to tunnel to")
     tunnel_down(tunnel)
     try:
+        peerfilter.install(tunnel.vni, tunnel.vxlan_port, tunnel.vm_ip)  # before the socket can receive
         _create_and_move(tunnel)
         with open_netns(tunnel.netns_path) as ipr:
             pod = _index(ipr, tunnel.pod_ifname)
@@ -82,8 +88,8 @@ def _create_and_move(tunnel: TunnelSpec) -> None:
 
 
 def tunnel_down(tunnel: TunnelSpec) -> None:
-    """Remove the tunnel's device (from the worker and the pod netns) and our tc
-    filters on the pod interface. Idempotent; a pod netns that is gone is fine.
+    """Remove the tunnel's device (from the worker and the pod netns), our tc
+    filters on the pod interface and the peer filter. Idempotent; a pod netns that is gone is fine.
     Raises ``PodNetworkError`` listing every part that could not be removed."""
     problems: list[str] = []
     name = tunnel.device
@@ -101,15 +107,19 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
                 _delete_links(ipr, name)
         except (OSError, NetlinkError, PodNetworkError) as exc:
             problems.append(f"cannot clean {name} in {tunnel.netns_path}: {_describe(exc)}")
+    try:
+        peerfilter.remove(tunnel.vni)
+    except (OSError, NetlinkError) as exc:
+        problems.append(f"cannot remove the peer filter {peerfilter.table_name(tunnel.vni)}: {_describe(exc)}")
     if problems:
         raise PodNetworkError("; ".join(problems))
 
 
 def sweep_worker_devices(known_vnis: Collection[int]) -> list[str]:
-    """Delete ``ppvx<vni>`` devices in this (worker) netns whose VNI is not known;
-    one line per device deleted. Such a device is a crash's leftover: a live
-    tunnel's device lives in its pod netns."""
-    actions = []
+    """Delete ``ppvx<vni>`` devices and peer filters in this (worker) netns whose VNI
+    is not known; one line per thing deleted. Such a device is a crash's leftover:
+    a live tunnel's device lives in its pod netns."""
+    actions = peerfilter.sweep(known_vnis)
     with IPRoute() as ipr:
         for link in ipr.get_links():
             name = link.get("IFLA_IFNAME", "")

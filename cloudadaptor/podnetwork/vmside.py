@@ -9,7 +9,9 @@ towards the worker (``worker_ip``, ``vni``, ``vxlan_port``), moves it into
 ``podns``, renames it to the pod's interface name and gives it the pod's MAC,
 addresses and MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN must fit
 the underlay). Then the pod's routes are replayed (routes without a gateway
-first, so gateways are reachable) and its permanent neighbours.
+first, so gateways are reachable) and its permanent neighbours. Before the
+device exists, an nftables table ``ppvx<vni>`` in the VM's netns drops VXLAN
+packets of this VNI from anyone but the worker (``peerfilter``).
 
 Idempotent: a re-run replaces what an earlier run made. Exit status 0 when
 done or when apf.json carries no network (nothing to do), 1 on failure (the
@@ -30,6 +32,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cloudadaptor import linuxns
+from cloudadaptor.podnetwork import peerfilter
 from cloudadaptor.podnetwork.api import PodNetworkError, device_name
 from cloudadaptor.podconfig import ApfConfigError, ForwarderConfig, PodInterface, PodNetworkConfig
 from cloudadaptor.userdata import APF_CONFIG_PATH
@@ -59,6 +62,8 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
     pod = net.pod
     try:
         _clear_podns(podns_path, (device, pod.name))
+        # Only the worker may speak into the tunnel: the filter is in place before the socket exists.
+        peerfilter.install(net.vni, net.vxlan_port, net.worker_ip, linuxns.netns_path(vm_netns) if vm_netns else None)
         _create_and_move(net, vm_netns, podns_path)
         with IPRoute(netns=podns_path, flags=0) as ipr:
             index = _configure_link(ipr, device, pod)

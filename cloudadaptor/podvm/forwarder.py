@@ -9,6 +9,12 @@ verbatim except two rewrites:
   namespace ``/run/netns/podns`` (the pod's network lives there);
 - ``grpc.AgentService/CreateSandbox``: ``dns`` is cleared (the VM keeps its
   own resolver).
+
+Bounds, so a flood of connections cannot keep the adaptor out: at most
+``max_handshakes`` connections wait in the TLS handshake (past it the oldest
+waiting one is closed: a real client finishes its handshake in milliseconds),
+each for at most ``handshake_timeout`` seconds, and at most
+``max_connections`` connections are open in all (past it a new one is closed).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ AGENT_SERVICE = "grpc.AgentService"
 POD_NETNS_PATH = PODNS_PATH  # the agent runs the pod in the namespace pod-network set up
 DEFAULT_KATA_AGENT_SOCKET = "/run/kata-containers/agent.sock"
 HANDSHAKE_TIMEOUT = 10.0
+MAX_HANDSHAKES = 64
+MAX_CONNECTIONS = 256
 AGENT_DIAL_TIMEOUT = 5.0
 
 
@@ -111,14 +119,23 @@ class AgentProtocolForwarder:
         ssl_context: ssl.SSLContext | None,
         host: str = "0.0.0.0",
         port: int = AGENT_PORT,
+        max_handshakes: int = MAX_HANDSHAKES,
+        max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.kata_agent_socket = kata_agent_socket
         self.ssl_context = ssl_context
         self.host = host
         self.port = port
+        self.max_handshakes = max_handshakes
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.evicted = 0  # pending handshakes closed to make room
+        self.refused = 0  # connections closed at once: every slot held a relay
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._handshaking: dict[asyncio.Task[None], None] = {}  # oldest first
         self._closed = asyncio.Event()
 
     async def start(self) -> None:
@@ -126,7 +143,7 @@ class AgentProtocolForwarder:
         if self._listener is not None:
             raise RuntimeError("forwarder already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        listener = socket.create_server((self.host, self.port), family=family, backlog=128)
+        listener = socket.create_server((self.host, self.port), family=family, backlog=1024)  # a flood must not fill it
         listener.setblocking(False)
         self._listener = listener
         self.port = listener.getsockname()[1]
@@ -165,13 +182,34 @@ class AgentProtocolForwarder:
                 log.error("accept failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if not self._make_room():
+                conn.close()
+                continue
             started: list[bool] = []
             task = asyncio.create_task(self._serve(conn, _format_peer(peer), started))
             self._connections.add(task)
+            self._handshaking[task] = None
             task.add_done_callback(lambda t, c=conn, s=started: self._connection_done(t, c, s))
+
+    def _make_room(self) -> bool:
+        """True when one more connection may start its handshake, after closing the oldest
+        pending handshake when needed; False when every slot holds an established relay."""
+        full = len(self._handshaking) >= self.max_handshakes or len(self._connections) >= self.max_connections
+        if not full:
+            return True
+        if not self._handshaking:
+            self.refused += 1
+            log.warning("connection refused: %d relays are open (the limit)", len(self._connections))
+            return False
+        oldest = next(iter(self._handshaking))
+        del self._handshaking[oldest]
+        oldest.cancel()
+        self.evicted += 1
+        return True
 
     def _connection_done(self, task: asyncio.Task[None], conn: socket.socket, started: list[bool]) -> None:
         self._connections.discard(task)
+        self._handshaking.pop(task, None)
         if not started:  # cancelled before its first step: nobody else will close the socket
             conn.close()
 
@@ -180,6 +218,7 @@ class AgentProtocolForwarder:
         started.append(True)  # before any await: from here on _serve owns ``conn``
         try:
             streams = await self._open_client(conn, peer)
+            self._handshaking.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -217,7 +256,7 @@ class AgentProtocolForwarder:
                 lambda: protocol,
                 conn,
                 ssl=self.ssl_context,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context else None,
+                ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
             )
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             conn.close()
@@ -247,8 +286,20 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=None, help=f"TCP port (default: listen_port from the config, {AGENT_PORT})")
+    parser.add_argument("--max-handshakes", type=_positive_int, default=MAX_HANDSHAKES,
+                        help=f"connections waiting in the TLS handshake; past it the oldest is closed (default {MAX_HANDSHAKES})")
+    parser.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS,
+                        help=f"open connections in all; past it new ones are closed (default {MAX_CONNECTIONS})")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                        help=f"seconds a client has to finish the TLS handshake (default {HANDSHAKE_TIMEOUT:g})")
     parser.add_argument("--log-level", default="info", help="debug | info | warning | error (default info)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, not {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
     if context is None:
         log.warning("TLS is disabled in %s: the kata-agent is reachable without authentication", args.config)
     forwarder = AgentProtocolForwarder(
-        kata_agent_socket=args.kata_agent_socket, ssl_context=context, host=args.host, port=port
+        kata_agent_socket=args.kata_agent_socket, ssl_context=context, host=args.host, port=port,
+        max_handshakes=args.max_handshakes, max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
     )
     try:
         asyncio.run(_serve_until_signalled(forwarder))

@@ -198,7 +198,8 @@ def provider_names() -> list[str]:
 
 
 def load_provider_class(name: str) -> ProviderClass:
-    """Import the provider ``name`` (ValueError listing the installed ones when unknown)."""
+    """Import the provider ``name`` (ValueError listing the installed ones when unknown;
+    ``ConfigError`` naming the extra to install when its SDK is missing)."""
     providers = installed_providers()
     try:
         point = providers[name]
@@ -206,7 +207,18 @@ def load_provider_class(name: str) -> ProviderClass:
         raise ValueError(
             f"unknown cloud provider {name!r}; expected one of: {', '.join(sorted(providers))}"
         ) from None
-    return cast(ProviderClass, point.load())
+    try:
+        return cast(ProviderClass, point.load())
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if not missing or point.module == missing or point.module.startswith(missing + "."):
+            raise  # the provider itself is broken, not one of its libraries
+        # An image carries only some SDKs (package extras named after the built-in providers).
+        from cloudadaptor.config import ConfigError, Problem
+
+        hint = f"pip install 'cloudadaptor[{name}]'" if point.module.startswith("cloudadaptor.") else "install its dependencies"
+        raise ConfigError([Problem("CLOUD_PROVIDER", name, (
+            f"a provider whose libraries are installed; {missing} is missing ({hint})"))]) from None
 
 
 def load_provider_config(name: str, settings: Settings, *, relaxed: tuple[str, ...] = ()) -> ProviderConfig:

@@ -5,6 +5,13 @@ Unary calls only: one request frame in, one response frame out on the same
 serialized per connection. Problems with one request are answered with a
 status on its stream; problems with the byte stream itself close that one
 connection (logged on ``cloudadaptor.ttrpc``); the server keeps serving.
+
+Bounds (both optional): ``max_connections`` open connections — past it the
+connection idle the longest (no request in flight) is closed to make room, and
+a new one is closed at once when all are busy — and ``max_requests`` in flight
+per connection — past it a request is answered RESOURCE_EXHAUSTED. Clients
+like the Kata shim dial once per call, so idle connections are the cheap ones
+to drop; a flood of idle connections cannot starve a real call.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import inspect
 import logging
 import os
 import socket
-import stat
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +31,7 @@ from google.protobuf.message import DecodeError, Message
 
 from cloudadaptor.protocols import ttrpc_pb2
 from cloudadaptor.ttrpc.errors import Code, TtrpcError, error_response, success_response
+from cloudadaptor.ttrpc.unixsocket import remove_stale_socket, unlink_if_same
 from cloudadaptor.ttrpc.framing import (
     MAX_MESSAGE_LENGTH,
     Frame,
@@ -86,13 +93,18 @@ class Server:
 
     unary = staticmethod(unary)
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_connections: int | None = None, max_requests: int | None = None) -> None:
         self._handlers: dict[tuple[str, str], Handler] = {}
         self._fallback: Handler = _unimplemented
         self._listeners: list[asyncio.AbstractServer] = []
         self._socket_files: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
-        self._connections: set[_Connection] = set()
+        # Ordered least recently active first (``touched`` moves a connection to the end).
+        self._connections: dict[_Connection, None] = {}
         self._closed = False
+        self.max_connections = max_connections
+        self.max_requests = max_requests
+        self.evicted = 0  # idle connections closed to make room
+        self.refused = 0  # connections closed at once because every slot was busy
 
     def register(self, service: str, method: str, handler: Handler) -> None:
         """Serve ``service``/``method`` with ``handler``. Registering a pair twice is a ``ValueError``."""
@@ -119,7 +131,7 @@ class Server:
         self._check_open()
         path = os.fspath(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        await _remove_stale_socket(path)
+        await remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -129,7 +141,7 @@ class Server:
         try:
             os.chmod(path, mode)  # before listen(): nobody can connect yet
             st = os.stat(path)
-            listener = await asyncio.start_unix_server(self._accepted, sock=sock)
+            listener = await asyncio.start_unix_server(self._accepted, sock=sock, backlog=1024)  # floods must not fill it
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
@@ -155,7 +167,7 @@ class Server:
         or ``close()`` is called; cancelling the caller also ends the
         connection and cancels its in-flight handlers.
         """
-        if self._closed:
+        if self._closed or not self._make_room():
             await close_writer(writer)
             return
         task = self._start_connection(reader, writer)
@@ -187,58 +199,53 @@ class Server:
                 await asyncio.wait_for(listener.wait_closed(), 1.0)
         files, self._socket_files = self._socket_files, []
         for path, dev, ino in files:
-            _unlink_if_same(path, dev, ino)
+            unlink_if_same(path, dev, ino)
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Listener callback; synchronous so every accepted connection is registered at once."""
-        if self._closed:
+        if self._closed or not self._make_room():
             writer.close()
             return
         self._start_connection(reader, writer)
 
+    def _make_room(self) -> bool:
+        """True when one more connection may start: under the cap, or after closing the longest-idle one."""
+        if self.max_connections is None or len(self._connections) < self.max_connections:
+            return True
+        idle = next((c for c in self._connections if not c.busy), None)
+        if idle is None:
+            self.refused += 1
+            log.warning("ttrpc: refusing a connection: all %d connections have requests in flight", self.max_connections)
+            return False
+        self.evicted += 1
+        log.debug("ttrpc: closing idle connection from %s to make room (cap %d)", idle.peer, self.max_connections)
+        self._connections.pop(idle, None)
+        with contextlib.suppress(Exception):
+            idle.writer.close()
+        idle.task.cancel()
+        return True
+
+    def touched(self, connection: _Connection) -> None:
+        """``connection`` was just active: it becomes the last to be evicted."""
+        if connection in self._connections:
+            del self._connections[connection]
+            self._connections[connection] = None
+
     def _start_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
         connection = _Connection(self, reader, writer)
-        self._connections.add(connection)
+        self._connections[connection] = None
         connection.task = asyncio.create_task(connection.run())
         connection.task.add_done_callback(lambda task: self._connection_done(connection, task))
         return connection.task
 
     def _connection_done(self, connection: _Connection, task: asyncio.Task[None]) -> None:
-        self._connections.discard(connection)
+        self._connections.pop(connection, None)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("ttrpc connection from %s failed", connection.peer, exc_info=exc)
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("ttrpc server is closed")
-
-
-async def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 1.0)
-    except (OSError, asyncio.TimeoutError):
-        os.unlink(path)  # stale: nobody accepts on it
-        log.info("removed stale socket %s", path)
-        return
-    await close_writer(writer)
-    raise OSError(98, f"{path} is served by another process", path)
-
-
-def _unlink_if_same(path: str, dev: int, ino: int) -> None:
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) == (dev, ino):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove socket %s: %s", path, exc)
 
 
 class _Connection:
@@ -252,7 +259,12 @@ class _Connection:
         self.peer = _peer_name(writer)
         self._write_lock = asyncio.Lock()
         self._calls: set[asyncio.Task[None]] = set()
+        self._in_flight = 0  # dispatched requests not yet answered
         self._last_stream_id = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight > 0
 
     async def run(self) -> None:
         try:
@@ -283,6 +295,7 @@ class _Connection:
             if frame is None:
                 log.debug("ttrpc connection from %s closed by peer", self.peer)
                 return None
+            self.server.touched(self)
             if frame.type != FrameType.REQUEST:
                 log.debug("ignoring frame type %d on stream %d from %s", frame.type, frame.stream_id, self.peer)
                 continue
@@ -302,6 +315,12 @@ class _Connection:
         except DecodeError as exc:
             self._refuse(stream_id, f"unmarshal request error: {exc}")
             return
+        limit = self.server.max_requests
+        if limit is not None and self._in_flight >= limit:
+            message = f"{request.service}/{request.method}: {limit} requests already in flight on this connection"
+            self._spawn(self.send_status(stream_id, Code.RESOURCE_EXHAUSTED, message))
+            return
+        self._in_flight += 1
         self._spawn(self._dispatch(stream_id, request))
 
     def _refuse(self, stream_id: int, message: str) -> None:
@@ -313,6 +332,12 @@ class _Connection:
         task.add_done_callback(self._calls.discard)
 
     async def _dispatch(self, stream_id: int, request: ttrpc_pb2.Request) -> None:
+        try:
+            await self._answer(stream_id, request)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(self, stream_id: int, request: ttrpc_pb2.Request) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         metadata: dict[str, list[str]] = {}

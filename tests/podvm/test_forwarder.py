@@ -415,3 +415,81 @@ def test_forwarder_command_refuses_bad_config_with_exit_code_2(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert "apf.json" in result.stderr and "configuration refused" in result.stderr
+
+
+# ------------------------------------------------------------------ bounds (issue 11 item 8)
+
+
+async def open_idle_tcp(port: int, count: int, batch: int = 100) -> list:
+    """``count`` TCP connections to 127.0.0.1:``port`` that never say a word (no ClientHello)."""
+    import socket as socket_module
+
+    loop = asyncio.get_running_loop()
+    socks = []
+
+    async def one() -> None:
+        sock = socket_module.socket()
+        sock.setblocking(False)
+        socks.append(sock)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+
+    for start in range(0, count, batch):
+        await asyncio.gather(*(one() for _ in range(min(batch, count - start))))
+    return socks
+
+
+@pytest.fixture
+def many_files():
+    """Room for 10,000 client sockets plus the server's (RLIMIT_NOFILE raised to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 12000:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the 12000 this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_10000_idle_connections_leave_a_real_call_served(setup, pki, tmp_path, many_files):
+    forwarder, agent = setup
+    idle = await open_idle_tcp(forwarder.port, 10_000)
+    try:
+        assert len(forwarder._handshaking) <= forwarder.max_handshakes
+        assert forwarder.evicted >= 10_000 - forwarder.max_handshakes - 1024, "only the cap and the listen backlog may hold them"
+        async with await tls_client(forwarder, pki, tmp_path) as client:
+            req = agent_pb2.CreateSandboxRequest(hostname="pod", sandbox_id="s-flood")
+            await client.call("grpc.AgentService", "CreateSandbox", req.SerializeToString(), timeout=10)
+        assert agent_call_payload(agent, "CreateSandbox")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+async def test_handshake_timeout_closes_a_silent_connection(tmp_path, pki):
+    forwarder = AgentProtocolForwarder(kata_agent_socket=str(tmp_path / "none.sock"),
+                                       ssl_context=server_context(pki.material, "1.2"), host="127.0.0.1", port=0,
+                                       handshake_timeout=0.3)
+    await forwarder.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", forwarder.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "the forwarder hung up on a silent client"
+        writer.close()
+    finally:
+        await forwarder.close()
+
+
+async def test_when_every_slot_holds_a_relay_new_connections_are_closed(setup, pki, tmp_path):
+    forwarder, agent = setup
+    forwarder.max_connections = 2
+    clients = [await tls_client(forwarder, pki, tmp_path) for _ in range(2)]
+    try:
+        for client in clients:  # both relays established
+            await client.call("grpc.AgentService", "CreateSandbox", agent_pb2.CreateSandboxRequest().SerializeToString(), timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", forwarder.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert forwarder.refused == 1
+    finally:
+        for client in clients:
+            await client.close()

@@ -1,0 +1,152 @@
+"""Only the recorded peer may speak into a VXLAN tunnel (nftables, through pyroute2).
+
+Linux VXLAN does not check a packet's sender against the device's remote: any
+host that reaches UDP ``VXLAN_PORT`` with a frame carrying a pod's VNI would
+inject it into the pod's network. Each tunnel end therefore gets its own
+nftables table ``ppvx<VNI>`` in the netns where the VXLAN device's UDP socket
+lives (the worker's netns; the VM's), with one rule on the input hook:
+
+    udp dport VXLAN_PORT, VXLAN VNI == <vni>, source address != <peer>  ->  drop
+
+The input hook sees packets after IP reassembly, so fragments cannot sneak past
+the VNI match. One table per tunnel means no shared state: installing replaces
+the table, removal deletes it, and a crash's leftovers are found by name
+(``sweep``). Blocking: call through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import socket
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Collection, TypeVar
+
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.nftables.main import NFTables
+
+from cloudadaptor import linuxns
+
+T = TypeVar("T")
+CHAIN = "peer-only"
+NF_DROP = 0
+_META_L4PROTO = 16
+_BASE_NETWORK, _BASE_TRANSPORT = 1, 2
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}  # nfproto ip = 2, ip6 = 10
+_TABLE = re.compile(r"ppvx(\d+)")
+# VXLAN header (RFC 7348): flags(1) reserved(3) VNI(3) reserved(1), after the 8-byte UDP header.
+_VNI_OFFSET = 8 + 4
+
+
+def table_name(vni: int) -> str:
+    return f"ppvx{vni}"
+
+
+def install(vni: int, vxlan_port: int, peer: str, netns_path: str | None = None) -> None:
+    """Drop VXLAN packets for ``vni`` on ``vxlan_port`` whose source is not ``peer`` (replaces an earlier table)."""
+    address = ipaddress.ip_address(peer)
+    family = _FAMILY[address.version]
+    saddr = (12, 4) if address.version == 4 else (8, 16)  # offset, length of the source address
+
+    def run() -> None:
+        with NFTables(nfgen_family=family) as nft:
+            _tolerate((errno.ENOENT,), nft.table, "del", name=table_name(vni))
+            nft.table("add", name=table_name(vni))
+            nft.chain("add", table=table_name(vni), name=CHAIN, hook="input", type="filter", policy=1)
+            nft.rule("add", table=table_name(vni), chain=CHAIN, expressions=(
+                _meta_l4proto_is(socket.IPPROTO_UDP),
+                _payload_cmp(_BASE_TRANSPORT, 2, vxlan_port.to_bytes(2, "big")),
+                _payload_cmp(_BASE_TRANSPORT, _VNI_OFFSET, vni.to_bytes(3, "big")),
+                _payload_cmp(_BASE_NETWORK, saddr[0], address.packed, op=1),  # NFT_CMP_NEQ
+                [_expr("immediate", dreg=0, data={"attrs": [("NFTA_DATA_VERDICT", {"attrs": [("NFTA_VERDICT_CODE", NF_DROP)]})]})],
+            ))
+
+    _in_netns(netns_path, run)
+
+
+def remove(vni: int, netns_path: str | None = None) -> None:
+    """Delete the table of ``vni`` (both families); absent is fine."""
+
+    def run() -> None:
+        for family in _FAMILY.values():
+            with NFTables(nfgen_family=family) as nft:
+                _tolerate((errno.ENOENT,), nft.table, "del", name=table_name(vni))
+
+    _in_netns(netns_path, run)
+
+
+def installed(netns_path: str | None = None) -> list[int]:
+    """VNIs that have a table here (for ``sweep``, diagnostics and tests)."""
+
+    def run() -> list[int]:
+        vnis = []
+        for family in _FAMILY.values():
+            with NFTables(nfgen_family=family) as nft:
+                for table in nft.get_tables():
+                    if table.get("nfgen_family") == family and (m := _TABLE.fullmatch(table.get("NFTA_TABLE_NAME") or "")):
+                        vnis.append(int(m.group(1)))
+        return sorted(vnis)
+
+    return _in_netns(netns_path, run)
+
+
+def sweep(known_vnis: Collection[int], netns_path: str | None = None) -> list[str]:
+    """Delete tables of VNIs not in ``known_vnis`` (a crash's leftovers); one line per table."""
+    actions = []
+    for vni in installed(netns_path):
+        if vni not in known_vnis:
+            remove(vni, netns_path)
+            actions.append(f"deleted stale VXLAN peer filter {table_name(vni)}")
+    return actions
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _expr(name: str, **data: Any) -> dict[str, Any]:
+    attrs = [(f"NFTA_{name.upper()}_{key.upper()}", value) for key, value in OrderedDict(data).items()]
+    return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": attrs})]}
+
+
+def _cmp(value: bytes, op: int = 0) -> dict[str, Any]:
+    return _expr("cmp", sreg=1, op=op, data={"attrs": [("NFTA_DATA_VALUE", value)]})
+
+
+def _meta_l4proto_is(proto: int) -> list[dict[str, Any]]:
+    return [_expr("meta", dreg=1, key=_META_L4PROTO), _cmp(bytes([proto]))]
+
+
+def _payload_cmp(base: int, offset: int, value: bytes, op: int = 0) -> list[dict[str, Any]]:
+    return [_expr("payload", dreg=1, base=base, offset=offset, len=len(value)), _cmp(value, op)]
+
+
+def _tolerate(codes: tuple[int, ...], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise
+
+
+def _in_netns(netns_path: str | None, fn: Callable[[], T]) -> T:
+    """``fn()`` here, or in a short-lived thread that entered ``netns_path`` (setns is per thread)."""
+    if netns_path is None:
+        return fn()
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            linuxns.setns(netns_path, linuxns.CLONE_NEWNET)
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="nft-netns")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
