@@ -122,6 +122,7 @@ AREAS = (
     ("cloudadaptor.webhook", ("kubernetes",)),
     ("cloudadaptor.imagebuild.aws", ("imagebuild", "aws")),
     ("cloudadaptor.imagebuild.azure", ("imagebuild", "azure")),
+    ("cloudadaptor.imagebuild.azure_gallery", ("imagebuild", "azure")),
     ("cloudadaptor.imagebuild.configmap", ("kubernetes",)),
     ("cloudadaptor.imagebuild", ("imagebuild",)),
     ("cloudadaptor.protocols.generate", None),  # `make protos`: a development tool from the test extra
