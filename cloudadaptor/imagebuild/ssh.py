@@ -81,10 +81,13 @@ def wait_for_ssh(access: SshAccess, *, timeout: float, interval: float,
                           retryable=lambda exc: isinstance(exc, (OSError, EOFError, paramiko.SSHException)))
     except RetryTimeout as exc:
         last = _describe(exc.last_error) if exc.last_error is not None else "no attempt made"
+        hint = ("Something else answers at that address (a man in the middle?): nothing was sent to it."
+                if isinstance(exc.last_error, paramiko.BadHostKeyException) else
+                "Check that the builder VM's security group / NSG allows 22/tcp from where this runs and that the "
+                "subnet is reachable from here.")
         raise SshUnavailable(
             f"SSH on the builder VM ({access.username}@{access.host}:{access.port}) did not answer within "
-            f"{timeout:g}s ({exc.attempts} attempts; last error: {last}). Check that the builder VM's security "
-            "group / NSG allows 22/tcp from where this runs and that the subnet is reachable from here."
+            f"{timeout:g}s ({exc.attempts} attempts; last error: {last}). {hint}"
         ) from None
 
 
