@@ -135,16 +135,22 @@ class Daemon:
         if self._k8s is not None:
             await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
-            from cloudadaptor.adaptor.grpc_binding import GrpcBinding, GrpcTls
+            await self._serve_grpc(service)
 
-            grpc_tls = None
-            if settings.grpc_tls_cert and settings.grpc_tls_key and settings.grpc_tls_client_ca:
-                grpc_tls = GrpcTls(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
-            try:
-                self._grpc = GrpcBinding(service, settings.grpc_endpoint, grpc_tls)
-                await self._grpc.start()
-            except (ValueError, OSError) as exc:  # also re-checked here: Settings can be built without load_settings
-                raise StartupError(str(exc)) from None
+    async def _serve_grpc(self, service: HypervisorService) -> None:
+        """The optional gRPC binding (GRPC_ENDPOINT): loopback, a unix socket, or mutual TLS."""
+        from cloudadaptor.adaptor.grpc_binding import GrpcBinding, GrpcTls
+
+        settings = self.settings
+        assert settings.grpc_endpoint is not None
+        grpc_tls = None
+        if settings.grpc_tls_cert and settings.grpc_tls_key and settings.grpc_tls_client_ca:
+            grpc_tls = GrpcTls(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
+        try:
+            self._grpc = GrpcBinding(service, settings.grpc_endpoint, grpc_tls)
+            await self._grpc.start()
+        except (ValueError, OSError) as exc:  # also re-checked here: Settings can be built without load_settings
+            raise StartupError(str(exc)) from None
 
     async def close(self) -> None:
         """Stop listening; VMs and their records stay for the next start. Idempotent."""
