@@ -70,12 +70,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from cloudadaptor.config import check
+    from cloudadaptor.config import check, merge_overrides
+    from cloudadaptor.configwarnings import config_warnings
 
     rows, problems = check(os.environ, overrides=_overrides(args))
     width = max((len(key) for key, _, _ in rows), default=10)
     for key, value, source in rows:
         print(f"{key:<{width}}  {value}  ({source})")
+    warnings = config_warnings(merge_overrides(os.environ, _overrides(args)), {key for key, _, _ in rows})
+    if warnings:
+        print()
+    for line in warnings:  # advice only: the exit code stays that of the problems
+        print(f"warning: {line}")
     if problems:
         print(file=sys.stderr)
         print_problems(problems)

@@ -29,8 +29,7 @@ from cloudadaptor.initdata import InitData
 from cloudadaptor.parsers import (  # noqa: F401  (re-exported: providers import parsers from here)
     DURATION_EXPECTED, SHIM_STARTVM_DEADLINE, TLS_VERSIONS, format_duration, int_range, one_of, parse_abs_path, parse_bool,
     parse_csv, parse_duration, parse_host_port, parse_ip, parse_port, parse_positive_duration, parse_proxy_timeout,
-    parse_readable_file,
-    parse_tags, parse_tls_version,
+    parse_readable_file, parse_cluster_id, parse_tags, parse_tls_version,
 )
 
 HIDDEN = "<hidden>"
@@ -137,12 +136,7 @@ def _parse_provider(text: str) -> str:
 # ------------------------------------------------------------------------ settings
 
 # Secrets named here are masked everywhere even if no provider declares them.
-COMMON_SECRET_KEYS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AZURE_CLIENT_SECRET",
-)
+COMMON_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_CLIENT_SECRET")
 
 
 @dataclass(frozen=True)
@@ -161,6 +155,8 @@ class Settings:
     proxy_timeout: float = 300.0
     podvm_instance_type: str | None = None
     podvm_instance_types: tuple[str, ...] = ()
+    podvm_images: tuple[str, ...] = ()  # allow-list of the image annotation; () allows any
+    cluster_id: str | None = None  # None: derived (daemon.resolve_cluster_id)
     disable_cvm: bool | None = None  # None: not set (distinct from explicitly false)
     tags: Mapping[str, str] = field(default_factory=dict, hash=False)
     use_public_ip: bool = False
@@ -190,9 +186,7 @@ class Settings:
     log_format: str = "text"
     probe_address: str = "127.0.0.1"
     probe_port: int = 8000
-    provider_env: Mapping[str, str] = field(
-        default_factory=dict, repr=False, compare=False, hash=False
-    )
+    provider_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @property
     def operator_tls(self) -> bool:
@@ -221,6 +215,8 @@ def common_keys() -> tuple[Key, ...]:
             help="how long StartVM waits for the pod VM's agent (below the shim's 600 s)"),
         Key("PODVM_INSTANCE_TYPE", str, help="default pod VM instance type"),
         Key("PODVM_INSTANCE_TYPES", parse_csv, (), help="allowed instance types (comma list)"),
+        Key("PODVM_IMAGES", parse_csv, (), help="images the pod image annotation may pick (comma list; unset: any)"),
+        Key("CLUSTER_ID", parse_cluster_id, help="this cluster's tag on every pod VM (default: kube-system namespace uid)"),
         Key("DISABLECVM", parse_bool, None, help="create ordinary VMs instead of confidential VMs"),
         Key("TAGS", parse_tags, {}, help="extra tags on pod VMs: k=v,k2=v2"),
         Key("USE_PUBLIC_IP", parse_bool, False, help="dial pod VMs on their public IP"),
@@ -245,8 +241,7 @@ def common_keys() -> tuple[Key, ...]:
         Key("PROBE_PORT", parse_port, 8000, help="TCP port of /metrics, /healthz, /startup"),
         Key("INITDATA", initdata.parse_setting, None, secret=True, show=initdata.summary,
             help="default initdata for every pod: base64 of gzip or plain TOML (the pod annotation overrides)"),
-        *(Key(name, str, secret=True, help="credential (provider)")
-          for name in COMMON_SECRET_KEYS),
+        *(Key(name, str, secret=True, help="credential (provider)") for name in COMMON_SECRET_KEYS),
     )
 
 

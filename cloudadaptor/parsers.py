@@ -161,6 +161,17 @@ def parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def parse_cluster_id(text: str) -> str:
+    """A tag value naming this cluster: letters, digits, ``_.-``, at most 63 (valid as a tag on every cloud)."""
+    text = text.strip()
+    if not _CLUSTER_ID.fullmatch(text):
+        raise ValueError("expected 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return text
+
+
 def parse_tls_version(text: str) -> str:
     """"1.2" or "1.3" (also "TLS1.2", "TLSv1.3", Go's "VersionTLS12"); 1.0/1.1 are refused."""
     norm = text.strip().lower().replace("versiontls", "").replace("tlsv", "").replace("tls", "")

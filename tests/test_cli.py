@@ -159,3 +159,31 @@ def test_flags_override_the_environment():
     result = run("config", "check", "--proxy-timeout", "45s", env={"CLOUD_PROVIDER": "local", "PROXY_TIMEOUT": "5m"})
     line = next(line for line in result.stdout.splitlines() if line.startswith("PROXY_TIMEOUT"))
     assert "45s" in line and "(flag)" in line
+
+
+def test_config_check_warns_without_allow_lists_and_keeps_exit_code_zero():
+    result = run("config", "check", env={"CLOUD_PROVIDER": "local"})
+    assert result.returncode == 0, result.stderr
+    assert "warning: no allow-list" in result.stdout and "PODVM_IMAGES" in result.stdout
+    assert "configuration OK" in result.stdout
+    limited = run("config", "check", env={"CLOUD_PROVIDER": "local", "PODVM_IMAGES": "podvm.img"})
+    assert limited.returncode == 0 and "no allow-list" not in limited.stdout
+
+
+def test_config_check_names_keys_of_the_go_original_that_are_ignored():
+    env = {"CLOUD_PROVIDER": "local", "PODVM_INSTANCE_TYPES": "small", "TUNNEL_TYPE": "vxlan",
+           "REMOTE_HYPERVISOR_ENDPOINT": "/run/peerpod/hypervisor.sock", "PAUSE_IMAGE": ""}
+    result = run("config", "check", env=env)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 2, warned
+    assert any("TUNNEL_TYPE" in line and "ignored" in line for line in warned)
+    assert any("REMOTE_HYPERVISOR_ENDPOINT" in line and "SOCKET" in line for line in warned)
+
+
+def test_a_go_key_we_declare_is_not_reported():
+    from cloudadaptor.configwarnings import GO_KEYS, config_warnings
+
+    key = next(iter(GO_KEYS))
+    env = {key: "x", "PODVM_IMAGES": "a"}
+    assert config_warnings(env, declared=set()) and config_warnings(env, declared={key}) == []

@@ -12,7 +12,8 @@ import asyncio
 import functools
 import logging
 import signal
-from typing import TYPE_CHECKING
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from cloudadaptor.adaptor.hooks import SandboxObserver
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
@@ -38,6 +39,39 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The daemon cannot start; the message lists every problem, one per line."""
+
+
+CLUSTER_ID_FACT = "cluster_id"
+
+
+async def resolve_cluster_id(settings: Settings, store: SandboxStore, kube_api: Any | None) -> str:
+    """This cluster's id, recorded in ``store``: ``CLUSTER_ID``; else (with
+    Kubernetes) the kube-system namespace uid, or the recorded id while the API
+    cannot be read; else the recorded id; else a new one (a node without
+    Kubernetes keeps it across restarts). Raises ``StartupError`` when
+    Kubernetes is configured, unreadable and nothing is recorded."""
+    recorded = store.fact(CLUSTER_ID_FACT)
+    if settings.cluster_id:
+        chosen, source = settings.cluster_id, "CLUSTER_ID"
+    elif kube_api is not None:
+        from cloudadaptor.k8s.client import API_ERRORS, describe
+        from cloudadaptor.k8s.peerpods import PeerPodApi
+
+        try:
+            chosen, source = await PeerPodApi(kube_api).cluster_uid(), "uid of namespace kube-system"
+        except API_ERRORS as exc:
+            if recorded is None:
+                raise StartupError(f"cluster id: reading namespace kube-system failed ({describe(exc)}); "
+                                   "set CLUSTER_ID or allow get on namespaces") from None
+            chosen, source = recorded, f"recorded (namespace kube-system unreadable: {describe(exc)})"
+    else:
+        chosen, source = (recorded, "recorded") if recorded else (str(uuid.uuid4()), "generated")
+    if recorded and recorded != chosen:
+        log.warning("cluster id changed from %s to %s: VMs tagged with the old id are no longer this node's to sweep",
+                    recorded, chosen)
+    store.record_fact(CLUSTER_ID_FACT, chosen)
+    log.info("cluster id %s (%s)", chosen, source)
+    return chosen
 
 
 class Daemon:
@@ -96,6 +130,7 @@ class Daemon:
             self._k8s = await connect_node(settings)
         except KubeConfigError as exc:
             raise StartupError(f"Kubernetes: {exc}") from None
+        cluster_id = await resolve_cluster_id(settings, self._store, self._k8s.api if self._k8s else None)
         if self.pod_network is None:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
@@ -104,6 +139,7 @@ class Daemon:
             options=LifecycleOptions(
                 pods_dir=settings.pods_dir,
                 node_name=settings.node_name,
+                cluster_id=cluster_id,
                 proxy_timeout=settings.proxy_timeout,
                 extra_tags=settings.tags,
                 tls_min_version=settings.tls_min_version,

@@ -33,16 +33,8 @@ from cloudadaptor.adaptor.sandboxnet import SandboxNetwork
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniExhausted
 from cloudadaptor.initdata import InitData
 from cloudadaptor.adaptor.validation import (
-    AGENT_SOCKET_NAME,
-    ANN_POD_NAME,
-    ANN_POD_NAMESPACE,
-    MAX_UNIX_PATH,
-    annotation_problems,
-    check_vm_limit,
-    instance_spec,
-    validate_netns_path,
-    validate_sandbox_id,
-    vm_name_for,
+    AGENT_SOCKET_NAME, ANN_POD_NAME, ANN_POD_NAMESPACE, MAX_UNIX_PATH, annotation_problems, check_vm_limit,
+    instance_spec, validate_netns_path, validate_sandbox_id, vm_name_for,
 )
 from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
@@ -57,6 +49,7 @@ log = logging.getLogger(__name__)
 class LifecycleOptions:
     pods_dir: Path
     node_name: str
+    cluster_id: str  # TAG_CLUSTER on every VM; required in every list-to-delete
     proxy_timeout: float = 300.0
     agent_port: int = AGENT_PORT
     extra_tags: Mapping[str, str] = field(default_factory=dict)
@@ -212,7 +205,7 @@ class SandboxLifecycle:
         instance: providers.Instance | None = None
         try:
             try:
-                instance = await self.provider.create_instance(instance_spec(sandbox, self.options.node_name, self.options.extra_tags))
+                instance = await self.provider.create_instance(instance_spec(sandbox, self.options.node_name, recovery.vm_tags(self.options)))
             except providers.ProviderError as exc:
                 raise LifecycleError(Code.UNAVAILABLE, f"creating VM {sandbox.vm_name} failed: {exc}") from exc
             if not instance.ips:
@@ -282,7 +275,7 @@ class SandboxLifecycle:
         """Delete the recorded VM and any other VM tagged with this sandbox."""
         ids = {sandbox.instance_id} - {""}
         try:
-            owned = await self.provider.list_owned({providers.TAG_SANDBOX: sandbox.id, providers.TAG_NODE: self.options.node_name})
+            owned = await self.provider.list_owned({providers.TAG_SANDBOX: sandbox.id, **recovery.owned_tags(self.options)})
             ids.update(instance.id for instance in owned)
         except Exception as exc:  # the recorded id is still deleted below
             log.warning("listing VMs of sandbox %s failed: %s", sandbox.id, exc)

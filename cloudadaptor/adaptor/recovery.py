@@ -17,7 +17,7 @@ from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.providers import base as providers
 
 if TYPE_CHECKING:
-    from cloudadaptor.adaptor.lifecycle import SandboxLifecycle
+    from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
 
 log = logging.getLogger("cloudadaptor.adaptor.lifecycle")
 
@@ -53,13 +53,12 @@ async def recover(lifecycle: SandboxLifecycle) -> list[str]:
 
 
 async def sweep_orphans(lifecycle: SandboxLifecycle) -> list[str]:
-    """Delete VMs tagged as ours on this node that no sandbox record (or start in progress) owns.
+    """Delete VMs tagged as ours on this node of this cluster that no sandbox record (or start in progress) owns.
 
     Idempotent; a VM whose sandbox is known is left to that sandbox's StopVM
     (which finds it by tag). A failed delete raises (the provider's error).
     """
-    node = lifecycle.options.node_name
-    owned = await lifecycle.provider.list_owned({providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: node})
+    owned = await lifecycle.provider.list_owned(owned_tags(lifecycle.options))
     known = {s.id for s in lifecycle.store.all()} | lifecycle.starting_ids()
     actions = []
     for instance in owned:
@@ -70,3 +69,21 @@ async def sweep_orphans(lifecycle: SandboxLifecycle) -> list[str]:
         lifecycle.recorder.vms_deleted("orphan_sweep")
         actions.append(f"deleted orphan VM {instance.id} (sandbox {sandbox_id or '?'})")
     return actions
+
+
+def owned_tags(options: LifecycleOptions) -> dict[str, str]:
+    """What every list-to-delete of this node requires: our owner tag, this
+    node's and this cluster's (node names collide between clusters)."""
+    return {providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: options.node_name,
+            providers.TAG_CLUSTER: _cluster(options)}
+
+
+def vm_tags(options: LifecycleOptions) -> dict[str, str]:
+    """The operator's TAGS plus the cluster tag (ours wins); ``instance_spec`` adds the rest."""
+    return {**options.extra_tags, providers.TAG_CLUSTER: _cluster(options)}
+
+
+def _cluster(options: LifecycleOptions) -> str:
+    if not options.cluster_id:  # an empty tag would match every cluster's VMs
+        raise ValueError("LifecycleOptions.cluster_id is required: it tells this cluster's VMs from others'")
+    return options.cluster_id

@@ -83,6 +83,8 @@ _MIGRATIONS = {
     "pod_network": "TEXT NOT NULL DEFAULT ''",
 }
 _VNI_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_vni ON sandboxes (vni) WHERE vni > 0"
+# Facts about this node that outlive restarts (e.g. the cluster id of a node without Kubernetes).
+_FACTS = "CREATE TABLE IF NOT EXISTS facts (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
 class VniExhausted(Exception):
@@ -115,6 +117,16 @@ class SandboxStore:
             if column not in have:
                 self._db.execute(f"ALTER TABLE sandboxes ADD COLUMN {column} {definition}")
         self._db.execute(_VNI_INDEX)
+        self._db.execute(_FACTS)
+
+    def fact(self, name: str) -> str | None:
+        """A recorded fact (``record_fact``), or None."""
+        row = self._db.execute("SELECT value FROM facts WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else None
+
+    def record_fact(self, name: str, value: str) -> None:
+        """Record (or replace) a fact; committed before this returns."""
+        self._db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (name, value))
 
     def close(self) -> None:
         self._db.close()

@@ -109,9 +109,10 @@ def vm_name_for(pod_name: str, sandbox_id: str) -> str:
     return f"podvm-{pod}-{suffix}" if pod else f"podvm-{suffix}"
 
 
-def client_token_for(sandbox_id: str) -> str:
-    """Stable idempotency token: a retried create of this sandbox adopts its VM."""
-    return hashlib.sha256(sandbox_id.encode()).hexdigest()[:64]
+def client_token_for(sandbox_id: str, cluster_id: str = "") -> str:
+    """Stable idempotency token: a retried create of this sandbox adopts its VM —
+    and only this cluster's (two clusters in one account never adopt each other's)."""
+    return hashlib.sha256((f"{cluster_id}/{sandbox_id}" if cluster_id else sandbox_id).encode()).hexdigest()[:64]
 
 
 def annotation_problems(annotations: Mapping[str, str]) -> list[str]:
@@ -152,7 +153,7 @@ def instance_spec(sandbox: Sandbox, node_name: str, extra_tags: Mapping[str, str
         name=sandbox.vm_name,
         sandbox_id=sandbox.id,
         user_data=sandbox.user_data,
-        client_token=client_token_for(sandbox.id),
+        client_token=client_token_for(sandbox.id, tags.get(providers.TAG_CLUSTER, "")),
         tags=tags,
         image=ann.get(ANN_IMAGE) or None,
         instance_type=ann.get(ANN_MACHINE_TYPE) or None,

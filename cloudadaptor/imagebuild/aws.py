@@ -10,7 +10,8 @@ Temporaries, each undone through the cleanup stack (found by name or by the
   VPC's CIDR;
 - the builder instance in ``AWS_SUBNET_ID`` with ``AWS_SG_IDS`` plus that
   group (RunInstances with a ClientToken: a retried launch adopts it), its
-  root volume deleted with it.
+  root volume deleted with it; its user data gives it a host key made for
+  this build, the only one SSH accepts (``buildkeys``).
 
 Then: stop the instance, CreateImage (tags on the image, then on its
 snapshots), wait with the ``image_available`` waiter; an image that fails is
@@ -29,6 +30,7 @@ import paramiko
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
 from cloudadaptor.config import Settings
+from cloudadaptor.imagebuild import buildkeys
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
     TAG_BUILD, TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
@@ -158,9 +160,11 @@ class AwsImageBackend:
             stack.push(f"key pair {name}", lambda: self.ec2.delete_key_pair(KeyName=name))
             made = self.ec2.create_key_pair(KeyName=name, KeyType="rsa", TagSpecifications=[_spec("key-pair", tags)])
         key = paramiko.RSAKey.from_private_key(io.StringIO(made["KeyMaterial"]))
+        host_key = buildkeys.new_host_key()
         group_id = self._security_group(stack, name, tags)
         plan = instances.LaunchPlan(
-            name=name, client_token=build_id, user_data="", tags=tags, image_id=base_image,
+            name=name, client_token=build_id, user_data=buildkeys.host_key_cloud_config(host_key), tags=tags,
+            image_id=base_image,
             instance_type=options.instance_type or DEFAULT_INSTANCE_TYPE, subnet_id=self.config.subnet_id,
             security_group_ids=(*self.config.security_group_ids, group_id), key_name=name,
             public_ip=self.config.use_public_ip,
@@ -172,7 +176,7 @@ class AwsImageBackend:
         address = described.get("PublicIpAddress") if self.config.use_public_ip else described.get("PrivateIpAddress")
         if not address:
             raise BuildError(f"builder instance {self._instance_id} has no {'public' if self.config.use_public_ip else 'private'} address")
-        return SshAccess(address, 22, options.ssh_user or DEFAULT_SSH_USER, key)
+        return SshAccess(address, 22, options.ssh_user or DEFAULT_SSH_USER, key, host_key)
 
     def _security_group(self, stack: CleanupStack, name: str, tags: Mapping[str, str]) -> str:
         with self._errors(f"security group {name}"):

@@ -7,9 +7,10 @@ cannot orphan one), VM first, then NIC, then OS disk:
   ``AZURE_NSG_ID`` (Azure's default rules let the VNet reach 22/tcp);
 - the VM ``peerpod-image-builder-<id>`` (an ordinary VM, never confidential:
   a managed image cannot back a confidential VM), its OS disk ``...-osdisk``,
-  logging in as ``SSH_USERNAME`` with the ``ssh-key-secret`` key pair
-  (``SSH_PUB_KEY_PATH`` and the private key next to it, or
-  ``--ssh-private-key``).
+  logging in as ``SSH_USERNAME`` with a key pair made for this build (its
+  private half only in this process: the ``ssh-key-secret`` is not needed),
+  and given a host key made for this build through ``customData``
+  (cloud-init), the only one SSH accepts (``buildkeys``).
 
 After provisioning and ``seal`` (which runs ``waagent -deprovision+user``):
 deallocate, generalize, create the managed image from the VM (tags on it);
@@ -19,14 +20,14 @@ an image that fails is deleted. Uses the provider's SDK clients
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import paramiko
 from azure.core.exceptions import AzureError
 
+from cloudadaptor.imagebuild import buildkeys
 from cloudadaptor.imagebuild.cleanup import CleanupStack
 from cloudadaptor.imagebuild.common import (
     TAG_BUILT_BY, BuildError, BuildOptions, ImageInfo, SshAccess, builder_backoff, builder_name, temporary_tags,
@@ -34,7 +35,7 @@ from cloudadaptor.imagebuild.common import (
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure import network, vms
 from cloudadaptor.providers.azure.config import DEFAULT_SIZE  # the plain (non-confidential) size
-from cloudadaptor.providers.azure.config import AzureConfig, ImageRef, parse_image_id, read_ssh_public_key
+from cloudadaptor.providers.azure.config import AzureConfig, ImageRef, parse_image_id
 from cloudadaptor.providers.base import load_provider
 from cloudadaptor.providers.azure.tags import azure_tag_name, from_azure_tags, to_azure_tags
 from cloudadaptor.retry import retry_call
@@ -48,12 +49,6 @@ def load_config(env: Mapping[str, str]) -> AzureConfig:
     _, config = load_provider(env, provider="azure")
     assert isinstance(config, AzureConfig)
     return config
-
-
-def default_private_key(config: AzureConfig) -> Path:
-    """The private half next to ``SSH_PUB_KEY_PATH``: ``id_rsa.pub`` -> ``id_rsa``."""
-    path = config.ssh_pub_key_path
-    return path.with_suffix("") if path.suffix == ".pub" else path.with_name(path.name + ".key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,33 +79,16 @@ def parse_base_image(text: str) -> MarketplaceImage | ImageRef:
         raise BuildError(f"--base-image {text}: expected publisher:offer:sku:version or {exc}") from None
 
 
-def load_key_pair(config: AzureConfig, private_key: Path) -> tuple[str, paramiko.PKey]:
-    """(public key line, private key) of the ssh-key-secret; BuildError when unreadable or not a pair."""
-    try:
-        public = read_ssh_public_key(config.ssh_pub_key_path)
-    except ValueError as exc:
-        raise BuildError(f"SSH_PUB_KEY_PATH: {exc}") from None
-    try:
-        key = paramiko.PKey.from_path(private_key)
-    except (OSError, paramiko.SSHException, ValueError) as exc:
-        raise BuildError(f"SSH private key {private_key}: {getattr(exc, 'strerror', None) or exc} "
-                         "(the ssh-key-secret must hold id_rsa next to id_rsa.pub, or pass --ssh-private-key)") from None
-    if key.get_base64() != public.split()[1]:
-        raise BuildError(f"SSH private key {private_key} does not belong to the public key in {config.ssh_pub_key_path}")
-    return public, key
-
-
 class AzureImageBackend:
     """The Azure half of ``image build`` / ``list`` / ``delete`` (see the module docstring). Blocking."""
 
     cloud = "azure"
 
-    def __init__(self, config: AzureConfig, clients: az.AzureClients, *, private_key: Path | None = None,
+    def __init__(self, config: AzureConfig, clients: az.AzureClients, *,
                  hyper_v_generation: str = DEFAULT_HYPERV_GENERATION) -> None:
         self.config = config
         self.clients = clients
         self.extra_tags = dict(config.extra_tags)  # TAGS, on everything made
-        self.private_key = private_key or default_private_key(config)
         self.hyper_v_generation = hyper_v_generation
         self.rg = config.resource_group
         self._vm_name: str | None = None
@@ -162,7 +140,8 @@ class AzureImageBackend:
     # ------------------------------------------------------------ builder VM
 
     def launch(self, stack: CleanupStack, build_id: str, base_image: str, options: BuildOptions) -> SshAccess:
-        public, key = load_key_pair(self.config, self.private_key)
+        public, key = buildkeys.new_login_key()
+        host_key = buildkeys.new_host_key()
         name = builder_name(build_id)
         self._vm_name = name
         tags = temporary_tags(build_id, self.extra_tags)
@@ -180,11 +159,14 @@ class AzureImageBackend:
                            image=parse_base_image(base_image), nic_id=nic.id,  # type: ignore[arg-type]
                            ssh_public_key=public, user_data="", tags=tags)
         body["properties"].pop("userData", None)
+        # customData is what cloud-init reads on Azure (userData is only for IMDS readers).
+        body["properties"]["osProfile"]["customData"] = base64.b64encode(
+            buildkeys.host_key_cloud_config(host_key).encode()).decode("ascii")
         stack.push(f"builder VM {name}",
                    lambda: self._gone_ok(lambda: compute.virtual_machines.begin_delete(self.rg, name).result()))
         with self._errors(f"builder VM {name}"):
             compute.virtual_machines.begin_create_or_update(self.rg, name, body).result()
-        return SshAccess(nic.private_ip, 22, self.config.ssh_username, key)  # the VM's admin user
+        return SshAccess(nic.private_ip, 22, self.config.ssh_username, key, host_key)  # the VM's admin user
 
     def _delete_in_use(self, delete: Callable[[], Any]) -> None:
         """A NIC/disk delete: gone is success, "in use" (its VM is just going) is retried."""

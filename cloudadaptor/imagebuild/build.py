@@ -48,6 +48,7 @@ class InputSpec:
     payload: str | None
     wheel: Path | None = None
     podvm_files: Path | None = None
+    payload_sha256: str | None = None  # PODVM_AGENT_PAYLOAD_SHA256: required for a download
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def build_image(backend: ImageBackend, options: BuildOptions, spec: InputSpec, p
     """
     with tempfile.TemporaryDirectory(prefix="peerpod-image-") as tmp:
         progress.step(CHECK_INPUTS)
-        inputs = build_inputs.gather(spec.payload, spec.wheel, spec.podvm_files, Path(tmp))
+        inputs = build_inputs.gather(spec.payload, spec.wheel, spec.podvm_files, Path(tmp), spec.payload_sha256)
         progress.info(f"kata-agent sha256 {inputs.agent_sha256} from {source_label(inputs.payload_source)}")
         progress.info(f"pod VM components {inputs.wheel.name}")
         progress.step(CHECK_NAME)

@@ -53,8 +53,10 @@ def _add_build(sub: Any) -> None:
                         help="an image of that name exists: delete it right before the new one is created")
     exists.add_argument("--keep-existing", action="store_true",
                         help="an image of that name exists: use it (print its id, update the ConfigMap), build nothing")
-    build.add_argument("--agent-payload", help="[PODVM_AGENT_PAYLOAD] tar archive (path or http(s) URL) holding "
+    build.add_argument("--agent-payload", help="[PODVM_AGENT_PAYLOAD] tar archive (path or https URL) holding "
                        "the kata-agent binary (usr/bin/kata-agent, usr/local/bin/kata-agent or opt/kata/bin/kata-agent)")
+    build.add_argument("--agent-payload-sha256", help="[PODVM_AGENT_PAYLOAD_SHA256] the archive's sha256 (64 hex "
+                       "digits): required for a URL, checked for a path when given")
     build.add_argument("--base-image", help="[PODVM_BASE_IMAGE] AWS: an AMI id (default: the newest RHEL 9 of Red Hat); "
                        "Azure: publisher:offer:sku:version or an image id (default RedHat:RHEL:9-lvm-gen2:latest)")
     build.add_argument("--instance-type", help="builder VM type (default t3.medium / Standard_B2als_v2)")
@@ -62,8 +64,6 @@ def _add_build(sub: Any) -> None:
     build.add_argument("--podvm-files", type=Path, help="the images/podvm directory (provision.py, files/)")
     build.add_argument("--ssh-user", help="AWS: login user on the builder VM (default ec2-user, RHEL's); "
                        "Azure always uses SSH_USERNAME, the VM's admin user")
-    build.add_argument("--ssh-private-key", type=Path, help="Azure: the private key of SSH_PUB_KEY_PATH "
-                       "[SSH_PRIVATE_KEY_PATH] (default: SSH_PUB_KEY_PATH without .pub)")
     build.add_argument("--ssh-cidr", action="append", help="AWS: also allow SSH to the builder VM from this CIDR "
                        "(default: from AWS_SG_IDS only); repeatable")
     build.add_argument("--ssh-endpoint", type=_endpoint, help="reach the builder VM's SSH at HOST:PORT instead of its "
@@ -107,8 +107,21 @@ def make_backend(cloud: str, env: Mapping[str, str], args: argparse.Namespace) -
     from cloudadaptor.providers.azure.client import build_clients
 
     config = dataclasses.replace(azure.load_config(env), polling_interval=poll)
-    key = getattr(args, "ssh_private_key", None) or (Path(env["SSH_PRIVATE_KEY_PATH"]) if env.get("SSH_PRIVATE_KEY_PATH") else None)
-    return azure.AzureImageBackend(config, build_clients(config), private_key=key)
+    return azure.AzureImageBackend(config, build_clients(config))
+
+
+def payload_sha256(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    """--agent-payload-sha256 / PODVM_AGENT_PAYLOAD_SHA256, parsed; ConfigError naming the key."""
+    from cloudadaptor.config import Problem
+    from cloudadaptor.imagebuild.inputs import SHA256_KEY, parse_sha256
+
+    text = getattr(args, "agent_payload_sha256", None) or (env.get(SHA256_KEY) or "").strip()
+    if not text:
+        return None
+    try:
+        return parse_sha256(text)
+    except ValueError:
+        raise ConfigError([Problem(SHA256_KEY, text, "expected the payload archive's sha256 as 64 hex digits")]) from None
 
 
 def options_from(args: argparse.Namespace, env: Mapping[str, str], tags: Mapping[str, str]) -> BuildOptions:
@@ -140,7 +153,7 @@ def _build(args: argparse.Namespace, env: Mapping[str, str], backend: ImageBacke
         def update(image_id: str) -> None:
             configmap.update(env, namespace, CONFIGMAP_KEYS[args.cloud], image_id)
     payload = args.agent_payload or (env.get("PODVM_AGENT_PAYLOAD") or "").strip() or None
-    spec = build.InputSpec(payload, args.wheel, args.podvm_files)
+    spec = build.InputSpec(payload, args.wheel, args.podvm_files, payload_sha256(args, env))
     publish = _gallery_publisher(args, backend, options)
     progress = Progress(build.steps_for(update is not None, publish is not None), err)
     result = build.build_image(backend, options, spec, progress, update, publish)

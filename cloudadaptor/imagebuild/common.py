@@ -118,12 +118,14 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class SshAccess:
-    """How to log in to the builder VM: address, user and the private key (never shown)."""
+    """How to log in to the builder VM: address, user, the private key (never shown)
+    and the host key the VM was given (``buildkeys``): the only one accepted."""
 
     host: str
     port: int
     username: str
     key: object = field(repr=False)  # paramiko.PKey
+    host_key: object | None = field(default=None, repr=False)  # paramiko.PKey; None: accepted and logged
 
 
 def image_tags(inputs: BuildInputs, base_image: str, build_id: str, extra: Mapping[str, str]) -> dict[str, str]:

@@ -4,9 +4,13 @@
   else next to the source tree (a checkout, an editable install), else where
   the builder's container image puts it (``SHIPPED_PODVM``).
 - The payload archive with the kata-agent (``--agent-payload`` /
-  ``PODVM_AGENT_PAYLOAD``): a local path or an http(s) URL, downloaded with a
-  size bound, then checked with provision.py's own ``find_agent`` so the
-  builder and the VM agree on what a valid payload is.
+  ``PODVM_AGENT_PAYLOAD``): a local path or an https URL (plain http is
+  refused: the agent runs as root in every pod VM), downloaded with a size
+  bound. A download needs the archive's expected sha256
+  (``--agent-payload-sha256`` / ``PODVM_AGENT_PAYLOAD_SHA256``), checked
+  before the archive is opened; a local file is checked when one is given.
+  Then provision.py's own ``find_agent`` checks it, so the builder and the VM
+  agree on what a valid payload is.
 - Our wheel (``wheel.find_wheel``).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 import tarfile
 import urllib.error
 import urllib.parse
@@ -49,18 +54,38 @@ def load_provision(podvm_dir: Path) -> ModuleType:
     return module
 
 
-def fetch_payload(source: str, workdir: Path, *, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
-    """The payload archive as a local file: ``source`` itself, or downloaded from an http(s) URL.
+SHA256_KEY = "PODVM_AGENT_PAYLOAD_SHA256"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-    BuildError when the file is missing or the download fails or exceeds ``MAX_PAYLOAD_BYTES``.
+
+def parse_sha256(text: str) -> str:
+    """A sha256 as 64 hex digits (``sha256:`` prefix allowed); ValueError saying what is expected."""
+    digest = text.strip().lower().removeprefix("sha256:")
+    if not _SHA256.fullmatch(digest):
+        raise ValueError(f"{SHA256_KEY}: expected the payload archive's sha256 as 64 hex digits")
+    return digest
+
+
+def fetch_payload(source: str, workdir: Path, *, timeout: float = DOWNLOAD_TIMEOUT, expect_sha256: str | None = None) -> Path:
+    """The payload archive as a local file: ``source`` itself, or downloaded from an https URL.
+
+    BuildError when the file is missing, the URL is not https, a download has
+    no ``expect_sha256``, the download fails or exceeds ``MAX_PAYLOAD_BYTES``.
+    (The digest itself is checked by ``verify_sha256``.)
     """
     scheme = urllib.parse.urlsplit(source).scheme.lower()
-    if scheme not in ("http", "https"):
+    label = source_label(source)
+    if scheme in ("", "file"):
         path = Path(source[len("file://"):] if scheme == "file" else source)
         if not path.is_file():
             raise BuildError(f"agent payload {source}: no such file (expected a tar archive holding usr/bin/kata-agent)")
         return path
-    label = source_label(source)
+    if scheme != "https":
+        raise BuildError(f"agent payload {label}: only https URLs or local paths are accepted (the agent runs as root "
+                         "in every pod VM; a download must be authenticated)")
+    if expect_sha256 is None:
+        raise BuildError(f"agent payload {label}: a download needs the archive's expected sha256: set {SHA256_KEY} "
+                         "or pass --agent-payload-sha256")
     name = Path(urllib.parse.urlsplit(source).path).name or "payload.tar"
     target = workdir / name
     try:
@@ -77,6 +102,19 @@ def fetch_payload(source: str, workdir: Path, *, timeout: float = DOWNLOAD_TIMEO
         reason = getattr(exc, "reason", None) or exc
         raise BuildError(f"agent payload {label}: download failed: {reason}") from None
     return target
+
+
+def verify_sha256(path: Path, source: str, expected: str | None) -> None:
+    """BuildError unless the file's sha256 is ``expected`` (None: nothing to check)."""
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise BuildError(f"agent payload {source_label(source)}: sha256 is {digest.hexdigest()}, "
+                         f"not {expected} ({SHA256_KEY}); refusing it")
 
 
 def check_payload(path: Path, source: str, provision: ModuleType) -> str:
@@ -97,14 +135,16 @@ def check_payload(path: Path, source: str, provision: ModuleType) -> str:
     return digest.hexdigest()
 
 
-def gather(payload_source: str | None, wheel: Path | None, podvm_files: Path | None, workdir: Path) -> BuildInputs:
+def gather(payload_source: str | None, wheel: Path | None, podvm_files: Path | None, workdir: Path,
+           payload_sha256: str | None = None) -> BuildInputs:
     """Everything to upload, checked; BuildError for the first problem (nothing in the cloud yet)."""
     if not payload_source:
         raise BuildError("no agent payload: pass --agent-payload PATH|URL or set PODVM_AGENT_PAYLOAD "
                          "(a tar archive holding the kata-agent binary, e.g. usr/bin/kata-agent)")
     podvm_dir = find_podvm_dir(podvm_files)
     provision = load_provision(podvm_dir)
-    payload = fetch_payload(payload_source, workdir)
+    payload = fetch_payload(payload_source, workdir, expect_sha256=payload_sha256)
+    verify_sha256(payload, payload_source, payload_sha256)
     agent_sha256 = check_payload(payload, payload_source, provision)
     try:
         wheel_path = wheels.find_wheel(wheel, workdir)

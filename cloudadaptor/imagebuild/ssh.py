@@ -1,9 +1,10 @@
 """SSH to the builder VM with paramiko: wait until it answers, upload over SFTP, run with streamed output.
 
-The builder VM is new, so its host key cannot be known in advance: it is
-accepted and its fingerprint logged (the VM lives minutes, only in the
-configured subnet, and carries nothing secret). Authentication is by the
-build's private key only (no agent, no key files from ``~/.ssh``).
+The builder VM is new, so the build gives it its host key (``buildkeys``,
+through cloud-init) and accepts only that key: any other is refused before
+logging in (a man in the middle never sees the login or the uploads).
+Authentication is by the build's private key only (no agent, no key files
+from ``~/.ssh``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ class SshUnavailable(BuildError):
 
 class _RecordHostKey(paramiko.MissingHostKeyPolicy):
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        log.info("builder VM %s host key %s %s", hostname, key.get_name(), key.fingerprint)
+        log.warning("builder VM %s host key %s %s accepted unverified (no host key was pinned)", hostname,
+                    key.get_name(), key.fingerprint)
 
 
 def _attempt(access: SshAccess, timeout: float) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(_RecordHostKey())
+    if isinstance(access.host_key, paramiko.PKey):
+        # known_hosts names a non-22 port as "[host]:port"; paramiko looks the key up under that name.
+        name = access.host if access.port == 22 else f"[{access.host}]:{access.port}"
+        client.get_host_keys().add(name, access.host_key.get_name(), access.host_key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        client.set_missing_host_key_policy(_RecordHostKey())
     try:
         client.connect(
             access.host, port=access.port, username=access.username, pkey=access.key,
@@ -73,16 +81,22 @@ def wait_for_ssh(access: SshAccess, *, timeout: float, interval: float,
                           retryable=lambda exc: isinstance(exc, (OSError, EOFError, paramiko.SSHException)))
     except RetryTimeout as exc:
         last = _describe(exc.last_error) if exc.last_error is not None else "no attempt made"
+        hint = ("Something else answers at that address (a man in the middle?): nothing was sent to it."
+                if isinstance(exc.last_error, paramiko.BadHostKeyException) else
+                "Check that the builder VM's security group / NSG allows 22/tcp from where this runs and that the "
+                "subnet is reachable from here.")
         raise SshUnavailable(
             f"SSH on the builder VM ({access.username}@{access.host}:{access.port}) did not answer within "
-            f"{timeout:g}s ({exc.attempts} attempts; last error: {last}). Check that the builder VM's security "
-            "group / NSG allows 22/tcp from where this runs and that the subnet is reachable from here."
+            f"{timeout:g}s ({exc.attempts} attempts; last error: {last}). {hint}"
         ) from None
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, NoValidConnectionsError) and exc.errors:
         exc = next(iter(exc.errors.values()))  # the socket error behind "Unable to connect"
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return (f"the host key offered ({exc.key.get_name()} {exc.key.fingerprint}) is not the one this build gave "
+                f"the VM ({exc.expected_key.fingerprint}): refused")
     if isinstance(exc, paramiko.AuthenticationException):
         return f"authentication failed ({exc})"
     if isinstance(exc, socket.timeout):

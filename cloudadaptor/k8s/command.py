@@ -69,18 +69,16 @@ def run_controller(args: argparse.Namespace) -> int:
         print_problems(problems)
         return 2
     setup_logging(settings.log_level, settings.log_format)
-    options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags)
     try:
-        return asyncio.run(_controller_main(settings, provider_config, options, values["PEERPOD_CONTROLLER_INTERVAL"],
-                                            args.once))
+        return asyncio.run(_controller_main(settings, provider_config, values, args.once))
     except ConfigError as exc:
         print_problems(exc.problems)
         return 2
 
 
-async def _controller_main(settings, provider_config, options, interval: float, once: bool) -> int:
+async def _controller_main(settings, provider_config, values, once: bool) -> int:
     from cloudadaptor.k8s import controller
-    from cloudadaptor.k8s.client import KubeConfigError, connect
+    from cloudadaptor.k8s.client import API_ERRORS, KubeConfigError, connect, describe
     from cloudadaptor.k8s.peerpods import PeerPodApi
     from cloudadaptor.metrics import ControllerMetrics
     from cloudadaptor.probes import ProbeBindError, ProbeServer
@@ -94,9 +92,19 @@ async def _controller_main(settings, provider_config, options, interval: float, 
     if api is None:
         print("cannot start: no Kubernetes configuration (set KUBECONFIG or run in a cluster)", file=sys.stderr)
         return 1
+    try:
+        cluster_id = settings.cluster_id or await PeerPodApi(api).cluster_uid()
+    except API_ERRORS as exc:
+        await api.close()
+        print(f"cannot start: reading namespace kube-system for the cluster id failed ({describe(exc)}); "
+              "set CLUSTER_ID or allow get on namespaces", file=sys.stderr)
+        return 1
+    options = controller.ControllerOptions.from_values(values, settings.cloud_provider, settings.tags, cluster_id)
+    interval = values["PEERPOD_CONTROLLER_INTERVAL"]
     provider = create_provider(settings, provider_config)
-    log.info("PeerPod controller: provider %s, every %.0fs, sweep %s (grace %.0fs, tags %s)", options.provider_name,
-             interval, "on" if options.sweep else "off", options.sweep_grace, dict(options.sweep_tags) or "-")
+    log.info("PeerPod controller: provider %s, cluster %s, every %.0fs, sweep %s (grace %.0fs, tags %s)",
+             options.provider_name, cluster_id, interval, "on" if options.sweep else "off", options.sweep_grace,
+             dict(options.sweep_tags) or "-")
     metrics = ControllerMetrics(options.provider_name)
     probes = None if once else ProbeServer(settings.probe_address, settings.probe_port, metrics, lambda: True)
     try:

@@ -5,12 +5,16 @@ One cluster-wide process (a Deployment) polls; each pass is ``reconcile()``:
 1. **Finalize.** A PeerPod being deleted (``deletionTimestamp``) that still
    carries our finalizer means nobody deleted its VM — the adaptor died, the
    node vanished. Delete ``spec.instanceID`` through the provider
-   (idempotent), then release the finalizer.
+   (idempotent), then release the finalizer — but only after reading the
+   instance: one without our owner tag and this cluster's tag (``CLUSTER_ID``,
+   else the kube-system namespace uid), or outside the provider's scope (an
+   Azure VM outside AZURE_RESOURCE_GROUP), is refused: logged, a Warning
+   Event on the PeerPod, the finalizer released and the instance untouched.
 2. **Orphaned PeerPods.** A PeerPod whose owner Pod is gone (or is another
    Pod of the same name) is deleted, then finalized as in 1 — the garbage
    collector would do the same, this does not depend on it.
-3. **Sweep.** VMs tagged ``peerpods.io/owner=cloud-api-adaptor`` (plus every
-   ``TAGS`` pair, so clusters sharing an account can be told apart) that no
+3. **Sweep.** VMs tagged ``peerpods.io/owner=cloud-api-adaptor`` and
+   ``peerpods.io/cluster=<this cluster>`` (plus every ``TAGS`` pair) that no
    PeerPod names and whose ``peerpods.io/pod`` is not a live Pod are deleted
    once they have been seen unreferenced for ``PEERPOD_SWEEP_GRACE``. A Pod is
    live while it exists and is neither Succeeded nor Failed; a Pod being
@@ -39,7 +43,8 @@ if TYPE_CHECKING:
 from cloudadaptor.k8s.client import API_ERRORS, describe
 from cloudadaptor.k8s.peerpods import FINALIZER, JSON, PeerPodApi
 from cloudadaptor.providers.base import (
-    OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, Provider, ProviderError,
+    OWNER_VALUE, TAG_CLUSTER, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, ForeignInstance, Instance, Provider, ProviderError,
+    not_ours,
 )
 
 log = logging.getLogger(__name__)
@@ -55,13 +60,20 @@ KEYS: tuple[Key, ...] = (
 @dataclass(frozen=True)
 class ControllerOptions:
     provider_name: str
+    cluster_id: str  # TAG_CLUSTER: only VMs carrying it are deleted
     sweep: bool = True
     sweep_grace: float = 600.0
     sweep_tags: Mapping[str, str] = field(default_factory=dict)  # TAGS: a VM must carry them too
 
+    def __post_init__(self) -> None:
+        if not self.cluster_id:
+            raise ValueError("the controller needs this cluster's id (CLUSTER_ID or the kube-system namespace uid)")
+
     @classmethod
-    def from_values(cls, values: Mapping[str, Any], provider_name: str, tags: Mapping[str, str]) -> ControllerOptions:
-        return cls(provider_name=provider_name, sweep=values["PEERPOD_SWEEP"],
+    def from_values(
+        cls, values: Mapping[str, Any], provider_name: str, tags: Mapping[str, str], cluster_id: str,
+    ) -> ControllerOptions:
+        return cls(provider_name=provider_name, cluster_id=cluster_id, sweep=values["PEERPOD_SWEEP"],
                    sweep_grace=values["PEERPOD_SWEEP_GRACE"], sweep_tags=dict(tags))
 
 
@@ -111,6 +123,7 @@ class ReconcileReport:
     vms_deleted: list[str] = field(default_factory=list)
     finalizers_released: list[str] = field(default_factory=list)  # "namespace/name"
     peerpods_deleted: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # "namespace/name: instance: why" of deletes refused
     errors: list[str] = field(default_factory=list)
     error_log: ErrorLog = field(default_factory=ErrorLog, repr=False, compare=False)
 
@@ -158,7 +171,7 @@ async def _finalize(peerpods: PeerPodApi, provider: Provider, options: Controlle
         log.error("%s", report.errors[-1])
         return
     try:
-        if instance_id:
+        if instance_id and await _ours_to_delete(peerpods, provider, options, item, instance_id, report):
             await provider.delete_instance(instance_id)
             report.vms_deleted.append(instance_id)
             log.warning("deleted VM %s of PeerPod %s (pod gone, the adaptor did not delete it)", instance_id, _ref(item))
@@ -169,6 +182,35 @@ async def _finalize(peerpods: PeerPodApi, provider: Provider, options: Controlle
     except Exception as exc:  # reported; the pass goes on and the next one retries
         report.failed(f"finalize {_ref(item)}", f"PeerPod {_ref(item)}: VM {instance_id}",
                       f"finalizing PeerPod {_ref(item)} failed, retried next pass", exc)
+
+
+async def _ours_to_delete(
+    peerpods: PeerPodApi, provider: Provider, options: ControllerOptions, item: JSON, instance_id: str,
+    report: ReconcileReport,
+) -> bool:
+    """Read the instance a PeerPod names: True when it exists and is this
+    cluster's pod VM. Anything else is refused (logged, a Warning Event on the
+    PeerPod) and False: a PeerPod is user-writable, so it must not be able to
+    name someone else's instance for deletion."""
+    try:
+        instance = await provider.describe_instance(instance_id)
+    except ForeignInstance as exc:
+        why = str(exc)
+    else:
+        if instance is None:
+            log.info("PeerPod %s: VM %s is already gone", _ref(item), instance_id)
+            return False
+        why = not_ours(instance, options.cluster_id) or ""
+        if not why:
+            return True
+    message = f"VM {instance_id} not deleted: {why}"
+    report.refused.append(f"{_ref(item)}: {message}")
+    log.error("PeerPod %s names an instance that is not this cluster's pod VM; %s", _ref(item), message)
+    try:
+        await peerpods.warn(item, "InstanceNotOwned", message)
+    except Exception as exc:  # the refusal stands without its Event
+        log.warning("PeerPod %s: recording the Event failed: %s", _ref(item), describe(exc))
+    return False
 
 
 async def _delete_if_orphaned(
@@ -197,7 +239,8 @@ async def _sweep(
     referenced: set[str | None], now: float, report: ReconcileReport,
 ) -> None:
     try:
-        instances = await provider.list_owned({**options.sweep_tags, TAG_OWNER: OWNER_VALUE})
+        instances = await provider.list_owned(
+            {**options.sweep_tags, TAG_OWNER: OWNER_VALUE, TAG_CLUSTER: options.cluster_id})
     except Exception as exc:  # reported; nothing is known to be unreferenced, so nothing is swept
         report.failed("sweep", "listing owned VMs", "sweep: listing owned VMs failed", exc)
         return

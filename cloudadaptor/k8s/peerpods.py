@@ -14,6 +14,7 @@ and releases PeerPods and never fails a pod because Kubernetes is unwell.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 from dataclasses import dataclass
@@ -152,6 +153,24 @@ class PeerPodApi:
             return await none_if_gone(self.patch(namespace, name, patch)) is not None
 
         return await retry_on_conflict(attempt)
+
+    async def cluster_uid(self) -> str:
+        """The uid of namespace ``kube-system``: stable for the cluster's life, distinct between clusters."""
+        namespace = await self._core.read_namespace("kube-system")
+        return str(namespace.metadata.uid)
+
+    async def warn(self, item: JSON, reason: str, message: str) -> None:
+        """A Warning Event on the PeerPod ``item`` (what ``kubectl describe`` shows)."""
+        meta = item["metadata"]
+        now = datetime.datetime.now(datetime.timezone.utc)
+        await self._core.create_namespaced_event(meta.get("namespace", ""), {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace", "")},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+                               "namespace": meta.get("namespace", ""), "uid": meta.get("uid")},
+            "type": "Warning", "reason": reason, "message": message[:1024],
+            "source": {"component": "peerpod-controller"}, "reportingComponent": "peerpod-controller",
+            "firstTimestamp": now.isoformat(), "lastTimestamp": now.isoformat(), "count": 1,
+        })
 
 
 def is_transient(exc: BaseException) -> bool:

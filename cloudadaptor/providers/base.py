@@ -34,6 +34,9 @@ TAG_OWNER = "peerpods.io/owner"  # value: "cloud-api-adaptor"
 TAG_NODE = "peerpods.io/node"
 TAG_SANDBOX = "peerpods.io/sandbox-id"
 TAG_POD = "peerpods.io/pod"  # "<namespace>/<name>"
+# The cluster identity (CLUSTER_ID, else derived): every list-to-delete requires
+# it, so clusters sharing an account never delete each other's VMs.
+TAG_CLUSTER = "peerpods.io/cluster"
 OWNER_VALUE = "cloud-api-adaptor"
 
 
@@ -73,6 +76,24 @@ class ProviderError(Exception):
     """
 
 
+class ForeignInstance(ProviderError):
+    """The id names an instance outside what this provider's config manages
+    (e.g. another Azure resource group): it is neither read nor deleted."""
+
+
+def not_ours(instance: Instance, cluster_id: str) -> str | None:
+    """Why ``instance`` is not this cluster's pod VM, or None when it is (the
+    owner tag and this cluster's tag both present): checked before any delete
+    of an instance named from outside (a PeerPod)."""
+    owner = instance.tags.get(TAG_OWNER)
+    if owner != OWNER_VALUE:
+        return f"its tag {TAG_OWNER} is {owner!r}, not {OWNER_VALUE!r}"
+    cluster = instance.tags.get(TAG_CLUSTER)
+    if cluster != cluster_id:
+        return f"its tag {TAG_CLUSTER} is {cluster!r}, not this cluster's {cluster_id!r}"
+    return None
+
+
 @runtime_checkable
 class Provider(Protocol):
     """What the lifecycle, the controller and the daemon use of a provider."""
@@ -97,6 +118,12 @@ class Provider(Protocol):
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """Instances carrying every one of ``tags`` (for orphan sweeps)."""
+        ...
+
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        """The instance with its tags, or None when it does not exist (or is
+        being deleted). Raises ``ForeignInstance`` for an id outside what the
+        config manages; read before deleting an instance named from outside."""
         ...
 
     async def close(self) -> None: ...
@@ -150,6 +177,11 @@ class ProviderBase:
     async def console_output(self, instance_id: str) -> str:
         """Not supported unless the provider overrides it."""
         raise ConsoleUnavailable(f"the {self.name} provider cannot read VM consoles")
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        """Found among ``list_owned({})`` (one listing; a provider with a direct
+        read should override this)."""
+        listed = await cast(Provider, self).list_owned({})
+        return next((instance for instance in listed if instance.id == instance_id), None)
 
 
 def installed_providers() -> dict[str, EntryPoint]:

@@ -6,6 +6,10 @@
    least memory first, then fewest vCPUs, then fewest GPUs.
 3. Else the default (``PODVM_INSTANCE_TYPE``).
 The result must be in the allow-list when one is set.
+
+The image annotation is checked against its own allow-list (``PODVM_IMAGES``)
+by ``check_image``; the configured default image is the operator's choice and
+always allowed.
 """
 
 from __future__ import annotations
@@ -69,3 +73,10 @@ def select_instance_type(
     if allowed:
         return allowed[0]
     raise SelectionError(f"no instance type: set {default_key} (or the provider's default) or {allowed_key}")
+
+
+def check_image(requested: str | None, allowed: Sequence[str], *, allowed_key: str = "PODVM_IMAGES") -> None:
+    """Refuse an image annotation that is not in ``allowed`` (compared without
+    case: Azure ids are case-insensitive, AMI ids lower-case). No list, no limit."""
+    if requested and allowed and requested.strip().lower() not in {a.lower() for a in allowed}:
+        raise SelectionError(f"image {requested!r} (image annotation) is not in {allowed_key} ({', '.join(allowed)})")

@@ -31,7 +31,10 @@ from cloudadaptor.wire import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 log = logging.getLogger(__name__)
 
 MUTATE_PATH = "/mutate-pods"
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # the API server sends at most ~3 MiB objects (twice, old and new, on updates)
+# A Pod nests about 15 levels deep; anything far deeper is an attack on the
+# parser (RecursionError) or on every walk of the review after it.
+MAX_DEPTH = 64
 
 
 class CertificateReloader:
@@ -66,6 +69,20 @@ def _bad_request(reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=400)
 
 
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when ``value`` nests lists/objects deeper than ``limit`` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def make_app(options: MutationOptions) -> web.Application:
     """The aiohttp application (routes ``/mutate-pods`` and ``/healthz``)."""
 
@@ -74,8 +91,12 @@ def make_app(options: MutationOptions) -> web.Application:
             review: Any = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
             return _bad_request("the body is not JSON (expected an AdmissionReview v1)")
+        except RecursionError:  # the parser's own limit, before ours
+            return _bad_request(f"the JSON nests deeper than {MAX_DEPTH} levels (expected an AdmissionReview v1)")
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": f"the body is larger than {MAX_BODY} bytes"}, status=413)
+        if too_deep(review):
+            return _bad_request(f"the JSON nests deeper than {MAX_DEPTH} levels (expected an AdmissionReview v1)")
         try:
             answer = admission_response(review, options)
         except BadReview as exc:

@@ -63,6 +63,9 @@ class FakeProvider:
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         return [i for i in self.instances.values() if all(i.tags.get(k) == v for k, v in tags.items())]
 
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        return self.instances.get(instance_id)
+
     async def close(self) -> None:
         pass
 
@@ -210,11 +213,13 @@ async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvi
     made: list[tuple[SandboxLifecycle, SandboxStore]] = []
 
     def make(agent_port: int, proxy_timeout: float = 5.0, vm_limit: int | None = None, observer=None,
-             proxy_factory: ProxyFactory = AgentProxy, initdata=None, credentials=None) -> SandboxLifecycle:
+             proxy_factory: ProxyFactory = AgentProxy, initdata=None, credentials=None,
+             cluster_id: str = "cluster-a") -> SandboxLifecycle:
         store = SandboxStore(tmp_path / "state" / "state.db")
         lifecycle = SandboxLifecycle(
-            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", proxy_timeout=proxy_timeout,
-                                     agent_port=agent_port, vm_limit=vm_limit, initdata=initdata),
+            options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", cluster_id=cluster_id,
+                                     proxy_timeout=proxy_timeout, agent_port=agent_port, vm_limit=vm_limit,
+                                     initdata=initdata),
             store=store,
             provider=provider,
             pod_network=pod_network,

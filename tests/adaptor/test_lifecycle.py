@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from cloudadaptor.adaptor import recovery
 from cloudadaptor.adaptor.lifecycle import LifecycleError
 from cloudadaptor.adaptor.validation import instance_spec, vm_name_for
 from cloudadaptor.adaptor.store import SandboxState
@@ -79,6 +80,7 @@ async def test_startvm_creates_tagged_vm_and_serves_agent_socket(lifecycle_facto
     assert spec.name == vm_name_for("web", SANDBOX) == "podvm-web-aaaaaaaa"
     assert spec.tags[providers.TAG_SANDBOX] == SANDBOX
     assert spec.tags[providers.TAG_NODE] == "node-a"
+    assert spec.tags[providers.TAG_CLUSTER] == "cluster-a"
     assert spec.tags[providers.TAG_POD] == "prod/web"
     assert (spec.vcpus, spec.memory_mib) == (1, 2048)
     sandbox = lifecycle.store.get(SANDBOX)
@@ -168,14 +170,22 @@ async def test_restarted_lifecycle_reserves_running_sandbox_and_sweeps_orphans(l
     await first.start(SANDBOX)
     await first.close()  # the daemon exits; the VM keeps running
     assert not os.path.exists(socket_path)
+    ghost_tags = {providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: "node-a", providers.TAG_SANDBOX: "ghost"}
     orphan = await provider.create_instance(providers.InstanceSpec(
         name="podvm-ghost", sandbox_id="ghost", user_data="", client_token="t",
-        tags={providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: "node-a", providers.TAG_SANDBOX: "ghost"},
+        tags={**ghost_tags, providers.TAG_CLUSTER: "cluster-a"},
     ))
+    other_cluster = await provider.create_instance(providers.InstanceSpec(
+        name="podvm-ghost", sandbox_id="ghost", user_data="", client_token="t2",
+        tags={**ghost_tags, providers.TAG_CLUSTER: "cluster-b"},
+    ))
+    untagged = await provider.create_instance(providers.InstanceSpec(
+        name="podvm-ghost", sandbox_id="ghost", user_data="", client_token="t3", tags=ghost_tags))
     second = lifecycle_factory(agent_port=agent.port)
     actions = await second.recover()
     assert any("re-serving" in a for a in actions), actions
-    assert provider.deleted == [orphan.id]
+    assert provider.deleted == [orphan.id], "a VM of another cluster (same node name), or of none, is not ours to sweep"
+    assert other_cluster.id in provider.instances and untagged.id in provider.instances
     assert "i-fake-1" in provider.instances
     async with await Client.connect_unix(socket_path) as client:
         reply = await client.call_message("grpc.Health", "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse)
@@ -187,7 +197,7 @@ async def test_recover_deletes_vm_of_start_interrupted_by_crash(lifecycle_factor
     await first.create(SANDBOX, shim_annotations("web", "prod"), netns_file)
     # Crash between "VM requested" and "instance id recorded": only the tag knows.
     first.store.update(SANDBOX, state=SandboxState.STARTING)
-    await provider.create_instance(instance_spec(first.store.get(SANDBOX), first.options.node_name, first.options.extra_tags))
+    await provider.create_instance(instance_spec(first.store.get(SANDBOX), first.options.node_name, recovery.vm_tags(first.options)))
     second = lifecycle_factory(agent_port=1)
     await second.recover()
     assert provider.instances == {}

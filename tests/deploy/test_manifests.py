@@ -200,8 +200,13 @@ def test_rbac_is_least_privilege():
                        (("",), ("events",)): {"create"},
                        # Registry credentials (a pod's pull secrets): get by name, nothing wider.
                        (("",), ("secrets", "serviceaccounts")): {"get"},
-                       (("confidentialcontainers.org",), ("peerpods",)): {"get", "create", "patch", "delete"}}
+                       (("confidentialcontainers.org",), ("peerpods",)): {"get", "create", "patch", "delete"},
+                       (("",), ("namespaces",)): {"get"}}
     controller = find(docs, "ClusterRole", "peerpods-controller")
+    for role in (find(docs, "ClusterRole", "peerpods-cloud-api-adaptor"), controller):
+        [namespaces] = [r for r in role["rules"] if r["resources"] == ["namespaces"]]
+        assert namespaces["resourceNames"] == ["kube-system"], "the cluster id is read from kube-system only"
+    assert {"create"} == {v for r in controller["rules"] if r["resources"] == ["events"] for v in r["verbs"]}
     assert not [r for r in controller["rules"] if "secrets" in r["resources"]], "the controller reads no secrets"
     webhook_sa = find(docs, "ServiceAccount", "peer-pods-webhook")
     assert webhook_sa.get("automountServiceAccountToken") is False

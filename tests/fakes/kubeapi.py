@@ -72,8 +72,9 @@ NODES = Resource("", "v1", "nodes", "Node", False)
 PEERPODS = Resource("confidentialcontainers.org", "v1alpha1", "peerpods", "PeerPod", True)
 SECRETS = Resource("", "v1", "secrets", "Secret", True, status_subresource=False)
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", True, status_subresource=False)
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
 EVENTS = Resource("", "v1", "events", "Event", True, status_subresource=False)  # core/v1 Events on pods
-DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS, EVENTS)
+DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS, NAMESPACES, EVENTS)
 
 
 class ApiError(Exception):
@@ -284,6 +285,8 @@ class KubeApiServer:
         ca_file: Path | None = None,
     ) -> None:
         self.store = ObjectStore(resources, garbage_collect)
+        if NAMESPACES in resources:  # every cluster has it; its uid is the cluster's identity
+            self.store.create(NAMESPACES, "", {"metadata": {"name": "kube-system"}}, seeding=True)
         self.requests: list[RecordedRequest] = []
         self._ssl = ssl_context
         self._ca_file = ca_file

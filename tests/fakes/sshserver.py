@@ -48,7 +48,7 @@ class FakeSshHost:
     """See the module docstring. ``authorized_keys`` None accepts any key."""
 
     def __init__(self, *, username: str | None = None, authorized_keys: list[paramiko.PKey] | None = None,
-                 fail_logins: int = 0) -> None:
+                 fail_logins: int = 0, host_key_source: Any = None) -> None:
         self.username = username
         self.authorized_keys = authorized_keys
         self.fail_logins = fail_logins
@@ -59,6 +59,10 @@ class FakeSshHost:
         self.statuses: list[int] = []
         self.lock = threading.Lock()
         self.host_key = paramiko.ECDSAKey.generate()
+        # Like cloud-init installing the host key the VM's user data carries: called
+        # per connection, returns that key (None: not launched yet, serve ``host_key``).
+        self.host_key_source = host_key_source
+        self.served_host_keys: list[str] = []  # fingerprints, per connection
         self._dir = tempfile.mkdtemp(prefix="fakesshhost-")
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -122,7 +126,9 @@ class FakeSshHost:
     def _serve(self, conn: socket.socket) -> None:
         transport = paramiko.Transport(conn)
         self._transports.append(transport)
-        transport.add_server_key(self.host_key)
+        key = (self.host_key_source() if self.host_key_source else None) or self.host_key
+        self.served_host_keys.append(key.fingerprint)
+        transport.add_server_key(key)
         transport.set_subsystem_handler("sftp", SFTPServer, _RealFileSystem, self)
         try:
             transport.start_server(server=_Server(self))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+
 import argparse
 import asyncio
+import base64
 import configparser
 import dataclasses
 import hashlib
@@ -119,6 +121,16 @@ class AwsWorld:
             "AWS_SG_IDS": self.sg_id, "TAGS": "cluster=test-cluster", **extra,
         }
 
+    def builder_host_key(self) -> Any:
+        """The host key the newest builder instance's user data gives it (None before launch)."""
+        found = self.ec2.describe_instances(Filters=[{"Name": "tag:Name", "Values": ["peerpod-image-builder-*"]}])
+        described = [i for r in found["Reservations"] for i in r["Instances"]]
+        if not described:
+            return None
+        newest = max(described, key=lambda i: i["LaunchTime"])
+        data = self.ec2.describe_instance_attribute(InstanceId=newest["InstanceId"], Attribute="userData")
+        return host_key_in(base64.b64decode(data["UserData"]["Value"]).decode())
+
     def factory(self, on_client: Callable[[Any], None] | None = None) -> command.BackendFactory:
         """Backends as the CLI makes them, without waits between polls; ``on_client`` sees each EC2 client."""
         from cloudadaptor.imagebuild import aws
@@ -151,6 +163,18 @@ class AwsWorld:
                                   ("volumes", volumes)) if v}
 
 
+def host_key_in(cloud_config: str) -> Any:
+    """The host key a ``#cloud-config`` installs (``ssh_keys.ecdsa_private``), as cloud-init would."""
+    import io
+
+    import paramiko
+    import yaml
+
+    keys = (yaml.safe_load(cloud_config) or {}).get("ssh_keys") or {}
+    private = keys.get("ecdsa_private")
+    return paramiko.ECDSAKey.from_private_key(io.StringIO(private)) if private else None
+
+
 # ------------------------------------------------------------------ Azure
 
 
@@ -163,7 +187,16 @@ class AzureWorld:
     subnet_id: str
     nsg_id: str
     public_key: Path
-    private_key: Path
+
+    def builder_host_key(self) -> Any:
+        """The host key the builder VM's customData gives it (None before launch)."""
+        vm = self.builder_vm()
+        custom = vm["properties"]["osProfile"].get("customData") if vm else None
+        return host_key_in(base64.b64decode(custom).decode()) if custom else None
+
+    def builder_vm(self) -> dict[str, Any] | None:
+        ids = [i for i in self.arm.ids("virtualMachines") if "/peerpod-image-builder-" in i]
+        return self.arm.resource(ids[-1]) if ids else None
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -182,8 +215,7 @@ class AzureWorld:
 
         def make(cloud: str, env: Mapping[str, str], args: argparse.Namespace) -> Any:
             config = dataclasses.replace(azure.load_config(env), **FAST_TUNING)
-            return azure.AzureImageBackend(config, build_clients(config, StaticTokenCredential()),
-                                           private_key=getattr(args, "ssh_private_key", None))
+            return azure.AzureImageBackend(config, build_clients(config, StaticTokenCredential()))
 
         return make
 

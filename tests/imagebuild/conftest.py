@@ -68,7 +68,7 @@ def aws(fresh_moto: str) -> Iterator[AwsWorld]:
 
 @pytest.fixture
 def azure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[AzureWorld]:
-    """The fake ARM endpoint with a resource group, subnet, NSG, sizes and RHEL 9; the ssh-key-secret on disk."""
+    """The fake ARM endpoint with a resource group, subnet, NSG, sizes and RHEL 9; the ssh-key-secret's public key on disk."""
     with ImageFakeArm() as arm:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", arm.ca_file)
         rg = "peerpods-rg"
@@ -78,13 +78,12 @@ def azure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[AzureWorl
         for name, vcpus, memory, gpus in DEFAULT_SIZES:
             arm.add_size(name, vcpus, memory, gpus)
         arm.add_marketplace_image(*RHEL9)
+        # The ssh-key-secret holds only the pod VMs' public key: the build makes its own pair.
         key = paramiko.RSAKey.generate(2048)
-        private = tmp_path / "ssh-key-secret" / "id_rsa"
-        private.parent.mkdir()
-        key.write_private_key_file(str(private))
-        public = private.with_name("id_rsa.pub")
-        public.write_text(f"{key.get_name()} {key.get_base64()} builder@test\n")
-        yield AzureWorld(arm, rg, subnet, nsg, public, private)
+        public = tmp_path / "ssh-key-secret" / "id_rsa.pub"
+        public.parent.mkdir()
+        public.write_text(f"{key.get_name()} {key.get_base64()} operator@test\n")
+        yield AzureWorld(arm, rg, subnet, nsg, public)
 
 
 # ------------------------------------------------------------------ Kubernetes

@@ -7,7 +7,9 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
+import pytest
 from buildworld import AGENT, CONFIGMAPS, NAMESPACE, assert_pod_vm_installed, make_payload, run_cli
 
 from cloudadaptor import __version__
@@ -16,6 +18,14 @@ from cloudadaptor.imagebuild.common import (
     TAG_AGENT_SHA256, TAG_BASE_IMAGE, TAG_BUILD, TAG_BUILDER_VERSION, TAG_BUILT_BY, TAG_PODVM_VERSION,
 )
 from cloudadaptor.providers.base import TAG_OWNER
+from fakes.sshserver import FakeSshHost
+
+
+@pytest.fixture
+def builder_vm(aws) -> Iterator[FakeSshHost]:
+    """The builder VM's SSH, serving the host key the builder instance's user data gives it (as cloud-init does)."""
+    with FakeSshHost(host_key_source=aws.builder_host_key) as host:
+        yield host
 
 
 def build_args(aws, vm, root: Path, payload: Path, wheel: Path, *extra: str) -> list[str]:
@@ -229,3 +239,31 @@ def test_a_build_needs_an_agent_payload_from_the_flag_or_podvm_agent_payload(aws
     assert code == 1 and "PODVM_AGENT_PAYLOAD" in err
     code, out, err = run_cli(args, aws.env(PODVM_AGENT_PAYLOAD=str(payload)), aws.factory())
     assert code == 0, err
+
+
+def test_a_builder_vm_offering_another_host_key_is_refused_before_logging_in(aws, vm_root, payload, wheel):
+    with FakeSshHost() as impostor:  # its own host key, not the one the build gave the instance
+        args = build_args(aws, impostor, vm_root, payload, wheel)
+        args[args.index("--ssh-timeout") + 1] = "1s"
+        code, _, err = run_cli(args, aws.env(), aws.factory())
+    assert code == 1 and "is not the one this build gave the VM" in err, err
+    assert impostor.logins == [] and impostor.uploads == [] and impostor.commands == [], "nothing sent to an impostor"
+    assert aws.leftovers() == {}
+
+
+def test_the_builder_gets_its_own_host_key_through_user_data_and_only_that_key_is_accepted(
+        aws, builder_vm, vm_root, payload, wheel):
+    code, _, err = run_cli(build_args(aws, builder_vm, vm_root, payload, wheel), aws.env(), aws.factory())
+    assert code == 0, err
+    pinned = aws.builder_host_key()
+    assert pinned is not None and set(builder_vm.served_host_keys) == {pinned.fingerprint}
+    assert builder_vm.logins, "logged in once the host key matched"
+
+
+def test_a_bad_payload_sha256_is_refused_naming_the_key(aws, builder_vm, vm_root, payload, wheel):
+    code, _, err = run_cli(build_args(aws, builder_vm, vm_root, payload, wheel, "--agent-payload-sha256", "abc"),
+                           aws.env(), aws.factory())
+    assert code == 2 and "PODVM_AGENT_PAYLOAD_SHA256" in err, err
+    code, _, err = run_cli(build_args(aws, builder_vm, vm_root, payload, wheel), aws.env(PODVM_AGENT_PAYLOAD_SHA256="0" * 64),
+                           aws.factory())
+    assert code == 1 and "refusing it" in err and builder_vm.logins == [], err

@@ -4,12 +4,14 @@ provision.py for real against a temporary root), a local Kubernetes API."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
 from pathlib import Path
 
 import paramiko
 import pytest
+import buildworld
 from buildworld import CONFIGMAPS, NAMESPACE, assert_pod_vm_installed, run_cli
 
 from cloudadaptor import __version__
@@ -20,10 +22,20 @@ from fakes.sshserver import FakeSshHost
 
 @pytest.fixture
 def builder_vm(azure) -> FakeSshHost:
-    """The builder VM's SSH: only SSH_USERNAME with the ssh-key-secret key gets in."""
-    key = paramiko.RSAKey.from_private_key_file(str(azure.private_key))
-    with FakeSshHost(username="peerpod", authorized_keys=[key]) as host:
+    """The builder VM's SSH: only SSH_USERNAME gets in, serving the host key the VM's customData gives it
+    (which key logged in is checked against the VM's osProfile after the build)."""
+    with FakeSshHost(username="peerpod", host_key_source=azure.builder_host_key) as host:
         yield host
+
+
+def login_key_of(vm: dict) -> paramiko.PKey:
+    key_data = vm["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"]
+    return paramiko.RSAKey(data=base64.b64decode(key_data.split()[1]))
+
+
+def deleted_builder_vm(azure) -> dict:
+    [vm] = [r for r in azure.arm.state.deleted if r.get("type") == "Microsoft.Compute/virtualMachines"]
+    return vm
 
 
 def build_args(vm_port: int, root: Path, payload: Path, wheel: Path, *extra: str) -> list[str]:
@@ -54,7 +66,9 @@ def test_build_deallocates_generalizes_and_creates_the_tagged_image_then_removes
     assert tags["cluster"] == "test-cluster"
     assert azure.leftovers() == {}
     assert_pod_vm_installed(vm_root)
-    assert [user for user, _ in builder_vm.logins] == ["peerpod"]
+    assert builder_vm.logins == [("peerpod", login_key_of(deleted_builder_vm(azure)).fingerprint)], \
+        "logged in with the key pair made for this build"
+    assert set(builder_vm.served_host_keys) == {buildworld.host_key_in(customdata_of(deleted_builder_vm(azure))).fingerprint}
     vm_puts = [p for m, p, _ in azure.arm.requests if m == "PUT" and "/virtualMachines/" in p]
     assert vm_puts and all("/peerpod-image-builder-" in p for p in vm_puts)
     assert azure.arm.count("POST", "/deallocate") == 1 and azure.arm.count("POST", "/generalize") == 1
@@ -68,12 +82,16 @@ def test_builder_vm_is_an_ordinary_vm_with_ssh_key_login_only(azure, builder_vm,
     code, _, err = run_cli(build_args(builder_vm.port, vm_root, payload, wheel), azure.env(DISABLECVM="false"),
                            azure.factory())
     assert code == 0, err
-    [vm] = [r for r in azure.arm.state.deleted if r.get("type") == "Microsoft.Compute/virtualMachines"]
+    vm = deleted_builder_vm(azure)
     props = vm["properties"]
     assert "securityProfile" not in props, "a managed image cannot come from a confidential VM"
     linux = props["osProfile"]["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
-    assert linux["ssh"]["publicKeys"][0]["keyData"] == azure.public_key.read_text().strip()
+    key_data = linux["ssh"]["publicKeys"][0]["keyData"]
+    assert key_data.startswith("ssh-rsa ") and key_data != azure.public_key.read_text().strip(), \
+        "the builder's own key pair, not the ssh-key-secret's"
+    assert login_key_of(vm).get_bits() >= 3072
+    assert buildworld.host_key_in(customdata_of(vm)) is not None, "cloud-init gets the build's host key"
     assert "userData" not in props
     assert props["storageProfile"]["imageReference"] == {
         "publisher": "RedHat", "offer": "RHEL", "sku": "9-lvm-gen2", "version": "latest"}
@@ -112,14 +130,24 @@ def test_image_creation_that_fails_leaves_no_image_and_no_temporary_resource(azu
     assert azure.leftovers() == {}
 
 
-def test_a_private_key_that_does_not_match_ssh_pub_key_path_is_refused_before_any_vm(azure, builder_vm, vm_root,
-                                                                                       payload, wheel, tmp_path):
-    other = tmp_path / "other_rsa"
-    paramiko.RSAKey.generate(2048).write_private_key_file(str(other))
-    code, _, err = run_cli(build_args(builder_vm.port, vm_root, payload, wheel, "--ssh-private-key", str(other)),
-                           azure.env(), azure.factory())
-    assert code == 1 and "does not belong to the public key" in err, err
-    assert azure.arm.count("PUT", "/virtualMachines/") == 0 and azure.leftovers() == {}
+def customdata_of(vm: dict) -> str:
+    return base64.b64decode(vm["properties"]["osProfile"]["customData"]).decode()
+
+
+def test_a_builder_vm_offering_another_host_key_is_refused_before_logging_in(azure, vm_root, payload, wheel):
+    with FakeSshHost(username="peerpod") as impostor:  # its own host key, not the one the build gave the VM
+        args = build_args(impostor.port, vm_root, payload, wheel)
+        args[args.index("--ssh-timeout") + 1] = "1s"
+        code, _, err = run_cli(args, azure.env(), azure.factory())
+    assert code == 1 and "is not the one this build gave the VM" in err, err
+    assert impostor.logins == [] and impostor.uploads == [] and impostor.commands == [], "nothing sent to an impostor"
+    assert azure.leftovers() == {}
+
+
+def test_the_build_needs_no_private_key_of_the_ssh_key_secret(azure, builder_vm, vm_root, payload, wheel):
+    assert not list(azure.public_key.parent.glob("id_rsa")), "only the public key is there"
+    code, _, err = run_cli(build_args(builder_vm.port, vm_root, payload, wheel), azure.env(), azure.factory())
+    assert code == 0, err
 
 
 def test_existing_image_needs_replace_which_swaps_it_for_a_new_one(azure, builder_vm, vm_root, payload, wheel):

@@ -9,8 +9,16 @@ from test_image_azure import build_args
 
 from cloudadaptor.imagebuild import azure_gallery
 from cloudadaptor.imagebuild.azure_gallery import podvm_version
+from fakes.sshserver import FakeSshHost
 
 GALLERY = "peerpods_gallery"
+
+
+@pytest.fixture
+def builder_vm(azure):
+    """The builder VM's SSH, serving the host key the VM's customData gives it (as in test_image_azure)."""
+    with FakeSshHost(username="peerpod", host_key_source=azure.builder_host_key) as host:
+        yield host
 
 
 def _rg_path(azure) -> str:

@@ -166,6 +166,34 @@ def test_wait_for_ssh_retries_refused_logins_until_the_key_is_installed():
     assert len(vm.refused) == 2 and len(vm.logins) == 1
 
 
+def test_a_pinned_host_key_is_required_and_any_other_is_refused_before_login():
+    from cloudadaptor.imagebuild import buildkeys
+
+    key = paramiko.RSAKey.generate(2048)
+    with FakeSshHost() as vm:
+        host = wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key, vm.host_key), timeout=10, interval=0.01)
+        host.close()
+        assert len(vm.logins) == 1, "the right host key: logged in"
+        with pytest.raises(SshUnavailable, match="is not the one this build gave the VM.*nothing was sent to it"):
+            wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key, buildkeys.new_host_key()), timeout=0.5, interval=0.05)
+        with pytest.raises(SshUnavailable, match="host key"):  # another key type than the pinned one
+            wait_for_ssh(SshAccess("127.0.0.1", vm.port, "u", key, paramiko.RSAKey.generate(1024)), timeout=0.5, interval=0.05)
+    assert len(vm.logins) == 1, "no login with a wrong host key"
+
+
+def test_the_host_key_cloud_config_installs_only_the_builds_key():
+    import yaml
+
+    from cloudadaptor.imagebuild import buildkeys
+
+    key = buildkeys.new_host_key()
+    document = yaml.safe_load(buildkeys.host_key_cloud_config(key))
+    assert document["ssh_deletekeys"] is True and document["ssh_genkeytypes"] == []
+    assert document["ssh_keys"]["ecdsa_public"] == buildkeys.public_line(key)
+    installed = paramiko.ECDSAKey.from_private_key(__import__("io").StringIO(document["ssh_keys"]["ecdsa_private"]))
+    assert installed.fingerprint == key.fingerprint
+
+
 def test_wait_for_ssh_gives_up_at_its_timeout_naming_the_endpoint_and_the_last_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,10 +223,22 @@ def test_a_remote_command_past_its_time_limit_is_an_error():
 # ------------------------------------------------------------------ inputs
 
 
-def test_payload_is_downloaded_from_an_http_url_and_checked(tmp_path):
+@pytest.fixture
+def https_files(tmp_path, monkeypatch):
+    """(directory served, base URL): an HTTPS server on loopback with a throw-away CA the download trusts."""
+    import ssl
+
+    from cloudadaptor.tls import CertificateAuthority
+
     served = tmp_path / "served"
     served.mkdir()
-    archive = make_payload(served / "payload.tar.gz")
+    ca = CertificateAuthority.create("payload test CA")
+    cert, key = ca.issue("127.0.0.1", server=True, ip_addresses=["127.0.0.1"])
+    for name, text in (("ca.pem", ca.cert_pem), ("server.pem", cert), ("server.key", key)):
+        (tmp_path / name).write_text(text)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs) -> None:
@@ -207,19 +247,54 @@ def test_payload_is_downloaded_from_an_http_url_and_checked(tmp_path):
         def log_message(self, *args) -> None:
             pass
 
-    handler = Quiet
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/payload.tar.gz"
-        fetched = inputs.fetch_payload(url, tmp_path)
-        assert fetched.read_bytes() == archive.read_bytes()
-        with pytest.raises(BuildError, match="download failed: HTTP 404") as caught:
-            inputs.fetch_payload(url.replace("payload", "missing") + "?X-Amz-Signature=s3cr3t", tmp_path)
-        assert "s3cr3t" not in str(caught.value), "a presigned URL's signature stays out of messages"
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield served, f"https://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def sha256_of(path) -> str:
+    return __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+
+
+def test_payload_is_downloaded_from_an_https_url_with_its_sha256(tmp_path, https_files):
+    served, base_url = https_files
+    archive = make_payload(served / "payload.tar.gz")
+    url = f"{base_url}/payload.tar.gz"
+    fetched = inputs.fetch_payload(url, tmp_path, expect_sha256=sha256_of(archive))
+    assert fetched.read_bytes() == archive.read_bytes()
+    with pytest.raises(BuildError, match="download failed: HTTP 404") as caught:
+        inputs.fetch_payload(url.replace("payload", "missing") + "?X-Amz-Signature=s3cr3t", tmp_path, expect_sha256="0" * 64)
+    assert "s3cr3t" not in str(caught.value), "a presigned URL's signature stays out of messages"
+
+
+def test_a_downloaded_payload_with_another_sha256_is_refused(tmp_path, https_files, wheel):
+    served, base_url = https_files
+    make_payload(served / "payload.tar.gz")
+    with pytest.raises(BuildError, match="sha256 is [0-9a-f]{64}, not 1{64} .PODVM_AGENT_PAYLOAD_SHA256.; refusing it"):
+        inputs.gather(f"{base_url}/payload.tar.gz", wheel, None, tmp_path, "1" * 64)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/payload.tar.gz", "ftp://downloads.example.com/payload.tar"])
+def test_a_payload_url_that_is_not_https_is_refused_before_any_download(tmp_path, url):
+    with pytest.raises(BuildError, match="only https URLs or local paths"):
+        inputs.fetch_payload(url, tmp_path, expect_sha256="0" * 64)
+
+
+def test_a_payload_download_without_an_expected_sha256_is_refused(tmp_path):
+    with pytest.raises(BuildError, match="PODVM_AGENT_PAYLOAD_SHA256"):
+        inputs.fetch_payload("https://downloads.example.com/payload.tar.gz", tmp_path)
+
+
+def test_a_local_payload_is_checked_against_its_sha256_when_one_is_given(tmp_path, payload, wheel):
+    assert inputs.gather(str(payload), wheel, None, tmp_path, sha256_of(payload)).payload == payload
+    with pytest.raises(BuildError, match="refusing it"):
+        inputs.gather(str(payload), wheel, None, tmp_path, "f" * 64)
+    assert inputs.parse_sha256("sha256:" + "AB" * 32) == "ab" * 32
+    with pytest.raises(ValueError, match="64 hex digits"):
+        inputs.parse_sha256("abc")
 
 
 def test_gather_checks_payload_and_wheel_before_anything_else(tmp_path, payload, wheel):

@@ -8,10 +8,13 @@ from typing import AsyncIterator, Mapping
 
 import pytest
 
-from cloudadaptor.providers.base import OWNER_VALUE, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, InstanceSpec, ProviderError
+from cloudadaptor.providers.base import (
+    OWNER_VALUE, TAG_CLUSTER, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, Instance, InstanceSpec, ProviderError,
+)
 from fakes.kubeapi import NODES, PODS, KubeApiServer
 
 _ids = itertools.count(1)
+CLUSTER = "cluster-blue"  # the cluster id the tests' controller runs with
 
 
 @dataclass
@@ -32,7 +35,7 @@ class FakeCloud:
         return instance
 
     def add(self, *, pod: str = "default/web", node: str = "worker-1", sandbox: str = "sb", **extra: str) -> Instance:
-        tags = {TAG_OWNER: OWNER_VALUE, TAG_NODE: node, TAG_SANDBOX: sandbox, TAG_POD: pod, **extra}
+        tags = {TAG_OWNER: OWNER_VALUE, TAG_CLUSTER: CLUSTER, TAG_NODE: node, TAG_SANDBOX: sandbox, TAG_POD: pod, **extra}
         instance = Instance(id=f"i-{next(_ids):08x}", name=f"podvm-{sandbox}", ips=("192.0.2.11",), tags=tags)
         self.instances[instance.id] = instance
         return instance
@@ -46,6 +49,9 @@ class FakeCloud:
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         return [i for i in self.instances.values() if all(i.tags.get(k) == v for k, v in tags.items())]
+
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        return self.instances.get(instance_id)
 
     async def close(self) -> None:
         pass

@@ -13,7 +13,8 @@ from cloudadaptor.k8s.peerpods import FINALIZER, PeerPodApi, PeerPodTracker, pee
 from fakes.kubeapi import PEERPODS, PODS, KubeApiServer
 
 SANDBOX = "feedface" * 8
-OPTIONS = ControllerOptions(provider_name="aws", sweep_grace=60.0)
+CLUSTER = "cluster-blue"  # what FakeCloud.add tags VMs with (tests/k8s/conftest.py)
+OPTIONS = ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=60.0)
 
 
 async def record_vm(api, cloud, pod: str = "web", namespace: str = "default", sandbox: str = SANDBOX) -> str:
@@ -84,7 +85,7 @@ async def test_a_peerpod_of_another_cloud_provider_is_not_touched(api, kubeapi, 
     add_pod("web")
     vm = await record_vm(api, cloud)
     kubeapi.delete(PODS, "web", "default")
-    report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="azure", sweep=False), SweepState(), now=0.0)
+    report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="azure", cluster_id=CLUSTER, sweep=False), SweepState(), now=0.0)
     assert vm in cloud.instances and report.errors
     assert kubeapi.get(PEERPODS, peerpod_name("web", SANDBOX), "default") is not None
 
@@ -136,14 +137,14 @@ async def test_the_grace_period_restarts_when_a_live_pod_goes(api, kubeapi, clou
 async def test_sweep_only_touches_vms_carrying_the_configured_tags(api, cloud):
     ours = cloud.add(pod="default/a", cluster="blue").id
     theirs = cloud.add(pod="default/b", cluster="green").id
-    options = ControllerOptions(provider_name="aws", sweep_grace=0.0, sweep_tags={"cluster": "blue"})
+    options = ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=0.0, sweep_tags={"cluster": "blue"})
     await reconcile(PeerPodApi(api), cloud, options, SweepState(), now=0.0)
     assert ours not in cloud.instances and theirs in cloud.instances
 
 
 async def test_sweep_disabled_deletes_nothing(api, cloud):
     orphan = cloud.add(pod="default/ghost").id
-    await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep=False, sweep_grace=0.0), SweepState(), 0.0)
+    await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep=False, sweep_grace=0.0), SweepState(), 0.0)
     assert orphan in cloud.instances
 
 
@@ -151,14 +152,14 @@ async def test_when_peerpods_cannot_be_listed_nothing_is_swept(api, kubeapi, clo
     orphan = cloud.add(pod="default/ghost").id
     kubeapi.fail("GET", "/peerpods$", 500, times=1)
     with pytest.raises(ApiException):
-        await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep_grace=0.0), SweepState(), 0.0)
+        await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=0.0), SweepState(), 0.0)
     assert orphan in cloud.instances
 
 
 async def test_when_a_pod_cannot_be_read_its_vm_is_kept(api, kubeapi, cloud):
     vm = cloud.add(pod="default/web").id
     kubeapi.fail("GET", "/pods/web$", 503, times=1)
-    report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", sweep_grace=0.0), SweepState(), 0.0)
+    report = await reconcile(PeerPodApi(api), cloud, ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=0.0), SweepState(), 0.0)
     assert vm in cloud.instances and report.errors
 
 
@@ -177,7 +178,7 @@ def tracebacks(caplog) -> list[logging.LogRecord]:
 async def test_a_bug_is_logged_with_its_traceback_once_not_every_pass(api, cloud, caplog):
     cloud.list_owned = buggy_list_owned
     state = SweepState()
-    options = ControllerOptions(provider_name="aws", sweep_grace=0.0)
+    options = ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=0.0)
     with caplog.at_level(logging.ERROR, logger="cloudadaptor.k8s.controller"):
         for _ in range(3):
             report = await reconcile(PeerPodApi(api), cloud, options, state, 0.0)
@@ -190,7 +191,7 @@ async def test_a_bug_is_logged_with_its_traceback_once_not_every_pass(api, cloud
 
 async def test_a_bug_that_comes_back_after_a_clean_pass_logs_its_traceback_again(api, cloud, caplog):
     state = SweepState()
-    options = ControllerOptions(provider_name="aws", sweep_grace=0.0)
+    options = ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=0.0)
     with caplog.at_level(logging.ERROR, logger="cloudadaptor.k8s.controller"):
         cloud.list_owned = buggy_list_owned
         await reconcile(PeerPodApi(api), cloud, options, state, 0.0)

@@ -319,3 +319,38 @@ async def test_token_is_requested_for_the_configured_endpoint(make_provider, arm
     provider = make_provider(credential)
     await provider.create_instance(spec())
     assert set(credential.scopes) == {arm.base_url + "/.default"}
+
+
+# ---------------------------------------------------------------------- ownership
+
+
+async def test_delete_refuses_a_vm_outside_azure_resource_group_and_leaves_it(make_provider, arm):
+    from cloudadaptor.providers.base import ForeignInstance
+
+    arm.add_resource_group("someone-elses-rg")
+    elsewhere = make_provider(AZURE_RESOURCE_GROUP="someone-elses-rg")
+    theirs = await elsewhere.create_instance(spec())
+    provider = make_provider()
+    with pytest.raises(ForeignInstance, match="someone-elses-rg"):
+        await provider.delete_instance(theirs.id)
+    with pytest.raises(ForeignInstance, match="AZURE_RESOURCE_GROUP"):
+        await provider.describe_instance(theirs.id)
+    assert arm.resource(theirs.id)["properties"]["provisioningState"] == "Succeeded", "the VM must still exist"
+
+
+async def test_describe_instance_reads_a_vm_in_our_group_with_its_tags(provider):
+    instance = await provider.create_instance(spec())
+    described = await provider.describe_instance(instance.id)
+    assert described is not None and described.id == instance.id and described.tags[TAG_SANDBOX] == SANDBOX
+    await provider.delete_instance(instance.id)
+    assert await provider.describe_instance(instance.id) is None
+
+
+async def test_the_image_annotation_must_be_in_podvm_images_when_it_is_set(make_provider, arm, arm_seeded):
+    other = arm_seeded.image_id.replace("/images/", "/images/not-allowed-")
+    provider = make_provider(PODVM_IMAGES=arm_seeded.image_id.upper())  # ids compare without case
+    with pytest.raises(ProviderError, match="not in PODVM_IMAGES"):
+        await provider.create_instance(spec(image=other))
+    assert leftovers(arm) == [], "refused before any cloud write"
+    instance = await provider.create_instance(spec(image=arm_seeded.image_id))
+    assert arm.resource(instance.id)["properties"]["storageProfile"]["imageReference"] == {"id": arm_seeded.image_id}

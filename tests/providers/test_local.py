@@ -291,6 +291,14 @@ async def test_create_is_idempotent_by_client_token(local_provider):
     assert other.id != first.id
 
 
+async def test_describe_instance_reads_one_instance_with_its_tags(local_provider):
+    instance = await local_provider.create_instance(spec("described"))
+    assert await local_provider.describe_instance(instance.id) == instance
+    assert await local_provider.describe_instance("../etc") is None, "an id that is no instance name is not a path"
+    await local_provider.delete_instance(instance.id)
+    assert await local_provider.describe_instance(instance.id) is None
+
+
 async def test_concurrent_creates_get_distinct_addresses(local_provider):
     instances = await asyncio.gather(*(local_provider.create_instance(spec(f"t{n}")) for n in range(4)))
     gateway = local_provider.config.gateway

@@ -180,6 +180,30 @@ async def test_a_malformed_review_is_answered_400(webhook, body):
     assert healthy["spec"]["containers"][0]["resources"] == VM, "the server keeps serving"
 
 
+@pytest.mark.parametrize("depth", [100, 100_000], ids=["past-our-limit", "past-the-parsers-limit"])
+@pytest.mark.parametrize("where", ["array", "pod-annotation"])
+async def test_deeply_nested_json_is_answered_400_not_500(webhook, depth, where):
+    nested = "[" * depth + "]" * depth
+    if where == "array":
+        body = nested.encode()
+    else:
+        text = json.dumps(review(pod(container("a"))))
+        body = text.replace('"metadata": {', '"metadata": {"x": ' + nested + ", ", 1).encode()
+    status, answer = await webhook.post(None, raw=body)
+    assert status == 400, answer
+    assert "nests deeper" in answer["error"]
+    healthy = await mutated(webhook, pod(container("a")))
+    assert healthy["spec"]["containers"][0]["resources"] == VM, "the server keeps serving"
+
+
+async def test_a_real_pod_is_far_from_the_depth_limit():
+    from cloudadaptor.webhook.server import MAX_DEPTH, too_deep
+
+    deep_pod = review(pod(container("a")))
+    assert not too_deep(deep_pod) and too_deep(deep_pod, limit=3)
+    assert not too_deep([[[]]], limit=3) and too_deep([[[[]]]], limit=3) and MAX_DEPTH >= 32
+
+
 async def test_an_oversized_body_is_refused(webhook):
     status, _ = await webhook.post(None, raw=b" " * (9 * 1024 * 1024))
     assert status == 413

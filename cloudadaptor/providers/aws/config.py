@@ -126,6 +126,7 @@ class AwsConfig(ProviderConfig):
     # Common settings, as the provider uses them (``build`` copies them from ``Settings``).
     instance_type: str | None = DEFAULT_INSTANCE_TYPE  # None: the launch template's
     instance_types: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()  # PODVM_IMAGES: what the image annotation may pick
     disable_cvm: bool | None = None  # only an explicit False asks for SEV-SNP
     tags: Mapping[str, str] = field(default_factory=dict, hash=False)
     use_public_ip: bool = False
@@ -143,6 +144,7 @@ class AwsConfig(ProviderConfig):
             **options,
             instance_type=settings.podvm_instance_type or (None if template else DEFAULT_INSTANCE_TYPE),
             instance_types=tuple(settings.podvm_instance_types),
+            images=tuple(settings.podvm_images),
             disable_cvm=settings.disable_cvm,
             tags=dict(settings.tags),
             use_public_ip=settings.use_public_ip,

@@ -36,7 +36,7 @@ from cloudadaptor.providers.aws.client import describe, make_ec2_client
 from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
-from cloudadaptor.providers.selection import SelectionError, select_instance_type
+from cloudadaptor.providers.selection import SelectionError, check_image, select_instance_type
 from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.userdata import UserDataTooLarge, check_size
 from cloudadaptor.wire import AWS_USER_DATA_LIMIT
@@ -225,8 +225,9 @@ class AwsProvider(ProviderBase):
     def _image_id(self, spec: InstanceSpec) -> str | None:
         if spec.image:
             try:
+                check_image(spec.image, self.config.images)
                 return parse_ami_id(spec.image)
-            except ValueError as exc:
+            except ValueError as exc:  # SelectionError too
                 raise ProviderError(f"image annotation {spec.image!r}: {exc}") from None
         if not self.config.image_id and not self.config.use_launch_template:
             raise ProviderError("no AMI: set PODVM_AMI_ID or the pod's image annotation")
@@ -282,6 +283,16 @@ class AwsProvider(ProviderBase):
         if not output:
             raise ConsoleUnavailable(f"EC2 has no console output for {instance_id} yet (it is published minutes after boot)")
         return _decode_console(output)
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        """The instance with its tags; None when unknown, shutting down or terminated."""
+        ec2 = await self.client()
+        try:
+            described = await asyncio.to_thread(instances.describe_instance, ec2, instance_id)
+        except AWS_ERRORS as exc:
+            raise ProviderError(f"describing {instance_id} failed: {describe(exc, self._secrets)}") from None
+        if described is None or described.get("State", {}).get("Name") not in instances.OWNED_STATES:
+            return None
+        return instances.to_instance(described, self.config.use_public_ip)
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """Instances tagged ``peerpods.io/owner=cloud-api-adaptor`` and with every

@@ -199,6 +199,7 @@ class AzureConfig(ProviderConfig):
     # Derived from the keys above and the common settings (``build``).
     size: str = DEFAULT_CVM_SIZE
     sizes: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()  # PODVM_IMAGES: what the image annotation may pick
     disable_cvm: bool = False
     root_volume_gib: int = 0
     use_public_ip: bool = False
@@ -226,7 +227,8 @@ class AzureConfig(ProviderConfig):
         explicit = options["instance_size"] or settings.podvm_instance_type
         size = explicit or (sizes[0] if sizes else (DEFAULT_SIZE if disable_cvm else DEFAULT_CVM_SIZE))
         return cls(
-            **options, size=size, sizes=sizes, disable_cvm=disable_cvm, root_volume_gib=settings.root_volume_size,
+            **options, size=size, sizes=sizes, images=tuple(settings.podvm_images), disable_cvm=disable_cvm,
+            root_volume_gib=settings.root_volume_size,
             use_public_ip=settings.use_public_ip, vxlan_port=settings.vxlan_port, extra_tags=dict(settings.tags),
         )
 

@@ -22,11 +22,13 @@ from cloudadaptor import userdata
 from cloudadaptor.providers.azure import checks, network, vms
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure.config import (
-    AzureConfig, ImageRef, parse_image_id, parse_vm_id, read_ssh_public_key,
+    AzureConfig, ImageRef, ResourceId, parse_image_id, parse_vm_id, read_ssh_public_key,
 )
 from cloudadaptor.providers.azure.tags import from_azure_tags, matches
-from cloudadaptor.providers.base import TAG_SANDBOX, ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
-from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, select_instance_type
+from cloudadaptor.providers.base import (
+    TAG_SANDBOX, ConsoleUnavailable, ForeignInstance, Instance, InstanceSpec, ProviderBase, ProviderError,
+)
+from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, check_image, select_instance_type
 from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.wire import AZURE_USER_DATA_LIMIT
 
@@ -117,12 +119,24 @@ class AzureProvider(ProviderBase):
                 raise ProviderError(f"creating VM {plan.name} failed: {az.describe(exc)}; {done}") from exc
             raise
 
-    async def delete_instance(self, instance_id: str) -> None:
-        """Delete the VM, then any NIC or OS disk it left. A VM already gone is success."""
+    def _managed_vm(self, instance_id: str, doing: str) -> ResourceId:
+        """The parsed id of a VM in our subscription and AZURE_RESOURCE_GROUP;
+        ``ForeignInstance`` for any other (never read or deleted there)."""
         try:
             vm = parse_vm_id(instance_id)
         except ValueError as exc:
-            raise ProviderError(f"cannot delete {instance_id!r}: {exc}") from None
+            raise ProviderError(f"cannot {doing} {instance_id!r}: {exc}") from None
+        if (vm.subscription.lower(), vm.resource_group.lower()) != (
+                self.config.subscription_id.lower(), self.config.resource_group.lower()):
+            raise ForeignInstance(
+                f"cannot {doing} VM {vm.name}: it is in resource group {vm.resource_group} of subscription "
+                f"{vm.subscription}, not AZURE_RESOURCE_GROUP {self.config.resource_group} of AZURE_SUBSCRIPTION_ID")
+        return vm
+
+    async def delete_instance(self, instance_id: str) -> None:
+        """Delete the VM, then any NIC or OS disk it left. A VM already gone is success.
+        Only in AZURE_RESOURCE_GROUP: any other id is refused (``ForeignInstance``)."""
+        vm = self._managed_vm(instance_id, "delete")
         problems = await self._remove(vm.resource_group, vm.name)
         if problems:
             raise ProviderError(f"deleting VM {vm.name}: {'; '.join(problems)}")
@@ -144,6 +158,14 @@ class AzureProvider(ProviderBase):
         if not uri:
             raise ConsoleUnavailable(f"VM {vm.name} has no serial console log (boot diagnostics off)")
         return await asyncio.to_thread(_fetch_blob, uri, vm.name)
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        """The VM with its tags and private IP; None when it does not exist.
+        Only in AZURE_RESOURCE_GROUP: any other id is ``ForeignInstance``."""
+        vm_id = self._managed_vm(instance_id, "read")
+        for instance in await self.list_owned({}):
+            if instance.id.lower() == vm_id.text.lower():
+                return instance
+        return None
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """VMs in AZURE_RESOURCE_GROUP carrying every one of ``tags``, plus the
@@ -183,8 +205,9 @@ class AzureProvider(ProviderBase):
             raise ProviderError(f"VM {spec.name}: {exc}") from None
         if spec.image:
             try:
+                check_image(spec.image, self.config.images)
                 image = parse_image_id(spec.image)
-            except ValueError as exc:
+            except ValueError as exc:  # SelectionError too
                 raise ProviderError(f"image annotation {spec.image!r}: {exc}") from None
         elif self.config.image is not None:
             image = self.config.image

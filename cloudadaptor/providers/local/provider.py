@@ -84,6 +84,13 @@ class LocalProvider(ProviderBase):
         """Instances whose tags include every one of ``tags`` (any state)."""
         return await asyncio.to_thread(self._list, dict(tags))
 
+    async def describe_instance(self, instance_id: str) -> Instance | None:
+        """The instance's record (any state); None when there is none."""
+        if not ID_PATTERN.fullmatch(instance_id):
+            return None
+        record = await asyncio.to_thread(self._read, instance_id)
+        return record.instance() if record is not None else None
+
     async def close(self) -> None:
         """Nothing to release; VMs keep running."""
 

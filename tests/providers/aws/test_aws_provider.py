@@ -223,3 +223,23 @@ async def test_network_hint_is_an_address_in_the_vm_subnet_once_verified(aws: Ec
     assert provider.network_hint() is None
     assert await provider.verify() == []
     assert provider.network_hint() == "203.0.113.1"
+
+
+async def test_describe_instance_reads_tags_and_a_terminated_or_unknown_one_is_none(aws: Ec2World):
+    provider = aws.provider()
+    instance = await provider.create_instance(spec_for())
+    described = await provider.describe_instance(instance.id)
+    assert described is not None and described.id == instance.id and described.tags[base.TAG_SANDBOX] == "a" * 64
+    await provider.delete_instance(instance.id)
+    assert await provider.describe_instance(instance.id) is None
+    assert await provider.describe_instance("i-0123456789abcdef0") is None
+
+
+async def test_the_image_annotation_must_be_in_podvm_images_when_it_is_set(aws: Ec2World):
+    other = aws.ec2.register_image(Name="someone-elses-ami")["ImageId"]
+    provider = aws.provider(PODVM_IMAGES=aws.ami_id)
+    with pytest.raises(ProviderError, match="not in PODVM_IMAGES"):
+        await provider.create_instance(spec_for(image=other))
+    assert aws.alive() == [], "refused before RunInstances"
+    instance = await provider.create_instance(spec_for(image=aws.ami_id))
+    assert aws.instances()[0]["ImageId"] == aws.ami_id and instance.id
