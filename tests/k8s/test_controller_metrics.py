@@ -10,7 +10,8 @@ from cloudadaptor.metrics import ControllerMetrics
 from fakes.kubeapi import PODS
 
 SANDBOX = "7" * 64
-OPTIONS = ControllerOptions(provider_name="aws", sweep_grace=60.0)
+CLUSTER = "cluster-blue"  # what FakeCloud.add tags VMs with (tests/k8s/conftest.py)
+OPTIONS = ControllerOptions(provider_name="aws", cluster_id=CLUSTER, sweep_grace=60.0)
 
 
 def _value(metrics: ControllerMetrics, name: str, **labels: str) -> float:
