@@ -42,6 +42,7 @@ STEPS = ("inputs and cache key", "Debian tree (mmdebstrap)", "pod VM components 
 TOOLS = {"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs"}
 GUEST_PYTHON = "/usr/bin/python3"
 STOP_GRACE = 10.0
+KEEP_IMAGES = 3
 # unit -> the target whose .wants/ enables it (what `systemctl enable` would link)
 NETWORK_UNITS = (("systemd-networkd.service", "multi-user.target"), ("systemd-networkd.socket", "sockets.target"),
                  ("systemd-network-generator.service", "sysinit.target"),
@@ -126,11 +127,11 @@ def _build(work: Path, key: str, podvm_dir: Path, wheel: Path, payload: Path, op
     progress.step(STEPS[4])
     add_local_parts(tree)
     progress.step(STEPS[5])
-    make_disk(tree, work, progress)
+    release = make_disk(tree, work, progress)
     progress.step(STEPS[6])
     info = {"key": key, "built_by": "cloud-api-adaptor image build local", "builder_version": __version__,
             "wheel": wheel.name, "agent_payload": options.payload or "development agent (default)",
-            "debian": f"{localcache.DEBIAN_SUITE}: {' '.join(localcache.DEBIAN_PACKAGES)}",
+            "kernel_release": release, "debian": f"{localcache.DEBIAN_SUITE}: {' '.join(localcache.DEBIAN_PACKAGES)}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started, 1),
             "disk_bytes": (work / localcache.DISK).stat().st_size}
@@ -141,9 +142,19 @@ def _build(work: Path, key: str, podvm_dir: Path, wheel: Path, payload: Path, op
         remove_tree(target)  # --rebuild
     os.rename(work, target)
     localcache.set_current(options.cache, key)
+    for old in _older_images(options.cache, key):
+        progress.info(f"removing old image {old.key}")
+        remove_tree(old.directory)
     image = localcache.read_image(target)
     assert image is not None
     return image
+
+
+def _older_images(cache: Path, newest: str) -> list[localcache.LocalImage]:
+    """Images beyond the KEEP_IMAGES most recently built (each is ~800 MB; a code change makes a new one)."""
+    images = sorted(localcache.list_images(cache), key=lambda i: i.directory.stat().st_mtime, reverse=True)
+    keep = {newest} | {i.key for i in images[:KEEP_IMAGES]}
+    return [i for i in images if i.key not in keep]
 
 
 def _pip_platform(tree: Path) -> list[str]:
@@ -167,7 +178,8 @@ def add_local_parts(tree: Path) -> None:
     (tree / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
 
 
-def make_disk(tree: Path, work: Path, progress: Progress) -> None:
+def make_disk(tree: Path, work: Path, progress: Progress) -> str:
+    """disk.img from the tree, vmlinuz and initrd.img from its /boot; the kernel release."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise BuildError(f"no kernel in {tree}/boot (is linux-image-cloud-amd64 in the package list?)")
@@ -181,6 +193,7 @@ def make_disk(tree: Path, work: Path, progress: Progress) -> None:
         f.truncate(size_mib << 20)
     run(["mkfs.ext4", "-q", "-F", "-L", "podvm-root", "-d", str(tree), str(disk)], progress, "mkfs.ext4")
     progress.info(f"kernel {release}, disk {size_mib} MiB")
+    return release
 
 
 def run(argv: list[str], progress: Progress, what: str) -> None:
