@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,10 +49,9 @@ _accel_cache: dict[str, str] = {}
 
 def binary(name: str) -> str:
     """The path of a QEMU tool; ProviderError naming the Debian package when it is missing."""
-    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) + ["/usr/bin", "/usr/sbin"]:
-        path = os.path.join(directory, name)
-        if os.access(path, os.X_OK):
-            return path
+    path = shutil.which(name) or shutil.which(name, path="/usr/bin:/usr/sbin")
+    if path is not None:
+        return path
     raise ProviderError(f"{name} not found: install the Debian package {PACKAGES[name]} (apt-get install -y {PACKAGES[name]})")
 
 
@@ -171,8 +171,8 @@ def stop(instance_id: str, directory: Path, console_tail: str) -> None:
     try:
         pid = int((directory / PID_FILE).read_text())
     except (OSError, ValueError):
-        return
-    if not _cmdline_has(pid, QEMU, str(directory)):
+        pid = 0  # QEMU removes its pid file when it exits
+    if not pid or not _cmdline_has(pid, QEMU, str(directory)):
         if (directory / OVERLAY).exists():
             log.warning("local VM %s had stopped by itself; console: %s", instance_id, console_tail)
         return

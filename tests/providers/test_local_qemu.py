@@ -1,0 +1,66 @@
+"""LOCAL_VM=qemu faults: QEMU or the image missing, a guest that never boots, a provider restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+
+import pytest
+
+from cloudadaptor.providers.base import ProviderError
+from cloudadaptor.providers.local import qemu
+from providers.test_local import spec
+from test_e2e_qemu import _leftovers, qemu_image  # noqa: F401 - the fixture
+
+
+def test_qemu_missing_names_the_debian_package(monkeypatch):
+    monkeypatch.setattr(qemu.shutil, "which", lambda *a, **k: None)
+    with pytest.raises(ProviderError) as err:
+        qemu.binary(qemu.QEMU)
+    assert str(err.value) == ("qemu-system-x86_64 not found: install the Debian package qemu-system-x86 "
+                              "(apt-get install -y qemu-system-x86)")
+
+
+async def test_no_image_is_one_line_naming_the_build_command(local_cloud, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_IMAGE_CACHE", str(tmp_path / "empty"))
+    provider = local_cloud.provider(vm="qemu")
+    problems = await provider.verify()
+    assert problems == [f"LOCAL_VM=qemu: no pod VM image at {tmp_path}/empty/current: "
+                        "build it with `cloud-api-adaptor image build local`"]
+    with pytest.raises(ProviderError, match="image build local"):
+        await provider.create_instance(spec())
+    assert await provider.list_owned({}) == []
+
+
+async def test_a_guest_that_never_boots_is_deleted_with_its_console_tail_after_a_restart(
+        local_cloud, qemu_image, tmp_path, caplog):  # noqa: F811
+    broken = tmp_path / "broken-image"
+    broken.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copyfile(qemu_image.directory / name, broken / name)
+    with open(broken / "disk.img", "wb") as f:  # a truncated disk: no file system
+        f.write(qemu_image.disk.open("rb").read(1 << 20))
+    (broken / "image.json").write_text(json.dumps({"key": "broken"}))
+    provider = local_cloud.provider(vm="qemu", qemu_image=broken, qemu_accel="tcg")
+    instance = await provider.create_instance(spec())
+    directory = local_cloud.cloud_dir / instance.id
+    assert (directory / "disk.qcow2").is_file() and json.loads((directory / "qemu.json").read_text())["accel"] == "tcg"
+    # The adaptor restarts: a new provider over the same cloud finds the VM by its tags.
+    restarted = local_cloud.provider(vm="qemu", qemu_image=broken, qemu_accel="tcg")
+    assert [i.id for i in await restarted.list_owned({"peerpods.io/node": "node-1"})] == [instance.id]
+    pid = int((directory / "qemu.pid").read_text())  # QEMU removes it when it exits
+    deadline = time.monotonic() + 240
+    while qemu._cmdline_has(pid, "qemu-system") and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)  # panic=-1 and -no-reboot: QEMU exits when the guest panics
+    assert not qemu._cmdline_has(pid, "qemu-system"), (directory / "console.log").read_text(errors="replace")[-2000:]
+    with caplog.at_level(logging.WARNING, logger=qemu.__name__):
+        await restarted.delete_instance(instance.id)
+    warning = next(r.getMessage() for r in caplog.records if instance.id in r.getMessage())
+    assert "had stopped by itself; console:" in warning and "anic" in warning, warning
+    await restarted.delete_instance(instance.id)  # idempotent
+    assert await asyncio.to_thread(_leftovers, local_cloud.cloud_dir) == ([], [], [])
+    assert not os.path.exists(directory)
