@@ -39,13 +39,14 @@ HELP = {
     ("pod-network",): ("--config", "--podns"),
     ("process-user-data",): ("--source", "--imds-url", "--deadline", "--root"),
     ("image",): ("build", "list", "delete"),
-    ("image", "build"): ("--agent-payload", "--base-image", "--replace", "--keep-existing", "--update-configmap"),
-    ("image", "list"): ("{aws,azure}",),
+    ("image", "build"): ("--agent-payload", "--base-image", "--replace", "--keep-existing", "--update-configmap",
+                         "--rebuild", "--cache-dir"),
+    ("image", "list"): ("{aws,azure,local}", "--cache-dir"),
     ("image", "delete"): ("--name", "--id"),
     ("peerpod-controller",): ("[PEERPOD_CONTROLLER_INTERVAL]", "--sweep-grace", "--once"),
     ("webhook",): ("[WEBHOOK_ADDRESS]", "--tls-cert", "--tls-key", "--runtime-class"),
     ("probe",): ("--socket", "--timeout", "startup probe"),
-    ("demo",): ("--pods", "--boot-delay"),
+    ("demo",): ("--pods", "--boot-delay", "--vm"),
     ("version",): ("usage: cloud-api-adaptor version",),
 }
 
