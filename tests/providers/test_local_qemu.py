@@ -64,3 +64,62 @@ async def test_a_guest_that_never_boots_is_deleted_with_its_console_tail_after_a
     await restarted.delete_instance(instance.id)  # idempotent
     assert await asyncio.to_thread(_leftovers, local_cloud.cloud_dir) == ([], [], [])
     assert not os.path.exists(directory)
+
+
+IMDS_CLIENT = """
+import sys, urllib.request, urllib.error
+from cloudadaptor import linuxns
+linuxns.setns(sys.argv[1], linuxns.CLONE_NEWNET)
+base = "http://169.254.169.254"
+
+def call(method, path, headers):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + path, method=method, headers=headers), timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+print(call("GET", "/latest/user-data", {})[0])
+print(call("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "0"})[0])
+status, token = call("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+print(status)
+print(call("GET", "/latest/user-data", {"X-aws-ec2-metadata-token": "forged"})[0])
+print(call("GET", "/latest/meta-data/instance-id", {"X-aws-ec2-metadata-token": token})[0])
+status, body = call("GET", "/latest/user-data", {"X-aws-ec2-metadata-token": token})
+print(status)
+sys.stdout.write(body)
+"""
+
+
+async def test_the_metadata_service_speaks_imdsv2_to_the_instance_at_that_address(local_cloud):
+    import subprocess
+    import sys
+
+    from cloudadaptor.providers import local_metadata
+
+    provider = local_cloud.provider()  # a namespace VM is a client on the bridge with the instance's address
+    instance = await provider.create_instance(spec())
+    await asyncio.to_thread(qemu.ensure_metadata, provider.config)
+    pid = int((local_cloud.cloud_dir / local_metadata.PID_FILE).read_text())
+    await asyncio.to_thread(qemu.ensure_metadata, provider.config)  # running: not started twice
+    assert int((local_cloud.cloud_dir / local_metadata.PID_FILE).read_text()) == pid
+    done = None
+    for _ in range(50):  # the service binds within a moment of starting
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", IMDS_CLIENT, f"/run/netns/{instance.id}"],
+                                       capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert done is not None and done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n", 6)
+    assert lines[:6] == ["401", "400", "200", "401", "404", "200"], done.stdout
+    assert lines[6] == spec().user_data
+    await provider.delete_instance(instance.id)
+    from conftest import _delete_link
+
+    await asyncio.to_thread(_delete_link, provider.config.bridge)  # the cloud is gone: the service exits
+    deadline = time.monotonic() + 10
+    while qemu._cmdline_has(pid, local_metadata.MODULE) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not qemu._cmdline_has(pid, local_metadata.MODULE)
+    assert not (local_cloud.cloud_dir / local_metadata.PID_FILE).exists()
