@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test tools protos duplicates clean
+# Debian packages the tests need (installed when missing; CI runs on a fresh clone):
+# QEMU and mmdebstrap for the pod VM image and its VMs, prometheus for promtool (checks /metrics).
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs prometheus
+
+.PHONY: demo test protos duplicates clean apt-packages podvm-image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,13 +20,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cloud-api-adaptor demo
 
-## System tools the tests need (promtool checks /metrics), installed once if missing.
-tools:
-	@command -v promtool >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+## Install the Debian packages the tests need, only those missing.
+apt-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } >/dev/null \
+	    || echo "could not install $$missing (the tests that need them will fail under CI)"; \
+	fi
+
+## Build (or find in the cache) the local pod VM image the QEMU tests boot; outside the private
+## namespace, because mmdebstrap needs the machine's real root to keep file owners.
+podvm-image: $(STAMP) apt-packages
+	@$(BIN)/cloud-api-adaptor image build local >/dev/null 2>$(VENV)/podvm-image.log \
+	  || { echo "image build local failed (the QEMU tests will fail under CI); tail of $(VENV)/podvm-image.log:"; tail -5 $(VENV)/podvm-image.log; }
 
 ## Run the whole test suite inside a private user+net+mount namespace.
-test: $(STAMP) tools
+test: $(STAMP) podvm-image
 	$(BIN)/python -m cloudadaptor.dev.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Regenerate cloudadaptor/protocols from protos/.

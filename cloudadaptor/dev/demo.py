@@ -6,7 +6,9 @@ starts pods through the shim emulator exactly as containerd-shim-kata-v2
 would, runs a command in each pod VM (shim → agent proxy → mTLS → forwarder →
 agent), shows the pod IP inside the VM's podns and a TCP round trip from the
 worker to a server on that pod IP (through the VXLAN tunnel), prints a table,
-stops the pods and proves nothing is left.
+stops the pods and proves nothing is left. ``--vm qemu`` does the same on
+real QEMU VMs booting the image of ``image build local`` (LOCAL_VM=qemu) and
+adds each VM's boot-to-agent-ready time (from its console).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ DEMO_COMMAND = ["sh", "-c", "echo \"$(hostname) $(readlink /proc/self/ns/net)\""
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pods", type=int, default=3, help="number of peer pods (default 3)")
     parser.add_argument("--boot-delay", default="0s", help="LOCAL_BOOT_DELAY: imitated cloud boot time (default 0s)")
-    parser.add_argument("--proxy-timeout", default="30s", help="PROXY_TIMEOUT for the demo daemon (default 30s)")
+    parser.add_argument("--proxy-timeout", help="PROXY_TIMEOUT for the demo daemon (default 30s; 480s with --vm qemu)")
+    parser.add_argument("--vm", choices=("namespace", "qemu"), default="namespace",
+                        help="LOCAL_VM: namespace VMs (default, fast) or real QEMU VMs (needs `image build local`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +64,7 @@ class Row:
     start_ms: float = 0.0
     tcp_ms: str = "-"
     output: str = ""
+    boot_s: str = "-"
 
 
 def _say(text: str) -> None:
@@ -70,8 +75,9 @@ async def _demo(args: argparse.Namespace) -> int:
     from cloudadaptor.dev.podnet import create_pod_netns
 
     log_file = tempfile.NamedTemporaryFile(prefix="cloud-api-adaptor-demo-", suffix=".log", delete=False)
-    env = {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": args.boot_delay,
-           "PROXY_TIMEOUT": args.proxy_timeout, "NODE_NAME": "demo-worker"}
+    timeout = args.proxy_timeout or ("480s" if args.vm == "qemu" else "30s")
+    env = {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": args.boot_delay, "LOCAL_VM": args.vm,
+           "PROXY_TIMEOUT": timeout, "NODE_NAME": "demo-worker"}
     _say(f"private namespace ready; starting `cloud-api-adaptor serve` (log: {log_file.name})")
     daemon = subprocess.Popen([sys.executable, "-m", "cloudadaptor.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT)
     pod_netns = []
@@ -81,7 +87,7 @@ async def _demo(args: argparse.Namespace) -> int:
         for i in range(args.pods):
             # pyroute2's synchronous API runs its own event loop: keep it off ours.
             pod_netns.append(await asyncio.to_thread(create_pod_netns, f"cni-demo-{i}", f"198.51.100.{10 + i}/24", "198.51.100.1"))
-        ok = await _run_pods(args.pods, pod_netns)
+        ok = await _run_pods(args.pods, pod_netns, args.vm)
     except Exception as exc:
         _say(f"demo failed: {type(exc).__name__}: {exc}")
     finally:
@@ -92,11 +98,17 @@ async def _demo(args: argparse.Namespace) -> int:
             daemon.kill()
         for netns in pod_netns:
             await asyncio.to_thread(netns.delete)
+        await asyncio.to_thread(_delete_cloud_bridge)  # the cloud's metadata service exits with it
     if not ok:
         _say(f"daemon log ({log_file.name}):")
         print(Path(log_file.name).read_text()[-4000:])
         return 1
     leftovers = await asyncio.to_thread(_leftovers)
+    for _ in range(50):  # the metadata service notices its bridge is gone within a second
+        if not leftovers:
+            break
+        await asyncio.sleep(0.1)
+        leftovers = await asyncio.to_thread(_leftovers)
     if leftovers:
         _say("LEFT BEHIND after the daemon exited:")
         for line in leftovers:
@@ -118,7 +130,7 @@ async def _wait_for_socket(daemon: subprocess.Popen, timeout: float = 30.0) -> N
     _say(f"daemon serving {SOCKET}")
 
 
-async def _run_pods(count: int, pod_netns: list) -> bool:
+async def _run_pods(count: int, pod_netns: list, vm: str = "namespace") -> bool:
     from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
 
     shim = ShimEmulator(SOCKET)
@@ -142,10 +154,12 @@ async def _run_pods(count: int, pod_netns: list) -> bool:
         row.output = (executed.stdout.decode().strip() or executed.stderr.decode().strip()) + (
             f" (exit {executed.exit_code})" if executed.exit_code else "")
         failed |= executed.exit_code != 0
-        failed |= not await _probe_data_path(run, row, netns.pod_ip)
+        failed |= not await _probe_data_path(run, row, netns.pod_ip, "python3" if vm == "qemu" else sys.executable)
+        if vm == "qemu":
+            row.boot_s = _boot_to_agent(row.vm_id)
         rows.append(row)
         _say(f"{name}: VM {row.vm_id} at {row.vm_ip} answered; pod IP {netns.pod_ip} reached through VNI {row.vni}")
-    _print_table(rows)
+    _print_table(rows, vm)
     for run in runs:
         await stop_pod(shim, run)
     _say(f"stopped {len(runs)} pods (StopVM)")
@@ -161,7 +175,7 @@ async def _run_pods(count: int, pod_netns: list) -> bool:
     return not failed and len(runs) == count
 
 
-async def _probe_data_path(run, row: Row, pod_ip: str) -> bool:
+async def _probe_data_path(run, row: Row, pod_ip: str, python: str) -> bool:
     """The pod IP as the VM's podns shows it (`ip -br addr` through ExecProcess), and
     a TCP round trip from the worker to a one-shot echo server on it in the pod."""
     from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
@@ -169,7 +183,7 @@ async def _probe_data_path(run, row: Row, pod_ip: str) -> bool:
     shown = await run.exec(POD_ADDR_COMMAND)
     lines = [line.split() for line in shown.stdout.decode().splitlines()]
     row.pod_ip_in_vm = ",".join(word for line in lines if line and line[0] != "lo" for word in line[2:3]) or "-"
-    server = asyncio.create_task(run.exec([sys.executable, "-c", ECHO_SERVER, pod_ip, str(ECHO_PORT)]))
+    server = asyncio.create_task(run.exec([python, "-c", ECHO_SERVER, pod_ip, str(ECHO_PORT)]))
     try:
         reply, seconds = await asyncio.to_thread(tcp_round_trip, pod_ip, ECHO_PORT)
     except OSError as exc:
@@ -217,14 +231,37 @@ def _state_rows() -> int:
         store.close()
 
 
-def _print_table(rows: list[Row]) -> None:
+def _boot_to_agent(vm_id: str) -> str:
+    """Seconds from the guest kernel's start to the forwarder in front of the agent (console timestamps)."""
+    console = Path("/run/peerpod/local-cloud") / vm_id / "console.log"
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        return "-"
+    for line in text.splitlines():
+        if "Started agent-protocol-forwarder" in line and line.startswith("["):
+            return line[1:].split("]", 1)[0].strip()
+    return "-"
+
+
+def _delete_cloud_bridge() -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=os.environ.get("LOCAL_CLOUD_BRIDGE", "ppcloud0")):
+            ipr.link("del", index=index)
+
+
+def _print_table(rows: list[Row], vm: str = "namespace") -> None:
     header = ("POD", "SANDBOX ID", "VM ID", "VM IP", "VNI", "POD IP IN VM podns", "CreateVM ms", "StartVM ms",
               "TCP RTT ms", "COMMAND OUTPUT")
     table = [header] + [
         (r.pod, r.sandbox_id[:12], r.vm_id, r.vm_ip, r.vni, r.pod_ip_in_vm, f"{r.create_ms:.1f}", f"{r.start_ms:.1f}",
          r.tcp_ms, r.output) for r in rows
     ]
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    if vm == "qemu":
+        table = [(*line, cell) for line, cell in zip(table, ["BOOT→AGENT s"] + [r.boot_s for r in rows])]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(table[0]))]
     print()
     for line in table:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -245,7 +282,7 @@ def _leftovers() -> list[str]:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME")
             kind = (link.get_attr("IFLA_LINKINFO") or {}).get_attr("IFLA_INFO_KIND") if link.get_attr("IFLA_LINKINFO") else None
-            if kind in ("veth", "vxlan"):
+            if kind in ("veth", "vxlan", "tun"):
                 found.append(f"link {name} ({kind})")
     if PODS_DIR.exists():
         found += [f"pod directory {p}" for p in PODS_DIR.iterdir()]
@@ -259,7 +296,7 @@ def _leftovers() -> list[str]:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "cloudadaptor" in cmdline:
+            if "cloudadaptor" in cmdline or "qemu-system" in cmdline:
                 found.append(f"process {proc.name}: {cmdline.strip()}")
     if STATE_DB.exists() and _state_rows():
         found.append(f"{_state_rows()} sandbox rows in {STATE_DB}")

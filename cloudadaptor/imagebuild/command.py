@@ -1,4 +1,7 @@
-"""``cloud-api-adaptor image build|list|delete aws|azure``.
+"""``cloud-api-adaptor image build|list|delete aws|azure|local``.
+
+``local`` builds the local provider's QEMU image on this machine
+(``imagebuild/localbuild.py``, cached by input hash; ``localcommand.py``).
 
 Settings are the peer-pods-cm / peer-pods-secret keys the adaptor uses (the
 image Jobs get them with ``envFrom``), plus ``PODVM_AGENT_PAYLOAD`` and
@@ -24,6 +27,7 @@ from cloudadaptor.imagebuild.cleanup import CleanupError, Terminated, interrupti
 from cloudadaptor.imagebuild.common import CONFIGMAP_KEYS, DEFAULT_IMAGE_NAMES, BuildError, BuildOptions, ImageBackend
 
 CLOUDS = ("aws", "azure")
+TARGETS = (*CLOUDS, "local")
 BackendFactory = Callable[[str, Mapping[str, str], argparse.Namespace], ImageBackend]
 
 
@@ -46,7 +50,7 @@ def _endpoint(text: str) -> tuple[str, int]:
 
 def _add_build(sub: Any) -> None:
     build = sub.add_parser("build", help="build the pod VM image (peer-pod-ami / peer-pod-vmimage)")
-    build.add_argument("cloud", choices=CLOUDS)
+    build.add_argument("cloud", choices=TARGETS, help="aws, azure, or local (a QEMU disk image on this machine)")
     build.add_argument("--name", help="image name (default peer-pod-ami on AWS, peer-pod-vmimage on Azure)")
     exists = build.add_mutually_exclusive_group()
     exists.add_argument("--replace", action="store_true",
@@ -79,6 +83,9 @@ def _add_build(sub: Any) -> None:
                        help="put the image id into peer-pods-cm (PODVM_AMI_ID / AZURE_IMAGE_ID)")
     build.add_argument("--namespace", help="namespace of peer-pods-cm (default: POD_NAMESPACE, else "
                        "openshift-sandboxed-containers-operator)")
+    build.add_argument("--rebuild", action="store_true", help="local: build even when the cache has this image")
+    build.add_argument("--cache-dir", type=Path, help="local: the image cache [LOCAL_IMAGE_CACHE] "
+                       "(default ~/.cache/cloud-api-adaptor/podvm)")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,12 +93,14 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     _add_build(sub)
     listing = sub.add_parser("list", help="list the images built by `image build`")
-    listing.add_argument("cloud", choices=CLOUDS)
+    listing.add_argument("cloud", choices=TARGETS)
+    listing.add_argument("--cache-dir", type=Path, help="local: the image cache [LOCAL_IMAGE_CACHE]")
     delete = sub.add_parser("delete", help="delete an image (and its snapshots); images are not managed after creation")
-    delete.add_argument("cloud", choices=CLOUDS)
+    delete.add_argument("cloud", choices=TARGETS)
+    delete.add_argument("--cache-dir", type=Path, help="local: the image cache [LOCAL_IMAGE_CACHE]")
     which = delete.add_mutually_exclusive_group()
     which.add_argument("--name", help="image name (default peer-pod-ami / peer-pod-vmimage)")
-    which.add_argument("--id", help="image id (an AMI id, or an Azure image resource id)")
+    which.add_argument("--id", help="image id (an AMI id, an Azure image resource id, a local image key)")
     return parser
 
 
@@ -214,6 +223,10 @@ def run(args: argparse.Namespace, *, env: Mapping[str, str] | None = None, backe
     env = os.environ if env is None else env
     out, err = out or sys.stdout, err or sys.stderr
     action = f"image {args.image_command}"
+    if args.cloud == "local":
+        from cloudadaptor.imagebuild import localcommand
+
+        return localcommand.run(args, env, out, err)
     try:
         with interruptible():
             backend = backend_factory(args.cloud, env, args)

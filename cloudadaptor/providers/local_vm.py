@@ -12,8 +12,10 @@ session — writes the init's PID to ``<instance dir>/init.pid`` and exits, so
 the VM is not a child of the adaptor, as a cloud VM is not. Setup errors make
 the launcher exit non-zero (and say why on the console).
 
-The init, with stdout/stderr being the VM's console log, boots in the order
-of the pod VM image's systemd units, logging every step with a timestamp:
+The init, with stdout/stderr being the VM's console log, boots the image's
+own units (``local_boot``: the order ``provision.py`` enables them in, and
+each unit's ``ExecStartPre=mkdir -p``, e.g. ``/run/kata-containers`` before
+the agent), logging every step with a timestamp:
 
 1. sleep the boot delay (imitates a cloud boot);
 2. ``process-user-data --source file --file /run/cloud-data/user-data``
@@ -49,8 +51,10 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cloudadaptor import linuxns
+from cloudadaptor.providers import local_boot
 
 CLONE_NEWPID = 0x20000000
 
@@ -124,6 +128,11 @@ def enter_vm(instance_dir: str, netns: str) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     instance_dir = os.path.abspath(args.instance_dir)
+    try:
+        plan = local_boot.load(Path(args.podvm_files) if args.podvm_files else None)
+    except local_boot.BootPlanError as exc:
+        log(f"cannot boot the image's units: {exc}")
+        return 1
     dir_fd = os.open(instance_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         enter_vm(instance_dir, args.netns)
@@ -139,7 +148,7 @@ def _launch(args: argparse.Namespace) -> int:
         try:
             os.setsid()
             os.close(ready_w)
-            code = VmInit(args.boot_delay, agent_argv(args.agent_command)).run()
+            code = VmInit(args.boot_delay, agent_argv(args.agent_command), plan).run()
         except BaseException:  # noqa: BLE001 - the console must say why the VM died
             traceback.print_exc()
         finally:
@@ -174,7 +183,10 @@ class VmInit:
 
     boot_delay: float
     agent: list[str]
+    plan: list[local_boot.BootStep]
     python: str = sys.executable
+    user_data_ok: bool = False
+    network_ok: bool = False
     components: dict[int, _Component] = field(default_factory=dict)
     stopping: bool = False
 
@@ -201,36 +213,45 @@ class VmInit:
         deadline = time.monotonic() + self.boot_delay
         while not self.stopping and time.monotonic() < deadline:
             self._wait(deadline - time.monotonic())
-        if self.stopping:
-            return
-        user_data_ok = self._run_step("process-user-data", [
+        for step in self.plan:
+            if self.stopping:
+                return
+            for directory in step.make_dirs:  # the unit's ExecStartPre=mkdir -p
+                os.makedirs(directory, exist_ok=True)
+                log(f"{step.unit}: made {directory}")
+            getattr(self, "_step_" + step.step)()
+        log("boot complete")
+
+    def _step_user_data(self) -> None:
+        self.user_data_ok = self._run_step("process-user-data", [
             self.python, "-m", "cloudadaptor.podvm.process_user_data",
             "--source", "file", "--file", USER_DATA_PATH,
         ])
-        if self.stopping:
-            return
+
+    def _step_podns(self) -> None:
         try:
             self._create_podns()
         except Exception as exc:  # noqa: BLE001 - logged; the agent still starts
             log(f"cannot create netns {PODNS}: {exc}")
-        network_ok = user_data_ok and self._run_step("pod-network", [
+
+    def _step_pod_network(self) -> None:
+        self.network_ok = self.user_data_ok and self._run_step("pod-network", [
             self.python, "-m", "cloudadaptor.podnetwork.vmside", "--config", APF_CONFIG, "--podns", PODNS,
         ])
-        if self.stopping:
-            return
+
+    def _step_agent(self) -> None:
         agent = self._start("agent", self.agent)
         if agent is not None:
             self._wait_socket(agent, AGENT_SOCKET, AGENT_SOCKET_TIMEOUT)
-        if self.stopping:
-            return
-        if network_ok:
+
+    def _step_forwarder(self) -> None:
+        if self.network_ok:
             self._start("forwarder", [
                 self.python, "-m", "cloudadaptor.podvm.forwarder",
                 "--config", APF_CONFIG, "--kata-agent-socket", AGENT_SOCKET,
             ])
         else:
             log("forwarder not started: process-user-data or the pod network did not succeed")
-        log("boot complete")
 
     def _run_step(self, name: str, argv: list[str]) -> bool:
         """Run a boot step to completion (killed after STEP_TIMEOUT); True when it exits 0."""
@@ -343,6 +364,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--boot-delay", type=float, default=0.0, help="seconds")
     parser.add_argument("--agent-command", default=default_agent_command(),
                         help="agent command line; {socket} becomes the agent socket path")
+    parser.add_argument("--podvm-files", help="the images/podvm directory whose units give the boot order "
+                        "(default: the checkout's, else the shipped copy)")
     return parser
 
 

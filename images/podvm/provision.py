@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--payload-source", default="", help="where the payload came from (recorded in image-info.json)")
     install.add_argument("--python", default=DEFAULT_PYTHON, help="interpreter of the pod VM components (default %(default)s)")
     install.add_argument("--os-packages", default=DEFAULT_OS_PACKAGES, help="dnf packages to install (default: %(default)s)")
-    install.add_argument("--cloud", choices=("aws", "azure"), default="aws", help="the cloud the image is for")
+    install.add_argument("--cloud", choices=("aws", "azure", "local"), default="aws",
+                         help="the cloud the image is for (local: the local provider's QEMU VMs)")
     seal = sub.add_parser("seal", help="prepare the installed VM for capture as an image")
     seal.add_argument("--root", default="/", help="the installed root (default /)")
     seal.add_argument("--cloud", choices=("aws", "azure"), default="aws", help="the cloud the image is for")

@@ -21,8 +21,15 @@ All network configuration goes through pyroute2 (blocking; run in a worker
 thread). Everything this module creates is named after the instance id, so a
 delete finds it even when ``instance.json`` is lost.
 
+With ``LOCAL_VM=qemu`` a pod VM is instead a QEMU VM booting the image of
+``image build local`` (``qemu``: overlay, tap ``lc-<12 hex>`` on the bridge,
+QMP, KVM probe); it takes its user data from the cloud's IMDSv2 endpoint
+(``cloudadaptor.providers.local_metadata``) rather than from a file, and has
+no netns on the worker. ``instance.json`` records which kind a VM is.
+
 The package: ``config`` (the keys), ``machine`` (bridge, netns, veth, init
-process), ``provider`` (``LocalProvider``: records and the protocol).
+process), ``qemu`` (QEMU VMs and the metadata service's start), ``provider``
+(``LocalProvider``: records and the protocol).
 """
 
 from cloudadaptor.providers.local.config import DEFAULT_BRIDGE, DEFAULT_CIDR, LocalConfig

@@ -15,6 +15,8 @@ from cloudadaptor.providers.config import ProviderConfig, option
 DEFAULT_CIDR = ipaddress.IPv4Network("192.0.2.0/24")
 DEFAULT_BRIDGE = "ppcloud0"
 CLOUD_SUBDIR = "local-cloud"
+VM_KINDS = ("namespace", "qemu")
+ACCELS = ("auto", "kvm", "tcg")
 
 
 def parse_cloud_cidr(text: str) -> ipaddress.IPv4Network:
@@ -33,6 +35,32 @@ def parse_ifname(text: str) -> str:
     if not 1 <= len(name) <= 15 or name in (".", "..") or re.search(r"[\s/:]", name):
         raise ValueError("expected an interface name of 1 to 15 characters without '/', ':' or spaces")
     return name
+
+
+def parse_vm_kind(text: str) -> str:
+    kind = text.strip().lower()
+    if kind not in VM_KINDS:
+        raise ValueError(f"expected one of {', '.join(VM_KINDS)}")
+    return kind
+
+
+def parse_accel(text: str) -> str:
+    accel = text.strip().lower()
+    if accel not in ACCELS:
+        raise ValueError(f"expected one of {', '.join(ACCELS)}")
+    return accel
+
+
+def parse_count(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise ValueError(f"expected {what} from {low} to {high}")
+        return value
+    return parse
 
 
 def parse_agent_command(text: str) -> str:
@@ -59,7 +87,18 @@ class LocalConfig(ProviderConfig):
     boot_delay: float = option("LOCAL_BOOT_DELAY", parse_duration, 0.0, help="imitated cloud boot time, e.g. 2s")
     agent_command: str | None = option(
         "LOCAL_AGENT_COMMAND", parse_agent_command, None,
-        help="agent a VM runs; {socket} becomes its socket path (default: the development agent)")
+        help="agent a namespace VM runs; {socket} becomes its socket path (default: the development agent; "
+             "a QEMU VM runs its image's kata-agent)")
+    vm: str = option("LOCAL_VM", parse_vm_kind, "namespace",
+                     help="what a pod VM is: namespace (a netns running our processes) or qemu (a QEMU VM "
+                          "booting the image of `image build local`)")
+    qemu_image: Path | None = option("LOCAL_QEMU_IMAGE", parse_abs_path, None,
+                                     help="qemu: the image directory to boot (default: the newest "
+                                          "`image build local`, <LOCAL_IMAGE_CACHE>/current)")
+    qemu_accel: str = option("LOCAL_QEMU_ACCEL", parse_accel, "auto",
+                             help="qemu: kvm, tcg, or auto (KVM when a short probe boots a guest, else TCG)")
+    qemu_memory: int = option("LOCAL_QEMU_MEMORY", parse_count(256, 65536, "MiB"), 1024, help="qemu: MiB per VM")
+    qemu_cpus: int = option("LOCAL_QEMU_CPUS", parse_count(1, 64, "vCPUs"), 2, help="qemu: vCPUs per VM")
 
     @classmethod
     def build(cls, settings: Settings, **options: Any) -> LocalConfig:

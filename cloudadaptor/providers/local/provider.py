@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cloudadaptor import linuxns
 from cloudadaptor.providers import local_vm
 from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
-from cloudadaptor.providers.local import machine
+from cloudadaptor.providers.local import machine, qemu
 from cloudadaptor.providers.local.config import LocalConfig
 
 ID_PATTERN = machine.ID_PATTERN
@@ -42,6 +42,7 @@ class _Record:
     tags: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
     state: str = "creating"  # creating | running
+    vm: str = "namespace"  # namespace | qemu (LOCAL_VM when it was created)
 
     def instance(self) -> Instance:
         return Instance(self.id, self.name, (self.ip,), dict(self.tags))
@@ -76,8 +77,8 @@ class LocalProvider(ProviderBase):
         return await asyncio.to_thread(self._create, spec)
 
     async def delete_instance(self, instance_id: str) -> None:
-        """Stop the VM (SIGTERM, SIGKILL after 5 s), then delete its veth, netns and
-        directory. Idempotent; an unknown id is success; safe to run concurrently."""
+        """Stop the VM (namespace: SIGTERM, SIGKILL after 5 s; QEMU: QMP quit, SIGKILL after
+        5 s), then delete its veth or tap, netns and directory (with the QEMU overlay). Idempotent; an unknown id is success; safe to run concurrently."""
         await asyncio.to_thread(self._delete, instance_id)
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
@@ -142,6 +143,13 @@ class LocalProvider(ProviderBase):
                 raise PermissionError(errno.EACCES, "not writable")
         except OSError as exc:
             problems.append(f"{netns_dir} is not usable, VM network namespaces cannot be made there: {exc}")
+        if self.config.vm == "qemu":
+            try:
+                qemu.binary(qemu.QEMU)
+                qemu.binary(qemu.QEMU_IMG)
+                qemu.accelerator(self.config, qemu.image_for(self.config))
+            except ProviderError as exc:
+                problems.append(f"LOCAL_VM=qemu: {exc}")
         return problems
 
     # ---------------------------------------------------------------- records
@@ -196,7 +204,8 @@ class LocalProvider(ProviderBase):
         if not new:
             return record.instance()  # made earlier for this client token
         try:
-            machine.wire(self.config, record.id, record.ip)
+            if record.vm == "namespace":
+                machine.wire(self.config, record.id, record.ip)
             user_data = self._dir(record.id) / local_vm.USER_DATA_SUBPATH
             user_data.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(user_data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -228,13 +237,19 @@ class LocalProvider(ProviderBase):
                 ip=self._allocate_ip(records),
                 client_token=spec.client_token,
                 tags=dict(spec.tags),
+                vm=self.config.vm,
             )
             (self._dir(record.id) / local_vm.RUN_SUBDIR).mkdir(parents=True)
             self._write(record)
+            if record.vm == "qemu":
+                qemu.ensure_metadata(self.config)  # after the record: its idle exit sees this instance
             return record, True
 
     def _launch(self, record: _Record) -> int:
-        """Start the VM's init; its PID (a seam: tests make it fail)."""
+        """Start the VM (its init, or QEMU); its PID (a seam: tests make it fail)."""
+        if record.vm == "qemu":
+            return qemu.launch(self.config, record.id, self._dir(record.id), record.ip,
+                               machine.host_veth_name(record.id))
         return machine.launch(self.config, record.id, self._dir(record.id))
 
     # ----------------------------------------------------------------- delete
@@ -252,6 +267,7 @@ class LocalProvider(ProviderBase):
         directory = self._dir(instance_id)
         try:
             machine.stop_vm(instance_id, directory)
+            qemu.stop(instance_id, directory, machine.console_tail(directory, 8))
         except ProviderError as exc:
             return [str(exc)]  # keep the rest: a running VM still uses its netns and dir
         problems += machine.unwire(instance_id)
