@@ -13,7 +13,9 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
+from cloudadaptor.adaptor.delivery import BootDelivery
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
+from cloudadaptor.adaptor.pool import PoolOptions, WarmPool
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.config import Settings
@@ -41,6 +43,7 @@ class Daemon:
         self.provider = provider
         self.pod_network = pod_network
         self.lifecycle: SandboxLifecycle | None = None
+        self.pool: WarmPool | None = None
         # The shim dials once per call: idle connections past the cap are evicted, busy ones refused.
         self._ttrpc = Server(max_connections=settings.ttrpc_max_connections, max_requests=settings.ttrpc_max_requests)
         self._grpc: GrpcBinding | None = None
@@ -71,6 +74,7 @@ class Daemon:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
             self.pod_network = VxlanPodNetwork(settings.vxlan_worker_ip)
+        self.pool = self._warm_pool(self._store, self.provider, tls)
         self.lifecycle = SandboxLifecycle(
             options=LifecycleOptions(
                 pods_dir=settings.pods_dir,
@@ -90,8 +94,11 @@ class Daemon:
             tls=tls,
             observer=self._k8s.tracker if self._k8s else None,
             credentials=self._k8s.credentials if self._k8s else None,
+            delivery=self.pool,
         )
         await self.lifecycle.recover()
+        await self.pool.recover()
+        self.pool.start()  # fills the pool, or deletes what a larger or older pool left (PODVM_POOL_SIZE=0)
         service = HypervisorService(self.lifecycle)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
@@ -100,6 +107,19 @@ class Daemon:
             await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
             await self._serve_grpc(service)
+
+    def _warm_pool(self, store: SandboxStore, provider: Provider, tls: AdaptorTls | None) -> WarmPool:
+        settings = self.settings
+        options = PoolOptions(
+            size=settings.podvm_pool_size, max_age=settings.podvm_pool_max_age,
+            refill_concurrency=settings.podvm_pool_refill_concurrency, boot_timeout=settings.proxy_timeout,
+            node_name=settings.node_name, extra_tags=settings.tags, tls_min_version=settings.tls_min_version,
+            vm_limit=settings.peerpods_limit_per_node,
+        )
+        if options.size and tls is None:
+            log.warning("PODVM_POOL_SIZE=%d ignored: TLS is disabled and pool VMs are claimed over mutual TLS only", options.size)
+        return WarmPool(options=options, store=store, provider=provider, tls=tls,
+                        cold=BootDelivery(provider, settings.node_name, settings.tags))
 
     async def _serve_grpc(self, service: HypervisorService) -> None:
         """The optional gRPC binding (GRPC_ENDPOINT): loopback, a unix socket, or mutual TLS."""
@@ -124,6 +144,8 @@ class Daemon:
         if self._grpc is not None:
             await self._grpc.close()
         await self._ttrpc.close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.lifecycle is not None:
             await self.lifecycle.close()
         if self._k8s is not None:

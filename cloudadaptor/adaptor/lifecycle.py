@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 from cloudadaptor import podconfig
 from cloudadaptor.adaptor import podvmdata, recovery
+from cloudadaptor.adaptor.delivery import BootDelivery, PodConfigDelivery
 from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.hooks import NoCredentials, NoopObserver, PodCredentials, SandboxObserver
 from cloudadaptor.adaptor.locks import KeyedLocks
@@ -36,7 +37,6 @@ from cloudadaptor.adaptor.validation import (
     MAX_UNIX_PATH,
     annotation_problems,
     check_vm_limit,
-    instance_spec,
     validate_netns_path,
     validate_sandbox_id,
     vm_name_for,
@@ -80,6 +80,7 @@ class SandboxLifecycle:
         proxy_factory: ProxyFactory = AgentProxy,
         observer: SandboxObserver | None = None,
         credentials: PodCredentials | None = None,
+        delivery: PodConfigDelivery | None = None,  # default: user data at boot; a WarmPool claims pool VMs
     ) -> None:
         self.options = options
         self.store = store
@@ -89,6 +90,7 @@ class SandboxLifecycle:
         self._proxy_factory = proxy_factory
         self.observer = observer or NoopObserver()
         self.credentials = credentials or NoCredentials()
+        self.delivery = delivery or BootDelivery(provider, options.node_name, options.extra_tags)
         self._proxies: dict[str, AgentProxy] = {}
         self._locks = KeyedLocks()
         self._starting: dict[str, asyncio.Future[None]] = {}
@@ -210,7 +212,7 @@ class SandboxLifecycle:
         instance: providers.Instance | None = None
         try:
             try:
-                instance = await self.provider.create_instance(instance_spec(sandbox, self.options.node_name, self.options.extra_tags))
+                instance = await self.delivery.deliver(sandbox)
             except providers.ProviderError as exc:
                 raise LifecycleError(Code.UNAVAILABLE, f"creating VM {sandbox.vm_name} failed: {exc}") from exc
             if not instance.ips:
@@ -379,7 +381,6 @@ class SandboxLifecycle:
             await proxy.close()
         self._proxies.clear()
 
-    # ------------------------------------------------------------------- helpers
     def _get(self, sandbox_id: str) -> Sandbox:
         validate_sandbox_id(sandbox_id)
         sandbox = self.store.get(sandbox_id)
@@ -395,6 +396,5 @@ class SandboxLifecycle:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, LifecycleError):
         return exc.message
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled (the caller gave up or StopVM was called)"
-    return f"{type(exc).__name__}: {exc}"
+    cancelled = isinstance(exc, asyncio.CancelledError)
+    return "cancelled (the caller gave up or StopVM was called)" if cancelled else f"{type(exc).__name__}: {exc}"

@@ -34,6 +34,7 @@ TAG_OWNER = "peerpods.io/owner"  # value: "cloud-api-adaptor"
 TAG_NODE = "peerpods.io/node"
 TAG_SANDBOX = "peerpods.io/sandbox-id"
 TAG_POD = "peerpods.io/pod"  # "<namespace>/<name>"
+TAG_POOL = "peerpods.io/pool"  # a warm-pool VM of this node: its pool name (no sandbox until claimed)
 OWNER_VALUE = "cloud-api-adaptor"
 
 

@@ -223,7 +223,7 @@ class KubeInThread:
 
 # ------------------------------------------------------------------ the installed pod VM
 
-BOOT_ORDER = ("process-user-data.service", "netns@podns.service", "peerpod-network.service",
+BOOT_ORDER = ("process-user-data.service", "peerpod-claim.service", "netns@podns.service", "peerpod-network.service",
               "kata-agent.service", "agent-protocol-forwarder.service")
 
 
