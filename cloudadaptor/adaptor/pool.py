@@ -119,6 +119,7 @@ class WarmPool:
         self._growing: set[asyncio.Task[None]] = set()
         self._failures = 0
         self._quiet_until = 0.0  # monotonic: no new VM before this (backoff after a failure)
+        self._stopping = False
 
     # ---------------------------------------------------------------- delivery
     def cold_reason(self, sandbox: Sandbox) -> str | None:
@@ -188,7 +189,7 @@ class WarmPool:
         shortfall = target - (len(live) - len(surplus))
         room = self.options.refill_concurrency - len(self._growing)
         if shortfall > 0 and room > 0 and time.monotonic() >= self._quiet_until:
-            for _ in range(min(shortfall, room)):
+            for _ in range(min(shortfall, room) if not self._stopping else 0):
                 name = f"podvm-pool-{secrets.token_hex(4)}"
                 task = asyncio.create_task(self._grow(name), name=name)
                 self._growing.add(task)
@@ -299,7 +300,7 @@ class WarmPool:
             await asyncio.gather(*list(self._growing), return_exceptions=True)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._kick.clear()
             try:
                 await self.reconcile()
@@ -310,8 +311,12 @@ class WarmPool:
                 await asyncio.wait_for(self._kick.wait(), min(wait, IDLE_CHECK))
 
     async def close(self) -> None:
-        """Stop the loop and interrupt creations (those VMs are deleted); ready VMs keep running for the restart."""
-        tasks = [t for t in [self._task, *self._growing] if t is not None]
-        for task in tasks:
+        """Stop the loop after its current pass (a deletion is never cut short) and interrupt creations
+        (those VMs are deleted); ready VMs keep running for the restart."""
+        self._stopping = True
+        self._kick.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._growing):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._growing, return_exceptions=True)
