@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudadaptor.adaptor.delivery import BootDelivery
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
-from cloudadaptor.adaptor.pool import ClaimFailed, Claimer, PoolOptions, WarmPool
-from cloudadaptor.adaptor.poolstore import PoolVm
+from cloudadaptor.adaptor.pool import Claimer, PoolOptions, WarmPool
 from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.providers.base import Provider
+from fakes.poolvm import FakeClaimer
 
 NODE = "node-a"
-
-
-@dataclass
-class FakeClaimer:
-    """Pool VMs that answer at once; ``refuse`` names VMs whose claim fails (dead or refusing)."""
-
-    refuse: set[str] = field(default_factory=set)
-    claims: list[tuple[str, str]] = field(default_factory=list)  # (pool VM name, sandbox id in the user data)
-
-    async def probe(self, vm: PoolVm) -> None:
-        pass
-
-    async def claim(self, vm: PoolVm, user_data: str) -> None:
-        if vm.name in self.refuse or "*" in self.refuse:
-            raise ClaimFailed("connection refused")
-        self.claims.append((vm.name, user_data))
 
 
 _FAKE_IS_A_CLAIMER: type[Claimer] = FakeClaimer

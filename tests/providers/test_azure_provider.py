@@ -319,3 +319,10 @@ async def test_token_is_requested_for_the_configured_endpoint(make_provider, arm
     provider = make_provider(credential)
     await provider.create_instance(spec())
     assert set(credential.scopes) == {arm.base_url + "/.default"}
+
+
+async def test_a_warm_pool_of_azure_vms_fills_is_claimed_and_leaves_nothing_when_turned_off(provider, arm, tmp_path):
+    from fakes.poolvm import cloud_round_trip
+
+    await cloud_round_trip(provider, tmp_path / "state.db", "worker-1", {})
+    assert arm.ids("virtualMachines") + arm.ids("networkInterfaces") + arm.ids("disks") == []

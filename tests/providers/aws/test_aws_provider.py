@@ -223,3 +223,9 @@ async def test_network_hint_is_an_address_in_the_vm_subnet_once_verified(aws: Ec
     assert provider.network_hint() is None
     assert await provider.verify() == []
     assert provider.network_hint() == "203.0.113.1"
+
+
+async def test_a_warm_pool_of_ec2_instances_fills_is_claimed_and_leaves_nothing_when_turned_off(aws, tmp_path):
+    from fakes.poolvm import cloud_round_trip
+
+    await cloud_round_trip(aws.provider(TAGS="team=kata"), tmp_path / "state.db", "worker-1", {"team": "kata"})
