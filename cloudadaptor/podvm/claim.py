@@ -38,7 +38,7 @@ from cloudadaptor.wire import CLAIM_METHOD, CLAIM_SERVICE
 
 log = logging.getLogger("cloudadaptor.podvm.claim")
 
-ANSWER_GRACE = 0.2  # seconds between answering the claim and closing the listener: the reply is on the wire
+ANSWER_GRACE = 0.05  # seconds between answering the claim and closing the listener: the reply is on the wire
 
 
 def is_pool_vm(config: ForwarderConfig) -> bool:
