@@ -53,7 +53,7 @@ class Killer:
         if self.calls != self.at:
             return await effect()
         if self.after_effect:
-            result = await effect()
+            await effect()
             self._snapshot(cloud)
         else:
             self._snapshot(cloud)
