@@ -51,7 +51,8 @@ async def pods(shim: ShimEmulator, names: list[str], netns: list[podnet.PodNetns
 
 
 def warm(daemon: Daemon, run: PodRun, pool_ids: set[str]) -> bool:
-    return daemon.lifecycle is not None and daemon.lifecycle.store.get(run.sandbox_id).instance_id in pool_ids  # type: ignore[union-attr]
+    sandbox = daemon.lifecycle.store.get(run.sandbox_id) if daemon.lifecycle else None
+    return sandbox is not None and sandbox.instance_id in pool_ids
 
 
 def pool_ids(daemon: Daemon) -> set[str]:

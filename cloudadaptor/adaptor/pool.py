@@ -208,7 +208,8 @@ class WarmPool:
 
     async def _delete(self, vm: PoolVm) -> None:
         ids = {vm.instance_id} - {""}
-        ids |= {i.id for i in await self.provider.list_owned({providers.TAG_POOL: vm.name, providers.TAG_NODE: self.options.node_name})}
+        tagged = await self.provider.list_owned({providers.TAG_POOL: vm.name, providers.TAG_NODE: self.options.node_name})
+        ids |= {instance.id for instance in tagged}
         for instance_id in sorted(ids):
             await self.provider.delete_instance(instance_id)
 
