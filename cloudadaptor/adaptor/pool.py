@@ -240,7 +240,10 @@ class WarmPool:
             self.pool.mark_ready(name)
             log.info("pool: VM %s (%s) ready after %.1fs", name, instance.id, time.monotonic() - began)
         except BaseException as exc:
-            log.warning("pool: VM %s failed (%s); deleting it", name, exc or type(exc).__name__)
+            if isinstance(exc, asyncio.CancelledError):
+                log.info("pool: creation of VM %s interrupted (shrinking or stopping); deleting it", name)
+            else:
+                log.warning("pool: VM %s failed (%s); deleting it", name, exc or type(exc).__name__)
             await asyncio.shield(self._forget(vm))
             raise
 
