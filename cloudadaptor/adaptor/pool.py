@@ -172,12 +172,14 @@ class WarmPool:
         vms = self.pool.all()
         oldest = time.time() - self.options.max_age
         expired = [vm for vm in vms if vm.state is PoolState.READY and vm.created_at < oldest]
-        live = [vm for vm in vms if vm not in expired]
+        stuck = [vm for vm in vms if vm.state is PoolState.DELETING]  # a deletion the cloud refused before
+        live = [vm for vm in vms if vm not in expired and vm not in stuck]
         # Surplus: the newest booting ones go first (nothing waits for them yet), then the newest ready ones.
         live.sort(key=lambda vm: (vm.state is not PoolState.READY, vm.created_at))
         target = self.target()
         surplus = live[target:]
-        for vm, why in [(vm, "older than PODVM_POOL_MAX_AGE") for vm in expired] + [(vm, "surplus") for vm in surplus]:
+        doomed = [(vm, "older than PODVM_POOL_MAX_AGE") for vm in expired] + [(vm, "surplus") for vm in surplus]
+        for vm, why in doomed + [(vm, "deletion retried") for vm in stuck]:
             if vm.state is PoolState.BOOTING and any(t.get_name() == vm.name for t in self._growing):
                 for task in self._growing:
                     if task.get_name() == vm.name:
@@ -200,10 +202,12 @@ class WarmPool:
         return actions
 
     async def discard(self, vm: PoolVm) -> bool:
-        """Take ``vm`` out of the pool (row first: nobody can claim it after) and delete it. False if already gone."""
-        if not self.pool.remove(vm.name):
+        """Make ``vm`` unclaimable, delete it, then drop its row; False if its row is already gone (claimed or
+        deleted). A failed delete raises and leaves the row ``deleting``: the next pass (or restart) retries it."""
+        if not self.pool.mark_deleting(vm.name):
             return False
         await self._delete(vm)
+        self.pool.remove(vm.name)
         return True
 
     async def _delete(self, vm: PoolVm) -> None:
@@ -249,11 +253,9 @@ class WarmPool:
 
     async def _forget(self, vm: PoolVm) -> None:
         try:
-            current = self.pool.get(vm.name) or vm
-            await self._delete(current)
-            self.pool.remove(vm.name)
-        except Exception as exc:  # the row stays: the next recover() deletes it
-            log.error("pool: deleting VM %s failed (kept for the next restart): %s", vm.name, exc)
+            await self.discard(self.pool.get(vm.name) or vm)
+        except Exception as exc:  # the row stays ``deleting``: the next pass retries
+            log.error("pool: deleting VM %s failed (retried on the next pass): %s", vm.name, exc)
 
     async def _wait_ready(self, vm: PoolVm) -> None:
         assert self.claimer is not None
@@ -286,7 +288,8 @@ class WarmPool:
             if vm.state is PoolState.READY:
                 actions.append(f"pool VM {vm.name} ({vm.instance_id}): re-adopted")
             elif await self.discard(vm):
-                actions.append(f"pool VM {vm.name}: interrupted creation, deleted")
+                was = "creation" if vm.state is PoolState.BOOTING else "deletion"
+                actions.append(f"pool VM {vm.name}: interrupted {was}, deleted")
         for line in actions:
             log.info("pool: %s", line)
         return actions

@@ -5,7 +5,8 @@ owns it), or the ``instance_id`` of one sandbox row (a sandbox owns it), or
 nowhere (being deleted). ``take`` moves a ready VM from the first to the
 second in one SQLite transaction, so a crash never leaves it in both and two
 sandboxes never get the same VM. Rows are written before the VM is created
-(state ``booting``), so a crash during a refill leaves a row recovery undoes.
+(state ``booting``), so a crash during a refill leaves a row recovery undoes, and
+a VM being deleted keeps its row (``deleting``) until the cloud has deleted it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _COLUMNS = "name, state, instance_id, vm_ips, user_data, created_at"
 class PoolState(str, enum.Enum):
     BOOTING = "booting"  # recorded, VM being created or booting: not claimable
     READY = "ready"  # its claim step answered over mTLS: claimable
+    DELETING = "deleting"  # being deleted (retried until the cloud agrees): never claimable again
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class PoolStore:
 
     def mark_ready(self, name: str) -> None:
         self._db.execute("UPDATE pool_vms SET state = ? WHERE name = ?", (PoolState.READY.value, name))
+
+    def mark_deleting(self, name: str) -> bool:
+        """Make the VM unclaimable before deleting it; False when its row is gone (claimed or deleted)."""
+        return self._db.execute("UPDATE pool_vms SET state = ? WHERE name = ?",
+                                (PoolState.DELETING.value, name)).rowcount == 1
 
     def remove(self, name: str) -> bool:
         return self._db.execute("DELETE FROM pool_vms WHERE name = ?", (name,)).rowcount == 1

@@ -199,3 +199,24 @@ async def test_cloud_errors_back_off_and_leave_nothing(world, provider):
     assert pool.pool.all() == [] and provider.instances == {}
     assert pool._quiet_until > time.monotonic(), "refill pauses after a cloud error"
     assert await pool.reconcile() == [], "no new VM while backing off"
+
+
+async def test_a_vm_the_cloud_refuses_to_delete_stays_recorded_and_unclaimable_until_deleted(world, provider, netns_file):
+    lifecycle, pool, store = world(size=1)
+    [vm] = await filled(pool)
+    store.close()
+    _, off, store = world(size=0)
+    real_delete = provider.delete_instance
+
+    async def refuse(instance_id):
+        raise providers.ProviderError("throttled")
+
+    provider.delete_instance = refuse
+    with pytest.raises(providers.ProviderError):
+        await off.reconcile()
+    [row] = off.pool.all()
+    assert row.state is PoolState.DELETING and vm.instance_id in provider.instances, "recorded, not leaked"
+    assert off.pool.take("x" * 64, 0.0) is None, "a VM being deleted is never claimed"
+    provider.delete_instance = real_delete
+    await off.reconcile()
+    assert off.pool.all() == [] and provider.instances == {}
