@@ -3,7 +3,7 @@
 Worker side: ``serve`` (the daemon), ``config check``, ``console``, ``diagnose``, ``demo``, ``aws open-ports``,
 ``azure open-ports``.
 Cluster side: ``peerpod-controller``, ``webhook``; ``probe`` (the DaemonSet's startup probe).
-Pod VM side: ``process-user-data``, ``pod-network``, ``forwarder``. Images: ``image build|list|delete``.
+Pod VM side: ``process-user-data``, ``wait-for-claim``, ``pod-network``, ``forwarder``. Images: ``image build|list|delete``.
 Settings come from the environment (peer-pods-cm / peer-pods-secret keys,
 see README); flags override them.
 """
@@ -108,6 +108,8 @@ SUBCOMMANDS = (
                "cloudadaptor.podnetwork.vmside"),
     Subcommand("process-user-data", "(pod VM) fetch user data and write the allow-listed files",
                "cloudadaptor.podvm.process_user_data"),
+    Subcommand("wait-for-claim", f"(pod VM) a warm-pool VM takes its pod config as one mTLS claim on {AGENT_PORT}",
+               "cloudadaptor.podvm.claim"),
     Subcommand("image", "pod VM images: build peer-pod-ami / peer-pod-vmimage, list, delete",
                "cloudadaptor.imagebuild.command"),
     Subcommand("peerpod-controller", "delete VMs of PeerPods whose pod is gone; sweep unreferenced tagged VMs",

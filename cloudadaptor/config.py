@@ -141,12 +141,8 @@ COMMON_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION
 
 @dataclass(frozen=True)
 class Settings:
-    """Common settings plus the adaptor's own paths and endpoints.
-
-    Every field has a default so tests can build one with just what they need.
-    ``provider_env`` is the raw environment a provider parses its own keys from;
-    it is excluded from repr and comparison (it may hold secrets).
-    """
+    """Common settings plus the adaptor's own paths and endpoints. Every field has a default (tests build one with
+    what they need). ``provider_env``, the raw environment providers parse, is out of repr and comparison (secrets)."""
 
     cloud_provider: str = "local"
     vxlan_port: int = wire.VXLAN_PORT
@@ -162,6 +158,9 @@ class Settings:
     use_public_ip: bool = False
     root_volume_size: int = 0  # GiB; 0 = the image's default
     peerpods_limit_per_node: int = 10
+    podvm_pool_size: int = 0  # config_pool: the warm pool
+    podvm_pool_max_age: float = 86400.0
+    podvm_pool_refill_concurrency: int = 2
     cacert_file: Path | None = None
     cert_file: Path | None = None
     cert_key: Path | None = None
@@ -200,7 +199,7 @@ _FIELD_NAMES = {"DISABLECVM": "disable_cvm"}
 
 def common_keys() -> tuple[Key, ...]:
     """The common keys (built per call: the provider list and hostname are looked up now)."""
-    from cloudadaptor import config_security
+    from cloudadaptor import config_pool, config_security
     from cloudadaptor.providers import base
 
     providers = ", ".join(base.provider_names())
@@ -222,6 +221,7 @@ def common_keys() -> tuple[Key, ...]:
         Key("USE_PUBLIC_IP", parse_bool, False, help="dial pod VMs on their public IP"),
         Key("ROOT_VOLUME_SIZE", int_range(0, None), 0, help="root disk GiB (0: image default)"),
         Key("PEERPODS_LIMIT_PER_NODE", int_range(0, None), 10, help="pod VMs per node"),
+        *config_pool.pool_keys(),  # PODVM_POOL_SIZE, _MAX_AGE, _REFILL_CONCURRENCY
         Key("CACERT_FILE", parse_readable_file, help="CA the pod VMs trust for client certs"),
         Key("CERT_FILE", parse_readable_file, help="the adaptor's client certificate"),
         Key("CERT_KEY", parse_readable_file, help="the adaptor's client key"),
@@ -246,8 +246,8 @@ def common_keys() -> tuple[Key, ...]:
 
 
 def _cross_checks(values: Mapping[str, Any], env: Mapping[str, str]) -> list[Problem]:
-    from cloudadaptor import config_security  # it imports this module: loaded late
-    problems = config_security.security_problems(values, env)
+    from cloudadaptor import config_pool, config_security  # they import this module: loaded late
+    problems = config_security.security_problems(values, env) + config_pool.pool_problems(values)
     allowed = values["PODVM_INSTANCE_TYPES"]
     chosen = values["PODVM_INSTANCE_TYPE"]
     if chosen and allowed and chosen not in allowed:

@@ -33,3 +33,8 @@ DEFAULT_TLS_MIN_VERSION: Final = "1.2"
 # Clouds' limits on user data (bytes, as sent to the API).
 AWS_USER_DATA_LIMIT: Final = 16384
 AZURE_USER_DATA_LIMIT: Final = 65536
+
+# Warm pool: a pool VM's claim step listens on AGENT_PORT (mTLS) before its forwarder does, and takes
+# exactly one ttrpc call CLAIM_SERVICE/CLAIM_METHOD whose payload is the pod's user data (#cloud-config).
+CLAIM_SERVICE: Final = "peerpod.PodVMClaim"
+CLAIM_METHOD: Final = "Claim"

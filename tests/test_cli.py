@@ -27,7 +27,7 @@ def test_version():
 
 # Every command line an operator can type, with words its --help must carry (a flag or action of its own).
 HELP = {
-    (): ("serve", "peerpod-controller", "process-user-data", "image", "version"),
+    (): ("serve", "peerpod-controller", "process-user-data", "wait-for-claim", "image", "version"),
     ("serve",): ("[CLOUD_PROVIDER]", "--proxy-timeout", "--grpc-endpoint"),
     ("config",): ("check",),
     ("config", "check"): ("[PROXY_TIMEOUT]", "--node-name"),
@@ -38,6 +38,7 @@ HELP = {
     ("forwarder",): ("--kata-agent-socket", "--config", "--port"),
     ("pod-network",): ("--config", "--podns"),
     ("process-user-data",): ("--source", "--imds-url", "--deadline", "--root"),
+    ("wait-for-claim",): ("--config", "--root", "--port"),
     ("image",): ("build", "list", "delete"),
     ("image", "build"): ("--agent-payload", "--base-image", "--replace", "--keep-existing", "--update-configmap",
                          "--rebuild", "--cache-dir"),

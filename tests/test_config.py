@@ -396,3 +396,24 @@ def test_bad_initdata_is_a_config_problem_naming_the_part_not_the_value():
     message = str(info.value)
     assert "INITDATA" in message and "'algorithm' is not one of" in message, message
     assert bad not in message and "s3cr3t" not in message
+
+
+def test_bad_pool_settings_are_refused_with_one_line_per_key():
+    problems = problems_of(env(PODVM_POOL_SIZE="-1", PODVM_POOL_MAX_AGE="0s", PODVM_POOL_REFILL_CONCURRENCY="zero"))
+    lines = {p.key: str(p) for p in problems}
+    assert set(lines) == {"PODVM_POOL_SIZE", "PODVM_POOL_MAX_AGE", "PODVM_POOL_REFILL_CONCURRENCY"}
+    assert "integer from 0 to 1000" in lines["PODVM_POOL_SIZE"]
+    assert "duration above zero" in lines["PODVM_POOL_MAX_AGE"]
+    assert "integer from 1 to 100" in lines["PODVM_POOL_REFILL_CONCURRENCY"]
+    assert all("\n" not in line for line in lines.values())
+
+
+def test_pool_settings_default_to_off_and_parse_durations():
+    assert (load_settings(env()).podvm_pool_size, load_settings(env()).podvm_pool_max_age) == (0, 86400.0)
+    settings = load_settings(env(PODVM_POOL_SIZE="3", PODVM_POOL_MAX_AGE="6h", PODVM_POOL_REFILL_CONCURRENCY="4"))
+    assert (settings.podvm_pool_size, settings.podvm_pool_max_age, settings.podvm_pool_refill_concurrency) == (3, 21600.0, 4)
+
+
+def test_a_pool_is_refused_without_tls():
+    [problem] = problems_of(env(PODVM_POOL_SIZE="2", DISABLE_TLS="true"))
+    assert problem.key == "PODVM_POOL_SIZE" and "mutual TLS" in str(problem)

@@ -15,9 +15,11 @@ import signal
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from cloudadaptor.adaptor.delivery import BootDelivery
 from cloudadaptor.adaptor.hooks import SandboxObserver
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
 from cloudadaptor.adaptor.observers import LogFieldsObserver, ObserverChain
+from cloudadaptor.adaptor.pool import PoolOptions, WarmPool
 from cloudadaptor.adaptor.proxy import AgentProxy
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
@@ -25,7 +27,7 @@ from cloudadaptor.config import Settings
 from cloudadaptor.metrics import Metrics
 from cloudadaptor.probes import ProbeBindError, ProbeServer
 from cloudadaptor.podnetwork.api import PodNetwork
-from cloudadaptor.providers.base import Provider, create_provider
+from cloudadaptor.providers.base import TAG_CLUSTER, Provider, create_provider
 from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
@@ -82,6 +84,7 @@ class Daemon:
         self.provider = provider
         self.pod_network = pod_network
         self.lifecycle: SandboxLifecycle | None = None
+        self.pool: WarmPool | None = None
         # The shim dials once per call: idle connections past the cap are evicted, busy ones refused.
         self._ttrpc = Server(max_connections=settings.ttrpc_max_connections, max_requests=settings.ttrpc_max_requests)
         self._grpc: GrpcBinding | None = None
@@ -135,6 +138,7 @@ class Daemon:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
             self.pod_network = VxlanPodNetwork(settings.vxlan_worker_ip)
+        self.pool = self._warm_pool(self._store, provider, tls, cluster_id)
         self.lifecycle = SandboxLifecycle(
             options=LifecycleOptions(
                 pods_dir=settings.pods_dir,
@@ -157,8 +161,11 @@ class Daemon:
             recorder=self.metrics,
             proxy_factory=functools.partial(AgentProxy, recorder=self.metrics),
             credentials=self._k8s.credentials if self._k8s else None,
+            delivery=self.pool,
         )
         await self.lifecycle.recover()
+        await self.pool.recover()
+        self.pool.start()  # fills the pool, or deletes what a larger or older pool left (PODVM_POOL_SIZE=0)
         service = HypervisorService(self.lifecycle, starts=self._k8s.events if self._k8s else None)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
@@ -168,6 +175,20 @@ class Daemon:
             await self._k8s.start()  # advertises kata.peerpods.io/vm; retries in the background
         if settings.grpc_endpoint:
             await self._serve_grpc(service)
+
+    def _warm_pool(self, store: SandboxStore, provider: Provider, tls: AdaptorTls | None, cluster_id: str) -> WarmPool:
+        settings = self.settings
+        tags = {**settings.tags, TAG_CLUSTER: cluster_id}  # pool VMs are this cluster's like every VM
+        options = PoolOptions(
+            size=settings.podvm_pool_size, max_age=settings.podvm_pool_max_age,
+            refill_concurrency=settings.podvm_pool_refill_concurrency, boot_timeout=settings.proxy_timeout,
+            node_name=settings.node_name, extra_tags=tags, tls_min_version=settings.tls_min_version,
+            vm_limit=settings.peerpods_limit_per_node,
+        )
+        if options.size and tls is None:
+            log.warning("PODVM_POOL_SIZE=%d ignored: TLS is disabled and pool VMs are claimed over mutual TLS only", options.size)
+        return WarmPool(options=options, store=store, provider=provider, tls=tls,
+                        cold=BootDelivery(provider, settings.node_name, tags))
 
     async def _serve_grpc(self, service: HypervisorService) -> None:
         """The optional gRPC binding (GRPC_ENDPOINT): loopback, a unix socket, or mutual TLS."""
@@ -194,6 +215,8 @@ class Daemon:
         if self._probes is not None:
             await self._probes.close()
         await self._ttrpc.close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.lifecycle is not None:
             await self.lifecycle.close()
         if self._k8s is not None:

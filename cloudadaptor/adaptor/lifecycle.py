@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 from cloudadaptor import podconfig
 from cloudadaptor.adaptor import podvmdata, recovery
 from cloudadaptor.adaptor.console import console_tail
+from cloudadaptor.adaptor.delivery import BootDelivery, PodConfigDelivery
 from cloudadaptor.adaptor.errors import LifecycleError, reason_of
 from cloudadaptor.adaptor.hooks import (
     LifecycleRecorder, NoCredentials, NoopObserver, NoopRecorder, PhaseClock, PodCredentials, SandboxObserver,
@@ -34,7 +35,7 @@ from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore, VniE
 from cloudadaptor.initdata import InitData
 from cloudadaptor.adaptor.validation import (
     AGENT_SOCKET_NAME, ANN_POD_NAME, ANN_POD_NAMESPACE, MAX_UNIX_PATH, annotation_problems, check_vm_limit,
-    instance_spec, validate_netns_path, validate_sandbox_id, vm_name_for,
+    validate_netns_path, validate_sandbox_id, vm_name_for,
 )
 from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
@@ -77,6 +78,7 @@ class SandboxLifecycle:
         observer: SandboxObserver | None = None,
         credentials: PodCredentials | None = None,
         recorder: LifecycleRecorder | None = None,
+        delivery: PodConfigDelivery | None = None,  # default: user data at boot; a WarmPool claims pool VMs
     ) -> None:
         self.options = options
         self.store = store
@@ -87,6 +89,7 @@ class SandboxLifecycle:
         self.observer = observer or NoopObserver()
         self.credentials = credentials or NoCredentials()
         self.recorder = recorder or NoopRecorder()  # metrics: phase timings, deletions
+        self.delivery = delivery or BootDelivery(provider, options.node_name, recovery.vm_tags(options))
         self._proxies: dict[str, AgentProxy] = {}
         self._locks = KeyedLocks()
         self._starting: dict[str, asyncio.Future[None]] = {}
@@ -205,7 +208,7 @@ class SandboxLifecycle:
         instance: providers.Instance | None = None
         try:
             try:
-                instance = await self.provider.create_instance(instance_spec(sandbox, self.options.node_name, recovery.vm_tags(self.options)))
+                instance = await self.delivery.deliver(sandbox)
             except providers.ProviderError as exc:
                 raise LifecycleError(Code.UNAVAILABLE, f"creating VM {sandbox.vm_name} failed: {exc}") from exc
             if not instance.ips:

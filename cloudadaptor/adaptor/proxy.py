@@ -85,7 +85,8 @@ class AgentProxy:
                 raise ConnectionError(f"agent health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
 
         try:
-            await retry_until(timeout, check, backoff=Backoff(initial=0.05, maximum=2.0))
+            # Polls at least twice a second: a claimed pool VM serves within a second or two of its claim.
+            await retry_until(timeout, check, backoff=Backoff(initial=0.05, maximum=0.5))
         except RetryTimeout as exc:
             raise AgentUnreachable(
                 f"agent at {self.endpoint} did not answer within {_duration(timeout)} "

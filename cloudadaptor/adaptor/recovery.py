@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cloudadaptor.adaptor.errors import LifecycleError
+from cloudadaptor.adaptor.poolstore import PoolStore
 from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.providers import base as providers
 
@@ -53,17 +54,22 @@ async def recover(lifecycle: SandboxLifecycle) -> list[str]:
 
 
 async def sweep_orphans(lifecycle: SandboxLifecycle) -> list[str]:
-    """Delete VMs tagged as ours on this node of this cluster that no sandbox record (or start in progress) owns.
+    """Delete VMs tagged as ours on this node of this cluster that no sandbox record (or start in progress)
+    or pool row owns.
 
     Idempotent; a VM whose sandbox is known is left to that sandbox's StopVM
     (which finds it by tag). A failed delete raises (the provider's error).
     """
     owned = await lifecycle.provider.list_owned(owned_tags(lifecycle.options))
-    known = {s.id for s in lifecycle.store.all()} | lifecycle.starting_ids()
+    rows = lifecycle.store.all()
+    known = {s.id for s in rows} | lifecycle.starting_ids()
+    # A warm-pool VM is the pool's while its row exists, a sandbox's once claimed (its instance id recorded).
+    pooled = {vm.name for vm in PoolStore(lifecycle.store).all()}
+    claimed = {s.instance_id for s in rows} - {""}
     actions = []
     for instance in owned:
         sandbox_id = instance.tags.get(providers.TAG_SANDBOX, "")
-        if sandbox_id in known:
+        if sandbox_id in known or instance.id in claimed or instance.tags.get(providers.TAG_POOL, "") in pooled:
             continue
         await lifecycle.provider.delete_instance(instance.id)
         lifecycle.recorder.vms_deleted("orphan_sweep")

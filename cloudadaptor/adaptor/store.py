@@ -131,6 +131,11 @@ class SandboxStore:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The database, for tables kept next to the sandboxes (``poolstore``): one file, one transaction."""
+        return self._db
+
     def add(self, sandbox: Sandbox) -> tuple[Sandbox, bool]:
         """Insert unless the id exists; returns (stored sandbox, inserted?).
 

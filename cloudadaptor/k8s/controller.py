@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 from cloudadaptor.k8s.client import API_ERRORS, describe
 from cloudadaptor.k8s.peerpods import FINALIZER, JSON, PeerPodApi
 from cloudadaptor.providers.base import (
-    OWNER_VALUE, TAG_CLUSTER, TAG_NODE, TAG_OWNER, TAG_POD, TAG_SANDBOX, ForeignInstance, Instance, Provider, ProviderError,
-    not_ours,
+    OWNER_VALUE, TAG_CLUSTER, TAG_NODE, TAG_OWNER, TAG_POD, TAG_POOL, TAG_SANDBOX, ForeignInstance, Instance, Provider,
+    ProviderError, not_ours,
 )
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,8 @@ async def _sweep(
         report.failed("sweep", "listing owned VMs", "sweep: listing owned VMs failed", exc)
         return
     for instance in instances:
-        if instance.id in referenced or await _pod_alive(peerpods, instance, report):
+        if instance.id in referenced or await _pool_node_alive(peerpods, instance, report) \
+                or await _pod_alive(peerpods, instance, report):
             state.first_seen.pop(instance.id, None)
             continue
         first = state.first_seen.setdefault(instance.id, now)
@@ -265,6 +266,19 @@ async def _sweep(
     listed = {instance.id for instance in instances}
     for gone in set(state.first_seen) - listed:
         del state.first_seen[gone]
+
+
+async def _pool_node_alive(peerpods: PeerPodApi, instance: Instance, report: ReconcileReport) -> bool:
+    """A warm-pool VM (``TAG_POOL``) is its node's adaptor's to keep or delete while that Node exists. True when unsure."""
+    node = instance.tags.get(TAG_NODE, "")
+    if not instance.tags.get(TAG_POOL) or not node:
+        return False
+    try:
+        return await peerpods.node_exists(node)
+    except Exception as exc:  # unsure: keep the VM
+        report.failed(f"node {node}", f"VM {instance.id}: reading node {node}",
+                      f"sweep: reading node {node} of pool VM {instance.id} failed; VM kept", exc)
+        return True
 
 
 async def _pod_alive(peerpods: PeerPodApi, instance: Instance, report: ReconcileReport) -> bool:

@@ -115,6 +115,10 @@ class PeerPodApi:
             deleting=pod.metadata.deletion_timestamp is not None,
         )
 
+    async def node_exists(self, name: str) -> bool:
+        """Whether the Node ``name`` exists (a warm pool's VMs belong to its adaptor while it does)."""
+        return await none_if_gone(self._core.read_node(name)) is not None
+
     async def get(self, namespace: str, name: str) -> JSON | None:
         """The PeerPod, or None when it does not exist."""
         return await none_if_gone(self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))

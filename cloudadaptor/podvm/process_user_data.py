@@ -233,25 +233,42 @@ def run(args: argparse.Namespace) -> int:
     except FetchError as exc:
         return _fail(str(exc))
     try:
+        receive(raw, source, Path(args.root))
+    except ReceiveError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+class ReceiveError(Exception):
+    """The pod config cannot be used (not UTF-8, not cloud-config, bad initdata) or written; one line."""
+
+
+def receive(raw: bytes, source: str, root: Path) -> list[userdata.WriteFile]:
+    """"Receive pod config": parse user data, unpack its initdata, write the allow-listed files under ``root``.
+
+    The one step both deliveries end in: user data at boot (``run``) and a warm-pool claim
+    (``podvm/claim.py``). Nothing is written when parsing fails. Raises ``ReceiveError``.
+    """
+    try:
         entries = userdata.parse_entries(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        return _fail(f"user data from {source} is not UTF-8 text")
+        raise ReceiveError(f"user data from {source} is not UTF-8 text") from None
     except userdata.UserDataError as exc:
-        return _fail(f"user data from {source}: {exc}")
+        raise ReceiveError(f"user data from {source}: {exc}") from None
     try:
         unpacked = initdata_files(entries)
     except initdata.InitDataError as exc:
-        return _fail(str(exc))
+        raise ReceiveError(str(exc)) from None
     try:
-        write_files(entries, Path(args.root))
+        write_files(entries, root)
         for path, (content, mode) in unpacked.items():
-            write_atomic(Path(args.root) / path.lstrip("/"), content, mode)
+            write_atomic(root / path.lstrip("/"), content, mode)
             log.info("wrote %s", path)
     except OSError as exc:
-        return _fail(f"cannot write user data files: {exc}")
+        raise ReceiveError(f"cannot write user data files: {exc}") from None
     if userdata.APF_CONFIG_PATH not in {entry.path for entry in entries}:
         log.warning("user data carried no %s", userdata.APF_CONFIG_PATH)
-    return 0
+    return list(entries)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

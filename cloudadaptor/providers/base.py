@@ -37,6 +37,7 @@ TAG_POD = "peerpods.io/pod"  # "<namespace>/<name>"
 # The cluster identity (CLUSTER_ID, else derived): every list-to-delete requires
 # it, so clusters sharing an account never delete each other's VMs.
 TAG_CLUSTER = "peerpods.io/cluster"
+TAG_POOL = "peerpods.io/pool"  # a warm-pool VM of this node: its pool name (no sandbox until claimed)
 OWNER_VALUE = "cloud-api-adaptor"
 
 

@@ -26,6 +26,7 @@ UNIT_SUBDIR = "files/etc/systemd/system"
 # What the namespace VM runs for each enabled unit of the image (local_vm.VmInit methods).
 STEP_OF_UNIT = {
     "process-user-data.service": "user_data",
+    "peerpod-claim.service": "claim",
     "netns@podns.service": "podns",
     "peerpod-network.service": "pod_network",
     "kata-agent.service": "agent",

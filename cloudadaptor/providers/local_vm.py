@@ -19,7 +19,8 @@ the agent), logging every step with a timestamp:
 
 1. sleep the boot delay (imitates a cloud boot);
 2. ``process-user-data --source file --file /run/cloud-data/user-data``
-   (writes /run/peerpod/apf.json etc.);
+   (writes /run/peerpod/apf.json etc.), then ``wait-for-claim`` (a warm-pool VM
+   waits, without a time limit, for its pod config; other VMs go on at once);
 3. the network namespace ``podns`` (``/run/netns/podns``, the VM's own), lo up;
    then the VM side of the pod network (``python -m cloudadaptor.podnetwork.vmside``:
    the VXLAN tunnel to the worker carrying the pod's interface into podns);
@@ -228,6 +229,12 @@ class VmInit:
             "--source", "file", "--file", USER_DATA_PATH,
         ])
 
+    def _step_claim(self) -> None:
+        """peerpod-claim.service: a pool VM waits (no time limit) for its pod's config over mTLS; others go on."""
+        self.user_data_ok = self.user_data_ok and self._run_step("wait-for-claim", [
+            self.python, "-m", "cloudadaptor.podvm.claim", "--config", APF_CONFIG,
+        ], timeout=None)
+
     def _step_podns(self) -> None:
         try:
             self._create_podns()
@@ -253,17 +260,17 @@ class VmInit:
         else:
             log("forwarder not started: process-user-data or the pod network did not succeed")
 
-    def _run_step(self, name: str, argv: list[str]) -> bool:
-        """Run a boot step to completion (killed after STEP_TIMEOUT); True when it exits 0."""
+    def _run_step(self, name: str, argv: list[str], timeout: float | None = STEP_TIMEOUT) -> bool:
+        """Run a boot step to completion (killed after ``timeout``, None: never); True when it exits 0."""
         component = self._start(name, argv)
         if component is None:
             return False
-        deadline = time.monotonic() + STEP_TIMEOUT
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while component.status is None and not self.stopping and time.monotonic() < deadline:
-            self._wait(deadline - time.monotonic())
+            self._wait(min(deadline - time.monotonic(), 3600.0))
         if component.status is None:
             if not self.stopping:
-                log(f"{name} still running after {STEP_TIMEOUT:g}s; killing it")
+                log(f"{name} still running after {timeout:g}s; killing it")
             self._signal(component, signal.SIGKILL)
             return False
         return component.status == 0

@@ -63,6 +63,7 @@ WANTS_DIR = "etc/systemd/system/multi-user.target.wants"
 # unit to enable -> the unit file it is an instance of
 ENABLED_UNITS = (
     ("process-user-data.service", "process-user-data.service"),
+    ("peerpod-claim.service", "peerpod-claim.service"),
     ("netns@podns.service", "netns@.service"),
     ("peerpod-network.service", "peerpod-network.service"),
     ("kata-agent.service", "kata-agent.service"),

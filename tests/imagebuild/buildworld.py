@@ -255,8 +255,8 @@ class KubeInThread:
 
 # ------------------------------------------------------------------ the installed pod VM
 
-BOOT_ORDER = ("process-user-data.service", "netns@podns.service", "peerpod-network.service",
-              "kata-agent.service", "agent-protocol-forwarder.service")
+BOOT_ORDER = ("process-user-data.service", "peerpod-claim.service", "netns@podns.service",
+              "peerpod-network.service", "kata-agent.service", "agent-protocol-forwarder.service")
 
 
 def _unit_file(unit: str) -> str:

@@ -231,3 +231,15 @@ async def test_the_controller_loop_survives_a_failing_pass(api, kubeapi, cloud, 
     assert report is not None and not report.errors, "later passes ran"
     assert "reconcile pass failed (nothing swept)" in caplog.text and "HTTP 500" in caplog.text
     assert tracebacks(caplog) == [], "an API error is expected: no traceback"
+
+
+async def test_sweep_leaves_pool_vms_to_their_nodes_adaptor_until_the_node_is_gone(api, kubeapi, cloud, add_node):
+    from cloudadaptor.providers.base import TAG_POOL
+    add_node("worker-1")
+    pooled = cloud.add(pod="", sandbox="", node="worker-1", **{TAG_POOL: "podvm-pool-0a1b2c3d"}).id
+    dead_node = cloud.add(pod="", sandbox="", node="worker-9", **{TAG_POOL: "podvm-pool-99999999"}).id
+    state = SweepState()
+    for now in (0.0, 1000.0):
+        await reconcile(PeerPodApi(api), cloud, OPTIONS, state, now=now)
+    assert pooled in cloud.instances, "a pool VM of a live node is not the controller's to delete"
+    assert dead_node not in cloud.instances, "a pool VM of a node that is gone is swept after the grace"

@@ -354,3 +354,8 @@ async def test_the_image_annotation_must_be_in_podvm_images_when_it_is_set(make_
     assert leftovers(arm) == [], "refused before any cloud write"
     instance = await provider.create_instance(spec(image=arm_seeded.image_id))
     assert arm.resource(instance.id)["properties"]["storageProfile"]["imageReference"] == {"id": arm_seeded.image_id}
+async def test_a_warm_pool_of_azure_vms_fills_is_claimed_and_leaves_nothing_when_turned_off(provider, arm, tmp_path):
+    from fakes.poolvm import cloud_round_trip
+
+    await cloud_round_trip(provider, tmp_path / "state.db", "worker-1", {})
+    assert arm.ids("virtualMachines") + arm.ids("networkInterfaces") + arm.ids("disks") == []

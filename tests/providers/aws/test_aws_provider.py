@@ -243,3 +243,7 @@ async def test_the_image_annotation_must_be_in_podvm_images_when_it_is_set(aws: 
     assert aws.alive() == [], "refused before RunInstances"
     instance = await provider.create_instance(spec_for(image=aws.ami_id))
     assert aws.instances()[0]["ImageId"] == aws.ami_id and instance.id
+async def test_a_warm_pool_of_ec2_instances_fills_is_claimed_and_leaves_nothing_when_turned_off(aws, tmp_path):
+    from fakes.poolvm import cloud_round_trip
+
+    await cloud_round_trip(aws.provider(TAGS="team=kata"), tmp_path / "state.db", "worker-1", {"team": "kata"})
