@@ -13,7 +13,7 @@ from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.dev.shim import shim_annotations
 from cloudadaptor.providers import base as providers
 
-from pool_world import NODE, FakeClaimer, make_lifecycle
+from pool_world import CLUSTER, NODE, FakeClaimer, make_lifecycle
 
 _HV = "io.katacontainers.config.hypervisor."
 
@@ -183,7 +183,8 @@ async def test_the_orphan_sweep_spares_pooled_and_claimed_vms_but_not_untracked_
     sid = await start_pod(lifecycle, netns_file, 1)
     stray = await provider.create_instance(providers.InstanceSpec(
         name="podvm-pool-deadbeef", sandbox_id="podvm-pool-deadbeef", user_data="", client_token="stray",
-        tags={providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: NODE, providers.TAG_POOL: "podvm-pool-deadbeef"}))
+        tags={providers.TAG_OWNER: providers.OWNER_VALUE, providers.TAG_NODE: NODE, providers.TAG_CLUSTER: CLUSTER,
+              providers.TAG_POOL: "podvm-pool-deadbeef"}))
     actions = await lifecycle.sweep_orphans()
     assert actions == [f"deleted orphan VM {stray.id} (sandbox ?)"]
     assert store.get(sid).instance_id in provider.instances and len(pool.pool.all()) == 1

@@ -59,8 +59,9 @@ async def test_a_guest_that_never_boots_is_deleted_with_its_console_tail_after_a
     assert not qemu._cmdline_has(pid, "qemu-system"), (directory / "console.log").read_text(errors="replace")[-2000:]
     with caplog.at_level(logging.WARNING, logger=qemu.__name__):
         await restarted.delete_instance(instance.id)
-    warning = next(r.getMessage() for r in caplog.records if instance.id in r.getMessage())
-    assert "had stopped by itself; console:" in warning and "anic" in warning, warning
+    warnings = [r.getMessage() for r in caplog.records if instance.id in r.getMessage()]
+    stopped = [w for w in warnings if "had stopped by itself; console:" in w]
+    assert stopped and "anic" in stopped[0], warnings
     await restarted.delete_instance(instance.id)  # idempotent
     assert await asyncio.to_thread(_leftovers, local_cloud.cloud_dir) == ([], [], [])
     assert not os.path.exists(directory)
