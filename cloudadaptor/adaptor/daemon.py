@@ -48,6 +48,21 @@ class Daemon:
         self._k8s: NodeIntegration | None = None  # in a cluster
         self.closed = False
 
+    async def _connect_kubernetes(self) -> None:
+        """The node's Kubernetes integration; the client library is imported only in a cluster."""
+        from cloudadaptor.k8s import cluster_configured
+
+        if not cluster_configured(self.settings.provider_env):
+            log.info("no Kubernetes configuration (KUBECONFIG, in-cluster): no PeerPods, no node capacity")
+            return
+        from cloudadaptor.k8s.client import KubeConfigError
+        from cloudadaptor.k8s.node import connect_node
+
+        try:
+            self._k8s = await connect_node(self.settings)
+        except KubeConfigError as exc:
+            raise StartupError(f"Kubernetes: {exc}") from None
+
     async def start(self) -> None:
         settings = self.settings
         if self.provider is None:
@@ -60,13 +75,7 @@ class Daemon:
         except TlsError as exc:
             raise StartupError(f"TLS: {exc}") from None
         self._store = SandboxStore(settings.state_dir / "state.db")
-        from cloudadaptor.k8s.client import KubeConfigError
-        from cloudadaptor.k8s.node import connect_node  # the Kubernetes client is imported only here
-
-        try:
-            self._k8s = await connect_node(settings)
-        except KubeConfigError as exc:
-            raise StartupError(f"Kubernetes: {exc}") from None
+        await self._connect_kubernetes()
         if self.pod_network is None:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
