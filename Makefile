@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test protos duplicates clean
+.PHONY: demo test bench protos duplicates clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ demo: $(STAMP)
 ## Run the whole test suite inside a private user+net+mount namespace.
 test: $(STAMP)
 	$(BIN)/python -m cloudadaptor.dev.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Every benchmark, one table (figure, ours, reference, ratio); BENCH_ARGS=--quick for about a minute.
+bench: $(STAMP) $(VENV)/.bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+$(VENV)/.bench: pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 ## Regenerate cloudadaptor/protocols from protos/.
 protos: $(STAMP)

@@ -98,3 +98,16 @@ def cpu_seconds(pid: int) -> float:
 def _is_spy(proc: subprocess.Popen[bytes]) -> bool:
     """py-spy writes its profile when interrupted (SIGINT), and passes the signal on."""
     return isinstance(proc.args, list) and str(proc.args[0]).endswith("py-spy")
+
+
+def target_pid(proc: subprocess.Popen[bytes]) -> int:
+    """The measured process: ``proc`` itself, or the Python child py-spy runs (``--profile``)."""
+    if not _is_spy(proc):
+        return proc.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise RuntimeError("py-spy did not start its child")
