@@ -11,9 +11,11 @@ minus the provider's create time and the wait for the VM's agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ from cloudadaptor.dev.shim import PodRun, ShimEmulator, start_pod, stop_pod
 from bench import procs
 from bench.table import Row
 
-PHASES = re.compile(r"StartVM (\w+): agent ready after ([\d.]+)s \(VM create ([\d.]+)s, tunnel ([\d.]+)s, agent wait ([\d.]+)s\)")
+# The daemon's phase timings: the provider's create time (lifecycle) and the wait for the agent (proxy).
+CREATED = re.compile(r"StartVM (\w+): VM \S+ at \S+ created in ([\d.]+)s")
+ANSWERED = re.compile(r"agent proxy \S*/(\w+)/agent\.ttrpc: agent answered after ([\d.]+)s")
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Batch:
 def daemon_env(directory: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": "0", "NODE_NAME": "bench-worker",
             "STATE_DIR": str(directory / "state"), "SOCKET": str(directory / "hv.sock"),
-            "PODS_DIR": str(directory / "pods"), "PROXY_TIMEOUT": "120s", "LOG_LEVEL": "info", **extra}
+            "PODS_DIR": str(directory / "pods"), "LOCAL_CLOUD_DIR": str(directory / "cloud"), "PROXY_TIMEOUT": "120s", "LOG_LEVEL": "info", **extra}
 
 
 def _netns(count: int, offset: int) -> list[PodNetns]:
@@ -65,6 +69,8 @@ async def _batch(shim: ShimEmulator, daemon_pid: int, log: Path, count: int, off
         if failures:
             raise RuntimeError(f"{len(failures)} of {count} pods failed to start: {failures[0]!r}")
         rss = procs.rss_mib(daemon_pid)
+        if count == 1:
+            boot_timeline(log.parent / "cloud")
         for run in runs:
             await stop_pod(shim, run)
         runs = []
@@ -73,13 +79,35 @@ async def _batch(shim: ShimEmulator, daemon_pid: int, log: Path, count: int, off
         for run in runs:
             await stop_pod(shim, run)
         await asyncio.to_thread(lambda: [n.delete() for n in netns])
-    phases = {m[1]: [float(x) for x in m.groups()[1:]] for m in PHASES.finditer(log.read_text())}
+    text = log.read_text()
+    created = {m[1]: float(m[2]) for m in CREATED.finditer(text)}
+    answered = {m[1]: float(m[2]) for m in ANSWERED.finditer(text)}
     ids = [r[0].sandbox_id for r in results]  # type: ignore[index]
     per_pod = [r[1] + r[2] for r in results]  # type: ignore[index]
-    vm_create = [phases[i][1] for i in ids]
-    agent_wait = [phases[i][3] for i in ids]
+    vm_create = [created[i] for i in ids]
+    agent_wait = [answered[i] for i in ids]
     overhead = [p - c - w for p, c, w in zip(per_pod, vm_create, agent_wait, strict=True)]
     return Batch(count, wall, per_pod, overhead, vm_create, agent_wait, cpu / count, rss)
+
+
+def boot_timeline(cloud_dir: Path) -> None:
+    """Print one local VM's console (its boot steps, timestamped by the VM's init) relative
+    to its first line: where a local VM's boot time goes."""
+    import datetime
+
+    for console in sorted(cloud_dir.glob("*/console.log"))[:1]:
+        steps = []
+        for line in console.read_text().splitlines():  # the init's own lines: "<ISO time with zone> local-vm..."
+            stamp, _, text = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                when = datetime.datetime.fromisoformat(stamp)
+                if when.tzinfo is not None and text.startswith("local-vm"):
+                    steps.append((when, text))
+        if not steps:
+            return
+        print("[bench] one local VM's boot (ms since its init started):", file=sys.stderr)
+        for when, text in steps:
+            print(f"[bench]   {(when - steps[0][0]).total_seconds() * 1e3:7.0f}  {text[:110]}", file=sys.stderr)
 
 
 def _p(values: list[float], pct: int) -> float:
