@@ -47,7 +47,8 @@ class Batch:
 def daemon_env(directory: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": "0", "NODE_NAME": "bench-worker",
             "STATE_DIR": str(directory / "state"), "SOCKET": str(directory / "hv.sock"),
-            "PODS_DIR": str(directory / "pods"), "LOCAL_CLOUD_DIR": str(directory / "cloud"), "PROXY_TIMEOUT": "120s", "LOG_LEVEL": "info", **extra}
+            "PODS_DIR": str(directory / "pods"), "LOCAL_CLOUD_DIR": str(directory / "cloud"), "PROXY_TIMEOUT": "120s", "LOG_LEVEL": "info",
+            "PEERPODS_LIMIT_PER_NODE": "200", **extra}
 
 
 def _netns(count: int, offset: int) -> list[PodNetns]:
