@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # both import heavy clients, only when configured
     from cloudadaptor.k8s.node import NodeIntegration
 
 log = logging.getLogger(__name__)
+BLOCKING_WORKERS = 64  # threads for blocking steps (netlink, cloud SDK calls), started only as needed
 
 
 class StartupError(Exception):
@@ -64,6 +66,9 @@ class Daemon:
             raise StartupError(f"Kubernetes: {exc}") from None
 
     async def start(self) -> None:
+        # Tunnel set-up and blocking provider calls run in the default executor; asyncio's
+        # default (CPUs + 4 workers) queues them when many pods start at once (bench: pods).
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_WORKERS))
         settings = self.settings
         if self.provider is None:
             self.provider = create_provider(settings)
