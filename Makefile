@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # QEMU and mmdebstrap for the pod VM image and its VMs, prometheus for promtool (checks /metrics).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs prometheus
 
-.PHONY: demo test protos duplicates clean apt-packages podvm-image
+.PHONY: demo test bench protos duplicates clean apt-packages podvm-image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ podvm-image: $(STAMP) apt-packages
 ## Run the whole test suite inside a private user+net+mount namespace.
 test: $(STAMP) podvm-image
 	$(BIN)/python -m cloudadaptor.dev.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Every benchmark, one table (figure, ours, reference, ratio); BENCH_ARGS=--quick for about a minute.
+bench: $(STAMP) $(VENV)/.bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+$(VENV)/.bench: pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 ## Regenerate cloudadaptor/protocols from protos/.
 protos: $(STAMP)

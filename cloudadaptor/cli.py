@@ -126,7 +126,10 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole CLI. Given ``argv``, only the chosen subcommand's module is imported
+    (the others are listed with their help): ``serve`` never loads the image builder."""
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="cloud-api-adaptor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cloud-api-adaptor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -142,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     for subcommand in SUBCOMMANDS:
-        subcommand.mount(sub)
+        if chosen is None or chosen == subcommand.name:
+            subcommand.mount(sub)
+        else:
+            sub.add_parser(subcommand.name, help=subcommand.help)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
@@ -150,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

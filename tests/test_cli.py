@@ -88,6 +88,21 @@ def test_help_runs_as_a_process_without_importing_the_cloud_sdks():
     assert result.returncode == 0 and "usage: cloud-api-adaptor" in result.stdout
 
 
+def test_serve_loads_no_other_subcommand_and_no_kubernetes_client_outside_a_cluster():
+    # Idle memory of `serve` (bench: daemon RSS idle): the image builder, the pod VM
+    # commands and the Kubernetes client stay out of the daemon unless it needs them.
+    probe = ("import sys; from cloudadaptor.cli import build_parser; build_parser(['serve']); "
+             "from cloudadaptor.k8s import cluster_configured; assert not cluster_configured({}); "
+             "assert cluster_configured({'KUBECONFIG': '/k'}) and cluster_configured({'KUBERNETES_SERVICE_HOST': 'h'}); "
+             "print(sorted(m for m in ('cloudadaptor.imagebuild.command', 'cloudadaptor.podvm.process_user_data', "
+             "'cloudadaptor.podvm.forwarder', 'kubernetes_asyncio', 'yaml') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"serve imported other commands' modules: {result.stdout}"
+    result = run("image", "--help")
+    assert result.returncode == 0 and "build" in result.stdout, "the chosen subcommand is still mounted"
+
+
 def test_an_unknown_subcommand_exits_2_naming_the_choices():
     result = run("launch")
     assert result.returncode == 2

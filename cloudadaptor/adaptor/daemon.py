@@ -13,6 +13,7 @@ import functools
 import logging
 import signal
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from cloudadaptor.adaptor.delivery import BootDelivery
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # both import heavy clients, only when configured
     from cloudadaptor.k8s.node import NodeIntegration
 
 log = logging.getLogger(__name__)
+BLOCKING_WORKERS = 64  # threads for blocking steps (netlink, cloud SDK calls), started only as needed
 
 
 class StartupError(Exception):
@@ -95,7 +97,25 @@ class Daemon:
         self.started = False  # /startup: socket served and running sandboxes re-served
         self.closed = False
 
+    async def _connect_kubernetes(self) -> None:
+        """The node's Kubernetes integration; the client library is imported only in a cluster."""
+        from cloudadaptor.k8s import cluster_configured
+
+        if not cluster_configured(self.settings.provider_env):
+            log.info("no Kubernetes configuration (KUBECONFIG, in-cluster): no PeerPods, no node capacity")
+            return
+        from cloudadaptor.k8s.client import KubeConfigError
+        from cloudadaptor.k8s.node import connect_node
+
+        try:
+            self._k8s = await connect_node(self.settings)
+        except KubeConfigError as exc:
+            raise StartupError(f"Kubernetes: {exc}") from None
+
     async def start(self) -> None:
+        # Tunnel set-up and blocking provider calls run in the default executor; asyncio's
+        # default (CPUs + 4 workers) queues them when many pods start at once (bench: pods).
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_WORKERS))
         settings = self.settings
         if self.provider is None:
             self.provider = create_provider(settings)
@@ -126,13 +146,7 @@ class Daemon:
         except TlsError as exc:
             raise StartupError(f"TLS: {exc}") from None
         self._store = SandboxStore(settings.state_dir / "state.db")
-        from cloudadaptor.k8s.client import KubeConfigError
-        from cloudadaptor.k8s.node import connect_node  # the Kubernetes client is imported only here
-
-        try:
-            self._k8s = await connect_node(settings)
-        except KubeConfigError as exc:
-            raise StartupError(f"Kubernetes: {exc}") from None
+        await self._connect_kubernetes()
         cluster_id = await resolve_cluster_id(settings, self._store, self._k8s.api if self._k8s else None)
         if self.pod_network is None:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork

@@ -214,7 +214,7 @@ class SandboxLifecycle:
             if not instance.ips:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
             sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
-            log.info("StartVM %s: VM %s at %s created in %.1fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
+            log.info("StartVM %s: VM %s at %s created in %.3fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
             phases.mark("create_instance")
             await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name)
             await self.network.up(sandbox)
@@ -229,7 +229,7 @@ class SandboxLifecycle:
             await proxy.start()
             phases.mark("agent_ready", last=True)
             self.store.update(sandbox.id, state=SandboxState.RUNNING)
-            log.info("StartVM %s: agent ready after %.1fs", sandbox.id, time.monotonic() - began)
+            log.info("StartVM %s: agent ready after %.3fs", sandbox.id, time.monotonic() - began)
             await self._notify()
         except BaseException as exc:
             phases.failed()

@@ -116,6 +116,76 @@ async def read_frame(reader: asyncio.StreamReader, max_length: int = MAX_MESSAGE
     return Frame(stream_id, frame_type, flags, data)
 
 
+class FrameParser:
+    """Frames out of a byte stream fed in chunks, without awaiting per frame (the relay's fast path).
+
+    ``feed(data)`` returns, in order, ``(header, data)`` pairs of complete frames
+    (``header`` being the raw 10 bytes, so a frame can be forwarded without being
+    re-encoded) and ``OversizedFrame`` values for frames over ``max_length``
+    once their data has been skipped. Raises ``FrameError`` as ``read_frame``
+    does for an unknown type or an absurd length; ``end()`` raises it when
+    the stream stopped inside a frame.
+    """
+
+    def __init__(self, max_length: int = MAX_MESSAGE_LENGTH) -> None:
+        self.max_length = max_length
+        self._buffer = bytearray()
+        self._skip = 0  # data of an oversized frame still to drop
+        self._oversized: OversizedFrame | None = None
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes] | OversizedFrame]:
+        out: list[tuple[bytes, bytes] | OversizedFrame] = []
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+            if self._skip:
+                return out
+            assert self._oversized is not None
+            out.append(self._oversized)
+            self._oversized = None
+        buffer = self._buffer
+        buffer += data
+        offset = 0
+        while len(buffer) - offset >= HEADER_LENGTH:
+            length, stream_id, frame_type, _ = HEADER.unpack_from(buffer, offset)
+            header = bytes(buffer[offset:offset + HEADER_LENGTH])
+            if frame_type not in KNOWN_FRAME_TYPES:
+                raise FrameError(f"unknown frame type {frame_type:#04x} (header {header!r}); not a ttrpc peer?")
+            if length > self.max_length:
+                if length > MAX_DISCARD_LENGTH:
+                    raise FrameError(f"frame header announces {length} bytes on stream {stream_id} "
+                                     f"(header {header!r}); not a ttrpc peer?")
+                available = len(buffer) - offset - HEADER_LENGTH
+                if available < length:
+                    self._skip, self._oversized = length - available, OversizedFrame(stream_id, frame_type, length)
+                    del buffer[:]
+                    return out
+                out.append(OversizedFrame(stream_id, frame_type, length))
+                offset += HEADER_LENGTH + length
+                continue
+            end = offset + HEADER_LENGTH + length
+            if end > len(buffer):
+                break
+            out.append((header, bytes(buffer[offset + HEADER_LENGTH:end])))
+            offset = end
+        del buffer[:offset]
+        return out
+
+    def end(self) -> None:
+        """The stream ended: ``FrameError`` when it ended inside a frame."""
+        if self._skip:
+            assert self._oversized is not None
+            raise FrameError(f"connection closed inside an oversized frame ({self._oversized.length} bytes announced)")
+        if not self._buffer:
+            return
+        if len(self._buffer) < HEADER_LENGTH:
+            raise FrameError(f"connection closed inside a frame header ({len(self._buffer)} of {HEADER_LENGTH} bytes)")
+        length, stream_id, _, _ = HEADER.unpack_from(self._buffer)
+        raise FrameError(f"connection closed inside a frame on stream {stream_id} "
+                         f"({len(self._buffer) - HEADER_LENGTH} of {length} bytes)")
+
+
 async def _discard(reader: asyncio.StreamReader, length: int) -> None:
     remaining = length
     while remaining:
