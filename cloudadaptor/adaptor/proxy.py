@@ -67,7 +67,12 @@ class AgentProxy:
         """
 
         async def check() -> None:
-            reader, writer = await self.endpoint.open()
+            try:
+                reader, writer = await self.endpoint.open()
+            except BaseException:
+                self.recorder.proxy_dial(False)
+                raise
+            self.recorder.proxy_dial(True)
             client = Client(reader, writer)
             try:
                 reply = await client.call_message(
