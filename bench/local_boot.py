@@ -72,7 +72,8 @@ async def _bench(args: argparse.Namespace) -> int:
 
     log_file = tempfile.NamedTemporaryFile(prefix="bench-local-boot-", suffix=".log", delete=False)
     env = {**os.environ, "CLOUD_PROVIDER": "local", "LOCAL_BOOT_DELAY": "0s", "LOCAL_VM": "namespace",
-           "PROXY_TIMEOUT": "300s", "NODE_NAME": "bench-worker"}
+           "PROXY_TIMEOUT": "300s", "NODE_NAME": "bench-worker",
+           "PEERPODS_LIMIT_PER_NODE": str(max(args.pods, 10))}
     daemon = subprocess.Popen([sys.executable, "-m", "cloudadaptor.cli", "serve"], env=env,
                               stdout=log_file, stderr=subprocess.STDOUT)
     try:
