@@ -182,7 +182,11 @@ class VmInit:
     async def _step_agent(self) -> None:
         agent = self._start("agent", self.agent)
         if agent is not None:
+            # The forwarder's modules load while the agent's own interpreter starts (on another CPU).
+            preload = asyncio.create_task(asyncio.to_thread(_import_forwarder))
             await self._wait_socket(agent, AGENT_SOCKET, AGENT_SOCKET_TIMEOUT)
+            with contextlib.suppress(Exception):  # an import error is the forwarder step's to report
+                await preload
 
     async def _step_forwarder(self) -> None:
         if not self.network_ok:
@@ -280,6 +284,11 @@ def _create_podns() -> None:
     with IPRoute(netns=PODNS, flags=0) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
+
+
+def _import_forwarder() -> None:
+    import cloudadaptor.podvm.forwarder  # noqa: F401
+    import cloudadaptor.tls  # noqa: F401
 
 
 async def _start_forwarder() -> Any:
