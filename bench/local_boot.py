@@ -125,7 +125,10 @@ async def _bench(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
-    os.unlink(log_file.name)
+    if args.keep_log:
+        print(f"daemon log: {log_file.name}")
+    else:
+        os.unlink(log_file.name)
     shutil.rmtree(cloud_dir, ignore_errors=True)
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; LOCAL_VM=namespace, LOCAL_BOOT_DELAY=0")
     print(f"one pod, StartVM (median of {args.single_runs}):        {one_start:7.3f} s   (target <= 0.4 s)")
@@ -142,6 +145,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--pods", type=int, default=30, help="pods started at once (default 30)")
     parser.add_argument("--single-runs", type=int, default=3, help="one-pod rounds, median taken (default 3)")
+    parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log (its phase timings)")
     args = parser.parse_args()
     if not privatens.inside():
         privatens.exec_inside([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
