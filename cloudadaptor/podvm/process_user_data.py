@@ -219,8 +219,11 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def run(args: argparse.Namespace) -> int:
-    """Fetch, parse and write; 0 on success, 1 on failure, 2 on bad options."""
+def run(args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Fetch, parse and write; 0 on success, 1 on failure, 2 on bad options.
+
+    ``sleep`` waits between fetch attempts (the namespace VM's init, which
+    calls this in-process, passes one that a shutdown interrupts)."""
     try:
         deadline = parse_duration(args.deadline)
     except ValueError as exc:
@@ -229,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--source file needs --file PATH", 2)
     source, attempt = _fetcher(args)
     try:
-        raw = fetch_with_retries(source, attempt, deadline)
+        raw = fetch_with_retries(source, attempt, deadline, sleep)
     except FetchError as exc:
         return _fail(str(exc))
     try:

@@ -23,7 +23,7 @@ SOURCE_PODVM = Path(__file__).resolve().parents[2] / "images" / "podvm"
 SHIPPED_PODVM = Path("/usr/share/cloud-api-adaptor/images/podvm")
 UNIT_SUBDIR = "files/etc/systemd/system"
 
-# What the namespace VM runs for each enabled unit of the image (local_vm.VmInit methods).
+# What the namespace VM runs for each enabled unit of the image (local_vminit.VmInit methods).
 STEP_OF_UNIT = {
     "process-user-data.service": "user_data",
     "peerpod-claim.service": "claim",

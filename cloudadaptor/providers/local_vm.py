@@ -12,27 +12,21 @@ session — writes the init's PID to ``<instance dir>/init.pid`` and exits, so
 the VM is not a child of the adaptor, as a cloud VM is not. Setup errors make
 the launcher exit non-zero (and say why on the console).
 
-The init, with stdout/stderr being the VM's console log, boots the image's
-own units (``local_boot``: the order ``provision.py`` enables them in, and
-each unit's ``ExecStartPre=mkdir -p``, e.g. ``/run/kata-containers`` before
-the agent), logging every step with a timestamp:
-
-1. sleep the boot delay (imitates a cloud boot);
-2. ``process-user-data --source file --file /run/cloud-data/user-data``
-   (writes /run/peerpod/apf.json etc.), then ``wait-for-claim`` (a warm-pool VM
-   waits, without a time limit, for its pod config; other VMs go on at once);
-3. the network namespace ``podns`` (``/run/netns/podns``, the VM's own), lo up;
-   then the VM side of the pod network (``python -m cloudadaptor.podnetwork.vmside``:
-   the VXLAN tunnel to the worker carrying the pod's interface into podns);
-4. the agent (default: the development agent; ``--agent-command`` is a
-   command line in which ``{socket}`` becomes the agent socket path), then
-   wait for its socket;
-5. ``agent-protocol-forwarder`` (only when steps 2 and 3 succeeded: a pod
-   without its network must not look healthy).
+The init (``local_vminit``), with stdout/stderr being the VM's console log,
+boots the image's own units (``local_boot``: the order ``provision.py``
+enables them in, and each unit's ``ExecStartPre=mkdir -p``, e.g.
+``/run/kata-containers`` before the agent), logging every step with a
+timestamp: after the boot delay (it imitates a cloud boot),
+process-user-data, the netns ``podns``, the VM side of the pod network and
+the agent-protocol-forwarder run *inside the init* (one interpreter per VM);
+the agent (default: the development agent; ``--agent-command`` is a command
+line in which ``{socket}`` becomes the agent socket path) is its own
+process. The steps' modules are imported only when they run, never by the adaptor
+(which imports this module for its constants).
 
 It then supervises: a component that exits is logged (not restarted); orphans
-are reaped. On SIGTERM/SIGINT it stops the components (SIGTERM to each
-process group, SIGKILL after a grace period) and exits; the kernel then kills
+are reaped. On SIGTERM/SIGINT it stops the forwarder and the agent (SIGTERM to
+its process group, SIGKILL after a grace period) and exits; the kernel then kills
 whatever is left in the PID namespace, so nothing of the VM outlives its init
 but the network namespace, which the provider deletes.
 """
@@ -40,30 +34,18 @@ but the network namespace, which the provider deletes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
-import select
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudadaptor import linuxns
 from cloudadaptor.providers import local_boot
+from cloudadaptor.providers.local_vminit import AGENT_SOCKET, VmInit, log
 
 CLONE_NEWPID = 0x20000000
-
-# Paths inside the VM (after /run is the instance's own).
-USER_DATA_PATH = "/run/cloud-data/user-data"
-AGENT_SOCKET = "/run/kata-containers/agent.sock"
-APF_CONFIG = "/run/peerpod/apf.json"
-PODNS = "podns"
 
 # Paths in the instance directory.
 RUN_SUBDIR = "run"
@@ -72,9 +54,6 @@ PID_FILE = "init.pid"
 CONSOLE_LOG = "console.log"
 
 MODULE = "cloudadaptor.providers.local_vm"
-STEP_TIMEOUT = 120.0  # process-user-data, pod network
-AGENT_SOCKET_TIMEOUT = 30.0
-STOP_GRACE = 3.0
 
 
 def default_agent_command() -> str:
@@ -84,11 +63,6 @@ def default_agent_command() -> str:
 def agent_argv(command: str, socket_path: str = AGENT_SOCKET) -> list[str]:
     """``command`` split like a shell would, ``{socket}`` replaced in every word."""
     return [word.replace("{socket}", socket_path) for word in shlex.split(command)]
-
-
-def log(message: str) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-    print(f"{now.replace('+00:00', 'Z')} local-vm[{os.getpid()}]: {message}", flush=True)
 
 
 # --------------------------------------------------------------------- launcher
@@ -166,202 +140,6 @@ def _launch(args: argparse.Namespace) -> int:
     os.rename(tmp, PID_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.close(dir_fd)
     return 0
-
-
-# ------------------------------------------------------------------------- init
-
-
-@dataclass
-class _Component:
-    name: str
-    popen: subprocess.Popen
-    status: int | None = None
-
-
-@dataclass
-class VmInit:
-    """PID 1 of a local pod VM (see the module docstring). Single-threaded."""
-
-    boot_delay: float
-    agent: list[str]
-    plan: list[local_boot.BootStep]
-    python: str = sys.executable
-    user_data_ok: bool = False
-    network_ok: bool = False
-    components: dict[int, _Component] = field(default_factory=dict)
-    stopping: bool = False
-
-    def run(self) -> int:
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        log(f"booting (boot delay {self.boot_delay:g}s)")
-        try:
-            self._boot()
-            while not self.stopping:
-                self._wait(1.0)
-        finally:
-            self._shutdown()
-        return 0
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
-    def _boot(self) -> None:
-        deadline = time.monotonic() + self.boot_delay
-        while not self.stopping and time.monotonic() < deadline:
-            self._wait(deadline - time.monotonic())
-        for step in self.plan:
-            if self.stopping:
-                return
-            for directory in step.make_dirs:  # the unit's ExecStartPre=mkdir -p
-                os.makedirs(directory, exist_ok=True)
-                log(f"{step.unit}: made {directory}")
-            getattr(self, "_step_" + step.step)()
-        log("boot complete")
-
-    def _step_user_data(self) -> None:
-        self.user_data_ok = self._run_step("process-user-data", [
-            self.python, "-m", "cloudadaptor.podvm.process_user_data",
-            "--source", "file", "--file", USER_DATA_PATH,
-        ])
-
-    def _step_claim(self) -> None:
-        """peerpod-claim.service: a pool VM waits (no time limit) for its pod's config over mTLS; others go on."""
-        self.user_data_ok = self.user_data_ok and self._run_step("wait-for-claim", [
-            self.python, "-m", "cloudadaptor.podvm.claim", "--config", APF_CONFIG,
-        ], timeout=None)
-
-    def _step_podns(self) -> None:
-        try:
-            self._create_podns()
-        except Exception as exc:  # noqa: BLE001 - logged; the agent still starts
-            log(f"cannot create netns {PODNS}: {exc}")
-
-    def _step_pod_network(self) -> None:
-        self.network_ok = self.user_data_ok and self._run_step("pod-network", [
-            self.python, "-m", "cloudadaptor.podnetwork.vmside", "--config", APF_CONFIG, "--podns", PODNS,
-        ])
-
-    def _step_agent(self) -> None:
-        agent = self._start("agent", self.agent)
-        if agent is not None:
-            self._wait_socket(agent, AGENT_SOCKET, AGENT_SOCKET_TIMEOUT)
-
-    def _step_forwarder(self) -> None:
-        if self.network_ok:
-            self._start("forwarder", [
-                self.python, "-m", "cloudadaptor.podvm.forwarder",
-                "--config", APF_CONFIG, "--kata-agent-socket", AGENT_SOCKET,
-            ])
-        else:
-            log("forwarder not started: process-user-data or the pod network did not succeed")
-
-    def _run_step(self, name: str, argv: list[str], timeout: float | None = STEP_TIMEOUT) -> bool:
-        """Run a boot step to completion (killed after ``timeout``, None: never); True when it exits 0."""
-        component = self._start(name, argv)
-        if component is None:
-            return False
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        while component.status is None and not self.stopping and time.monotonic() < deadline:
-            self._wait(min(deadline - time.monotonic(), 3600.0))
-        if component.status is None:
-            if not self.stopping:
-                log(f"{name} still running after {timeout:g}s; killing it")
-            self._signal(component, signal.SIGKILL)
-            return False
-        return component.status == 0
-
-    def _create_podns(self) -> None:
-        from pyroute2 import IPRoute, netns
-
-        netns.create(PODNS)
-        with IPRoute(netns=PODNS, flags=0) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
-
-    def _start(self, name: str, argv: list[str]) -> _Component | None:
-        try:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:
-            log(f"cannot start {name} ({shlex.join(argv)}): {exc}")
-            return None
-        component = _Component(name, popen)
-        self.components[popen.pid] = component
-        log(f"started {name} (pid {popen.pid}): {shlex.join(argv)}")
-        return component
-
-    def _wait_socket(self, component: _Component, path: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.stopping and component.status is None:
-            if _connectable(path):
-                log(f"{component.name} is serving on {path}")
-                return
-            if time.monotonic() >= deadline:
-                log(f"{component.name} not serving on {path} after {timeout:g}s; going on")
-                return
-            self._wait(0.02)
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep until a signal arrives or ``timeout`` passes; reap children."""
-        try:
-            select.select([self._wake_r], [], [], max(timeout, 0))
-        except InterruptedError:
-            pass
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
-        self._reap()
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            component = self.components.pop(pid, None)
-            if component is None:
-                continue  # an orphan of a component: reaped, as an init must
-            component.status = os.waitstatus_to_exitcode(status)
-            component.popen.returncode = component.status
-            log(f"{component.name} (pid {pid}) exited with status {component.status}")
-
-    def _signal(self, component: _Component, sig: int) -> None:
-        try:
-            os.killpg(component.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _shutdown(self) -> None:
-        log("shutting down")
-        for component in list(self.components.values()):
-            self._signal(component, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        while self.components and time.monotonic() < deadline:
-            self._wait(min(0.05, deadline - time.monotonic()))
-        for component in list(self.components.values()):
-            log(f"{component.name} (pid {component.popen.pid}) still running; killing it")
-            self._signal(component, signal.SIGKILL)
-        deadline = time.monotonic() + STOP_GRACE
-        while self.components and time.monotonic() < deadline:
-            self._wait(0.05)
-        log("power off")  # the kernel kills whatever is left in the PID namespace
-
-
-def _connectable(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _parser() -> argparse.ArgumentParser:

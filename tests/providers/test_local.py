@@ -1,7 +1,8 @@
 """The local provider: real pod VMs (netns + init + podvm components) on a bridge.
 
 Runs in the private namespace (``make test``). Every VM boots the real
-process-user-data, development agent and forwarder, so a test that reaches
+process-user-data, pod network and forwarder (in its init) and the
+development agent (its own process), so a test that reaches
 the agent through ``<vm ip>:15150`` exercises the whole VM.
 """
 
@@ -366,7 +367,7 @@ async def test_delete_removes_netns_veth_processes_and_directory(local_cloud, lo
     await wait_console(local_provider, instance.id, "boot complete")
     netns_path = f"/run/netns/{instance.id}"
     vm_pids = pids_in_netns(netns_path)
-    assert len(vm_pids) >= 3, "init, agent and forwarder run in the VM"
+    assert len(vm_pids) == 2, "the init (process-user-data, pod network and forwarder run in it) and the agent"
     await local_provider.delete_instance(instance.id)
     assert not os.path.exists(netns_path)
     assert machine.host_veth_name(instance.id) not in await links()

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator, Mapping
@@ -29,6 +30,7 @@ from cloudadaptor.providers.local.config import LocalConfig
 ID_PATTERN = machine.ID_PATTERN
 INSTANCE_FILE = "instance.json"
 LOCK_FILE = ".lock"
+MACHINE_THREADS = 64  # concurrent creates/deletes; a thread only exists while used
 
 
 @dataclass
@@ -60,6 +62,9 @@ class LocalProvider(ProviderBase):
 
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
+        # Creates and deletes mostly wait for processes (a VM's launcher, its stop): with the
+        # default executor's few threads, 30 pods started at once would queue in waves.
+        self._machines = ThreadPoolExecutor(max_workers=MACHINE_THREADS, thread_name_prefix="local-vm")
 
     # ---------------------------------------------------------------- protocol
 
@@ -74,12 +79,12 @@ class LocalProvider(ProviderBase):
         that first create is still wiring and launching it). On failure
         everything created so far is removed before ``ProviderError`` is raised.
         """
-        return await asyncio.to_thread(self._create, spec)
+        return await asyncio.get_running_loop().run_in_executor(self._machines, self._create, spec)
 
     async def delete_instance(self, instance_id: str) -> None:
         """Stop the VM (namespace: SIGTERM, SIGKILL after 5 s; QEMU: QMP quit, SIGKILL after
         5 s), then delete its veth or tap, netns and directory (with the QEMU overlay). Idempotent; an unknown id is success; safe to run concurrently."""
-        await asyncio.to_thread(self._delete, instance_id)
+        await asyncio.get_running_loop().run_in_executor(self._machines, self._delete, instance_id)
 
     async def list_owned(self, tags: Mapping[str, str]) -> list[Instance]:
         """Instances whose tags include every one of ``tags`` (any state)."""

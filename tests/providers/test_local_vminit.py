@@ -1,0 +1,68 @@
+"""The namespace VM's init runs our own boot steps in its one interpreter (issue 16 item 4).
+
+In the private namespace (``make test``), on real namespace VMs of the local provider.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tests.providers.test_local import dial_agent, spec, wait_console
+
+FORWARDER_PORT = 15150
+
+
+def _listening_inodes(pid: int, port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on ``port`` in ``pid``'s network namespace."""
+    inodes = set()
+    with open(f"/proc/{pid}/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+async def test_the_forwarder_listens_in_the_init_itself(local_provider):
+    instance = await local_provider.create_instance(spec())
+    client = await dial_agent(instance.ips[0], local_provider, instance.id)
+    await client.close()
+    log = await wait_console(local_provider, instance.id, "boot complete")
+    init_pid = int((local_provider.config.cloud_dir / instance.id / "init.pid").read_text())
+    listening = _listening_inodes(init_pid, FORWARDER_PORT)
+    assert listening and listening <= _socket_inodes(init_pid), "port 15150 is the init's own socket"
+    for step in ("process-user-data", "pod-network"):
+        assert f"started {step} (in the init)" in log and f"{step} exited with status 0" in log, log
+    assert "started forwarder (in the init)" in log, log
+
+
+async def test_sigterm_interrupts_process_user_data_retrying(local_cloud):
+    provider = local_cloud.provider(boot_delay=1.0)
+    instance = await provider.create_instance(spec())
+    user_data = provider.config.cloud_dir / instance.id / "run" / "cloud-data" / "user-data"
+    user_data.unlink()  # during the boot delay: process-user-data then retries until its deadline
+    user_data.mkdir()
+    await wait_console(provider, instance.id, "user data not available yet")
+    started = time.monotonic()
+    await provider.delete_instance(instance.id)
+    assert time.monotonic() - started < 3, "SIGTERM ends the retries (not SIGKILL after 5 s)"
+    assert local_cloud.vm_processes() == []
+
+
+async def test_a_vm_whose_user_data_fails_runs_no_forwarder(local_cloud):
+    provider = local_cloud.provider(boot_delay=0.5)
+    instance = await provider.create_instance(spec(data="#cloud-config\nwrite_files: 12\n"))
+    log = await wait_console(provider, instance.id, "boot complete")
+    assert "process-user-data exited with status 1" in log, log
+    assert "pod-network not started" in log and "forwarder not started" in log, log
+    assert "started agent" in log, "the agent still starts, as its unit does"
