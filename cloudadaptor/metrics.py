@@ -26,7 +26,7 @@ from cloudadaptor.providers.telemetry import OUTCOMES
 PREFIX = "cloud_api_adaptor"
 # 0.1 s (a loopback VM) to 600 s (the shim's StartVM deadline).
 START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 450.0, 600.0)
-PHASES = ("create_instance", "tunnel_up", "agent_ready")
+PHASES = ("create_instance", "instance_running", "tunnel_up", "agent_ready")
 METHODS = ("Version", "CreateVM", "StartVM", "StopVM", "GetInfo")
 DELETE_CAUSES = ("stop", "rollback", "recovery", "orphan_sweep")
 DIRECTIONS = ("to_vm", "from_vm")
@@ -36,6 +36,9 @@ OTHER = "other"
 
 # (state, has a VM) of every sandbox the store holds, read at scrape time.
 SandboxSource = Callable[[], Iterable[tuple[str, bool]]]
+# The state of every warm-pool VM (booting, ready, deleting), read at scrape time; None: no pool.
+PoolSource = Callable[[], Iterable[str] | None]
+POOL_STATES = ("booting", "ready", "deleting")
 
 
 def _one_of(value: str, allowed: Iterable[str]) -> str:
@@ -69,18 +72,43 @@ class _SandboxCollector(Collector):
         return iter(())  # collected at scrape time only (describe() must not read the store)
 
 
+class _PoolCollector(Collector):
+    """Warm-pool VMs by state, read from the store when scraped; absent while there is no pool."""
+
+    def __init__(self, source: PoolSource, provider: str) -> None:
+        self._source = source
+        self._provider = provider
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        states = self._source()
+        if states is None:
+            return
+        counts = dict.fromkeys(POOL_STATES, 0)
+        for state in states:
+            key = _one_of(state, POOL_STATES)
+            counts[key] = counts.get(key, 0) + 1
+        pool = GaugeMetricFamily(f"{PREFIX}_pool_vms", "Warm-pool VMs of this node, by state.", labels=["provider", "state"])
+        for state, count in counts.items():
+            pool.add_metric([self._provider, state], count)
+        yield pool
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
 class Metrics:
     """The daemon's metrics and their registry (``exposition()`` is the /metrics body)."""
 
-    def __init__(self, provider: str, sandboxes: SandboxSource | None = None) -> None:
+    def __init__(self, provider: str, sandboxes: SandboxSource | None = None, pool: PoolSource | None = None) -> None:
         self.provider = provider
         self.registry = CollectorRegistry()
         reg = self.registry
         Gauge(f"{PREFIX}_build_info", "Version of the running adaptor (always 1).", ["version"],
               registry=reg).labels(__version__).set(1)
         self.phase = Histogram(f"{PREFIX}_startvm_phase_seconds",
-                               "Duration of each StartVM phase that completed: create_instance (until the "
-                               "instance runs with an IP), tunnel_up, agent_ready.",
+                               "Duration of each StartVM phase that completed: create_instance (until the cloud "
+                               "accepted the instance), instance_running (until it runs with an IP; 0 where the "
+                               "provider returns a running VM), tunnel_up, agent_ready.",
                                ["provider", "phase"], buckets=START_BUCKETS, registry=reg)
         self.start = Histogram(f"{PREFIX}_startvm_seconds", "StartVM end to end, by result (ok, failed).",
                                ["provider", "result"], buckets=START_BUCKETS, registry=reg)
@@ -104,6 +132,8 @@ class Metrics:
         self._initialise()
         if sandboxes is not None:
             reg.register(_SandboxCollector(sandboxes, provider))
+        if pool is not None:
+            reg.register(_PoolCollector(pool, provider))
 
     def _initialise(self) -> None:
         """Create every series of a fixed label set now, so dashboards see zeros rather than gaps."""

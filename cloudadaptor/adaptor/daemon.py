@@ -29,7 +29,6 @@ from cloudadaptor.metrics import Metrics
 from cloudadaptor.probes import ProbeBindError, ProbeServer
 from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import TAG_CLUSTER, Provider, create_provider
-from cloudadaptor.providers.telemetry import CloudCalls
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
 
@@ -119,10 +118,8 @@ class Daemon:
         settings = self.settings
         if self.provider is None:
             self.provider = create_provider(settings)
-        self.metrics = Metrics(self.provider.name, self._sandbox_states)
-        calls = getattr(self.provider, "cloud_calls", None)
-        if isinstance(calls, CloudCalls):  # the provider's SDK hooks report to our counters
-            calls.recorder = self.metrics
+        self.metrics = Metrics(self.provider.name, self._sandbox_states, self._pool_states)
+        self.provider.report_cloud_calls(self.metrics)  # the provider's SDK hooks report to our counters
         # First, so a bad probe address stops the start before any cloud call;
         # /healthz answers during recovery, /startup only after it.
         self._probes = ProbeServer(settings.probe_address, settings.probe_port, self.metrics, lambda: self.started)
@@ -251,6 +248,13 @@ class Daemon:
         if self._store is None or self.closed:
             return []
         return [(s.state.value, bool(s.instance_id)) for s in self._store.all()]
+
+    def _pool_states(self) -> list[str] | None:
+        """The state of each warm-pool VM, for the pool gauge; None while there is no pool."""
+        if self.pool is None or self.closed:
+            return None
+        vms = self.pool.pool.all()
+        return [vm.state.value for vm in vms] if self.settings.podvm_pool_size or vms else None
 
 
 async def serve(settings: Settings) -> None:

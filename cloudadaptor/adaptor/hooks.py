@@ -17,7 +17,8 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class SandboxObserver(Protocol):
-    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str) -> None:
+    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str,
+                         instance_type: str = "") -> None:
         """The provider created ``instance_id`` for this sandbox (called right after the store records it)."""
         ...
 
@@ -29,7 +30,8 @@ class SandboxObserver(Protocol):
 class NoopObserver:
     """Observes nothing (no Kubernetes: the local demo, tests)."""
 
-    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str) -> None:
+    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str,
+                         instance_type: str = "") -> None:
         return None
 
     async def vm_deleted(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str) -> None:
@@ -121,6 +123,16 @@ class PhaseClock:
         self._last = now
         if last:
             self._recorder.phase_done("end_to_end", now - self._began)
+
+    def split(self, first: str, first_seconds: float | None, second: str) -> None:
+        """Two phases that end now: ``first`` took ``first_seconds`` of the time since the last mark
+        (all of it when None: the provider returned a running VM), ``second`` the rest."""
+        now = time.monotonic()
+        elapsed = now - self._last
+        head = elapsed if first_seconds is None else min(max(first_seconds, 0.0), elapsed)
+        self._recorder.phase_done(first, head)
+        self._recorder.phase_done(second, elapsed - head)
+        self._last = now
 
     def failed(self) -> None:
         """The start failed: ``end_to_end`` recorded as not ok."""

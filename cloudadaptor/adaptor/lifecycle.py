@@ -215,8 +215,9 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
             sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
             log.info("StartVM %s: VM %s at %s created in %.3fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
-            phases.mark("create_instance")
-            await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name)
+            phases.split("create_instance", instance.launched_in, "instance_running")
+            await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name,
+                                           instance_type=instance.instance_type)
             await self.network.up(sandbox)
             phases.mark("tunnel_up")
             proxy = self.serve_agent(sandbox)

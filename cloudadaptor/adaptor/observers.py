@@ -23,10 +23,11 @@ class ObserverChain:
     def __init__(self, observers: Sequence[SandboxObserver]) -> None:
         self.observers = tuple(observers)
 
-    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str) -> None:
+    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str,
+                         instance_type: str = "") -> None:
         for observer in self.observers:
             try:
-                await observer.vm_created(sandbox_id, pod_namespace, pod_name, instance_id, provider_name)
+                await observer.vm_created(sandbox_id, pod_namespace, pod_name, instance_id, provider_name, instance_type)
             except Exception:  # the contract says never; if one does, the sandbox goes on
                 log.exception("observer %s failed on vm_created for sandbox %s", type(observer).__name__, sandbox_id)
 
@@ -41,7 +42,8 @@ class ObserverChain:
 class LogFieldsObserver:
     """Adds ``instance_id`` to the log fields of the StartVM that created the VM."""
 
-    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str) -> None:
+    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str,
+                         instance_type: str = "") -> None:
         logcontext.add(instance_id=instance_id)
 
     async def vm_deleted(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str) -> None:

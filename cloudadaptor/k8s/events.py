@@ -46,9 +46,11 @@ class PodEvents:
         self.dropped = 0
 
     # -------------------------------------------------------------- observers
-    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str) -> None:
+    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str,
+                         instance_type: str = "") -> None:
         self.emit(pod_namespace, pod_name, "Normal", "PodVMCreating",
-                  f"pod VM {instance_id} created by the {provider_name} provider on node {self.node_name}; "
+                  f"pod VM {instance_id}{f' ({instance_type})' if instance_type else ''} created by the {provider_name} "
+                  f"provider on node {self.node_name}; "
                   f"waiting for its agent")
 
     async def vm_ready(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, seconds: float) -> None:

@@ -199,7 +199,8 @@ class PeerPodTracker:
         self.node_name = node_name
         self.timeout = timeout
 
-    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str) -> None:
+    async def vm_created(self, sandbox_id: str, pod_namespace: str, pod_name: str, instance_id: str, provider_name: str,
+                         instance_type: str = "") -> None:
         """Create the pod's PeerPod (owned by the Pod, with our finalizer) for ``instance_id``.
 
         Idempotent: a PeerPod already there is updated to this instance. No-op for

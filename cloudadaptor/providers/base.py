@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol, cast, runtime_che
 if TYPE_CHECKING:
     from cloudadaptor.config import Problem, Settings
     from cloudadaptor.providers.config import ProviderConfig
+    from cloudadaptor.providers.telemetry import CloudCallRecorder
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class Instance:
     name: str
     ips: tuple[str, ...]  # private first; the agent proxy dials ips[0]
     tags: Mapping[str, str] = field(default_factory=dict)
+    instance_type: str = ""  # the cloud's size name ("" when unknown), for events and logs
+    # Seconds from the create call until the cloud accepted the instance (StartVM's create_instance
+    # phase; the rest, until it ran, is instance_running). None: the provider does not tell them apart.
+    launched_in: float | None = field(default=None, compare=False)
 
 
 class ConsoleUnavailable(Exception):
@@ -139,6 +144,11 @@ class Provider(Protocol):
         refuse or trim what does not fit before any VM exists."""
         ...
 
+    def report_cloud_calls(self, recorder: CloudCallRecorder) -> None:
+        """From now on report every cloud API call (operation, outcome, SDK retries,
+        throttles) to ``recorder``, from the SDK's own hooks (the daemon's metrics)."""
+        ...
+
     async def console_output(self, instance_id: str) -> str:
         """The VM's serial console so far (the cloud may lag by minutes), for diagnosing a VM
         that never answered. Raises ``ConsoleUnavailable`` saying why when it cannot be read."""
@@ -171,6 +181,9 @@ class ProviderBase:
     def user_data_limit(self) -> int | None:
         """No limit of its own."""
         return None
+
+    def report_cloud_calls(self, recorder: CloudCallRecorder) -> None:
+        """No cloud API to report on."""
 
     async def close(self) -> None:
         """Nothing to release."""

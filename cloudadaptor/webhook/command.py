@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cloudadaptor.commandline import print_problems, serve_until_signal, setup_logging
-from cloudadaptor.config import Key, Problem, merge_overrides, parse_csv, parse_host_port, parse_keys
+from cloudadaptor.config import Key, Problem, merge_overrides, one_of, parse_csv, parse_host_port, parse_keys
 from cloudadaptor.webhook.mutate import DEFAULT_RUNTIME_CLASS, DEFAULT_SYSTEM_NAMESPACES, MutationOptions
 
 DEFAULT_CERT = "/etc/webhook/certs/tls.crt"
@@ -26,6 +26,7 @@ KEYS: tuple[Key, ...] = (
     Key("WEBHOOK_TLS_CERT_FILE", Path, Path(DEFAULT_CERT), help="serving certificate (PEM)"),
     Key("WEBHOOK_TLS_KEY_FILE", Path, Path(DEFAULT_KEY), help="serving key (PEM)"),
     Key("LOG_LEVEL", str, "info", help="debug | info | warning | error"),
+    Key("LOG_FORMAT", one_of("text", "json"), "text", help="text, or json: one object per line"),
 )
 
 _FLAGS = {
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         print_problems(problems)
         return 2
-    setup_logging(str(values["LOG_LEVEL"]))
+    setup_logging(str(values["LOG_LEVEL"]), str(values["LOG_FORMAT"]))
     from cloudadaptor.webhook.server import CertificateReloader, WebhookServer
 
     try:

@@ -72,6 +72,9 @@ class FakeProvider:
     def network_hint(self) -> str | None:
         return None
 
+    def report_cloud_calls(self, recorder: object) -> None:
+        pass
+
     def user_data_limit(self) -> int | None:
         return self.limit
     async def console_output(self, instance_id: str) -> str:

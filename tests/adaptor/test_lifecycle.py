@@ -245,7 +245,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
-    async def vm_created(self, sandbox_id, pod_namespace, pod_name, instance_id, provider_name):
+    async def vm_created(self, sandbox_id, pod_namespace, pod_name, instance_id, provider_name, instance_type=""):
         self.events.append(("created", sandbox_id, f"{pod_namespace}/{pod_name}", instance_id, provider_name))
 
     async def vm_deleted(self, sandbox_id, pod_namespace, pod_name, instance_id):

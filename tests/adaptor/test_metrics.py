@@ -62,7 +62,7 @@ async def test_phase_histograms_count_the_pods_started(lifecycle_factory, agent,
                                                networkNamespacePath=netns_file))
     await service.start_vm(hv.StartVMRequest(id=_sid(9)))
     samples = _samples(metrics)
-    for phase in ("create_instance", "tunnel_up", "agent_ready"):
+    for phase in ("create_instance", "instance_running", "tunnel_up", "agent_ready"):
         key = ("cloud_api_adaptor_startvm_phase_seconds_count", (("phase", phase), ("provider", "fake")))
         assert samples[key] == 4, f"{phase}: expected 4 observations, got {samples[key]}"
     assert samples[("cloud_api_adaptor_startvm_seconds_count", (("provider", "fake"), ("result", "ok")))] == 4
@@ -158,3 +158,14 @@ async def test_promtool_accepts_the_exposition(lifecycle_factory, agent, netns_f
     await _run_pods(_counted_service(lifecycle), netns_file, range(1, 3))
     result = subprocess.run([promtool, "check", "metrics"], input=metrics.exposition(), capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_the_pool_gauge_counts_pool_vms_by_state_and_is_absent_without_a_pool():
+    states: list[str] | None = None
+    metrics = Metrics("fake", None, lambda: states)
+    assert b"cloud_api_adaptor_pool_vms" not in metrics.exposition(), "no pool, no series"
+    states = ["ready", "ready", "booting"]
+    text = metrics.exposition().decode()
+    assert 'cloud_api_adaptor_pool_vms{provider="fake",state="ready"} 2.0' in text
+    assert 'cloud_api_adaptor_pool_vms{provider="fake",state="booting"} 1.0' in text
+    assert 'cloud_api_adaptor_pool_vms{provider="fake",state="deleting"} 0.0' in text

@@ -359,3 +359,10 @@ async def test_a_warm_pool_of_azure_vms_fills_is_claimed_and_leaves_nothing_when
 
     await cloud_round_trip(provider, tmp_path / "state.db", "worker-1", {})
     assert arm.ids("virtualMachines") + arm.ids("networkInterfaces") + arm.ids("disks") == []
+
+
+async def test_a_created_vm_reports_its_size_and_when_arm_accepted_it(provider):
+    instance = await provider.create_instance(spec())
+    assert instance.instance_type == "Standard_B2als_v2"
+    assert instance.launched_in is not None and instance.launched_in >= 0.0
+    await provider.delete_instance(instance.id)

@@ -66,3 +66,12 @@ async def test_missing_certificates_are_refused_naming_the_keys(tmp_path):
     text = err.decode()
     for key in ("WEBHOOK_TLS_CERT_FILE", "WEBHOOK_TLS_KEY_FILE", "WEBHOOK_ADDRESS"):
         assert key in text, f"{key} missing from:\n{text}"
+
+
+async def test_a_bad_log_format_is_refused_naming_the_key(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cloudadaptor.cli", "webhook",
+        env=clean_env(LOG_FORMAT="yaml"), stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "LOG_FORMAT" in err.decode() and "json" in err.decode(), err.decode()

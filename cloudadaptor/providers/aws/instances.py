@@ -227,6 +227,7 @@ def to_instance(described: Mapping[str, Any], public_first: bool) -> Instance:
         name=tags.get("Name", ""),
         ips=tuple(ip for ip in ordered if ip),
         tags=tags,
+        instance_type=str(described.get("InstanceType", "")),
     )
 
 

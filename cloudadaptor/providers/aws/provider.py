@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -37,7 +38,7 @@ from cloudadaptor.providers.aws.config import AwsConfig, parse_ami_id
 from cloudadaptor.providers.aws.imds import ImdsClient, fill_from_imds
 from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.selection import SelectionError, check_image, select_instance_type
-from cloudadaptor.providers.telemetry import CloudCalls
+from cloudadaptor.providers.telemetry import CloudCallRecorder, CloudCalls
 from cloudadaptor.userdata import UserDataTooLarge, check_size
 from cloudadaptor.wire import AWS_USER_DATA_LIMIT
 
@@ -141,7 +142,9 @@ class AwsProvider(ProviderBase):
             plan = await asyncio.to_thread(self._plan, ec2, facts, spec)
         except AWS_ERRORS as exc:
             raise ProviderError(f"preparing {spec.name} failed: {describe(exc, self._secrets)}") from None
+        began = time.monotonic()
         instance_id = await self._launch(ec2, plan)
+        launched_in = time.monotonic() - began
         try:
             described = await asyncio.to_thread(
                 instances.wait_running, ec2, instance_id, self.config.boot_poll_interval, self.config.boot_timeout
@@ -158,7 +161,7 @@ class AwsProvider(ProviderBase):
                 raise ProviderError(f"waiting for {instance_id} failed: {describe(exc, self._secrets)}; {cleanup}") from None
             raise
         log.info("instance %s (%s) running at %s", instance.id, spec.name, ", ".join(instance.ips))
-        return instance
+        return dataclasses.replace(instance, launched_in=launched_in)
 
     async def _launch(self, ec2: Any, plan: instances.LaunchPlan) -> str:
         """RunInstances (or adoption) in a thread; a cancellation waits for the
@@ -270,6 +273,10 @@ class AwsProvider(ProviderBase):
         except AWS_ERRORS as exc:
             raise ProviderError(f"terminating {instance_id} failed: {describe(exc, self._secrets)}") from None
         log.info("instance %s %s", instance_id, "terminated" if existed else "already gone")
+
+    def report_cloud_calls(self, recorder: CloudCallRecorder) -> None:
+        """The SDK's hooks (installed with the client) report to ``recorder`` from now on."""
+        self.cloud_calls.recorder = recorder
 
     async def console_output(self, instance_id: str) -> str:
         """EC2 ``GetConsoleOutput`` (latest), decoded. EC2 publishes it some time after boot."""

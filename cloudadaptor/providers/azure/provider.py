@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -29,7 +30,7 @@ from cloudadaptor.providers.base import (
     TAG_SANDBOX, ConsoleUnavailable, ForeignInstance, Instance, InstanceSpec, ProviderBase, ProviderError,
 )
 from cloudadaptor.providers.selection import InstanceTypeInfo, SelectionError, check_image, select_instance_type
-from cloudadaptor.providers.telemetry import CloudCalls
+from cloudadaptor.providers.telemetry import CloudCallRecorder, CloudCalls
 from cloudadaptor.wire import AZURE_USER_DATA_LIMIT
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ class AzureProvider(ProviderBase):
         if problems:
             raise ProviderError(f"deleting VM {vm.name}: {'; '.join(problems)}")
 
+    def report_cloud_calls(self, recorder: CloudCallRecorder) -> None:
+        """The SDK's hooks (installed with the client) report to ``recorder`` from now on."""
+        self.cloud_calls.recorder = recorder
+
     async def console_output(self, instance_id: str) -> str:
         """The serial log of boot diagnostics (``retrieveBootDiagnosticsData`` gives a SAS URI
         of the blob, fetched with ``requests``, which honours ``REQUESTS_CA_BUNDLE``)."""
@@ -184,7 +189,7 @@ class AzureProvider(ProviderBase):
             if matches(vm.tags, tags):
                 nic_ids = [ref.id.lower() for ref in (vm.network_profile.network_interfaces or [])] if vm.network_profile else []
                 vm_ips = tuple(ips[i] for i in nic_ids if i in ips)
-                instances.append(Instance(vm.id, vm.name, vm_ips, from_azure_tags(vm.tags)))
+                instances.append(Instance(vm.id, vm.name, vm_ips, from_azure_tags(vm.tags), instance_type=_size(vm)))
         for nic in nics:
             owner = nic.name[: -len(network.NIC_SUFFIX)] if nic.name.endswith(network.NIC_SUFFIX) else None
             if owner and owner.lower() not in names and nic.virtual_machine is None and matches(nic.tags, tags):
@@ -260,7 +265,8 @@ class AzureProvider(ProviderBase):
             nic = await az.call(self.clients.network.network_interfaces.get, *_rg_and_name(nic_ref))
         except AzureError as exc:
             raise ProviderError(f"looking up the NIC of VM {plan.name}: {az.describe(exc)}") from exc
-        return Instance(vm.id, vm.name, (network.nic_of(nic).private_ip,), from_azure_tags(vm.tags))
+        return Instance(vm.id, vm.name, (network.nic_of(nic).private_ip,), from_azure_tags(vm.tags),
+                        instance_type=_size(vm))
 
     async def _create(self, plan: _Plan) -> Instance:
         config = self.config
@@ -270,15 +276,19 @@ class AzureProvider(ProviderBase):
             raise ProviderError(f"creating NIC for VM {plan.name} in {config.subnet.text}: {az.describe(exc)}") from exc
         body = vms.vm_body(config, name=plan.name, size=plan.size, image=plan.image, nic_id=nic.id,
                            ssh_public_key=plan.ssh_public_key, user_data=plan.user_data, tags=plan.tags)
+        began = time.monotonic()
         try:
-            vm = await az.begin(self.clients.compute.virtual_machines.begin_create_or_update,
-                                config.resource_group, plan.name, body)
+            poller = await az.call(self.clients.compute.virtual_machines.begin_create_or_update,
+                                   config.resource_group, plan.name, body)
+            launched_in = time.monotonic() - began  # ARM accepted the VM; the poller waits until it is provisioned
+            vm = await az.wait(poller)
         except HttpResponseError as exc:
             raise ProviderError(f"creating VM {plan.name} ({plan.size}): {az.describe(exc)}") from exc
         if vm.provisioning_state != "Succeeded":
             raise ProviderError(f"VM {plan.name} ended in provisioning state {vm.provisioning_state}")
         log.info("created VM %s (%s) at %s", plan.name, plan.size, nic.private_ip)
-        return Instance(vm.id, vm.name, (nic.private_ip,), from_azure_tags(vm.tags))
+        return Instance(vm.id, vm.name, (nic.private_ip,), from_azure_tags(vm.tags), instance_type=plan.size,
+                        launched_in=launched_in)
 
     # ---------------------------------------------------------------- delete
 
@@ -328,3 +338,9 @@ def _fetch_blob(uri: str, vm_name: str) -> str:
         status = getattr(exc.response, "status_code", None)
         raise ConsoleUnavailable(f"serial log blob of VM {vm_name} unreadable ({status or type(exc).__name__})") from None
     return response.content.decode("utf-8", errors="replace")
+
+
+def _size(vm: object) -> str:
+    """The VM's size name (``hardwareProfile.vmSize``), "" when ARM did not say."""
+    profile = getattr(vm, "hardware_profile", None)
+    return az.text(getattr(profile, "vm_size", None))

@@ -247,3 +247,11 @@ async def test_a_warm_pool_of_ec2_instances_fills_is_claimed_and_leaves_nothing_
     from fakes.poolvm import cloud_round_trip
 
     await cloud_round_trip(aws.provider(TAGS="team=kata"), tmp_path / "state.db", "worker-1", {"team": "kata"})
+
+
+async def test_a_created_instance_reports_its_type_and_when_ec2_accepted_it(aws: Ec2World):
+    provider = aws.provider()
+    instance = await provider.create_instance(spec_for())
+    assert instance.instance_type == "t3.medium"
+    assert instance.launched_in is not None and instance.launched_in >= 0.0
+    await provider.delete_instance(instance.id)
