@@ -100,8 +100,11 @@ def test_cloud_only_flags_are_refused(tmp_path):
     assert code == 2 and "--replace only apply to aws and azure" in err
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mmdebstrap") is None, reason="needs root and mmdebstrap")
 def test_sigterm_during_the_build_leaves_no_half_image_and_no_mount(tmp_path):
+    if os.geteuid() != 0 or shutil.which("mmdebstrap") is None:
+        if os.environ.get("CI") == "true":  # `make test` installs mmdebstrap and runs as root in CI
+            pytest.fail("the interrupted-build test needs root and mmdebstrap")
+        pytest.skip("needs root and mmdebstrap")
     cache = tmp_path / "cache"
     child = subprocess.Popen([sys.executable, "-m", "cloudadaptor.cli", "image", "build", "local",
                               "--cache-dir", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
