@@ -233,3 +233,30 @@ def ssh_key(tmp_path: Path) -> Path:
     path = tmp_path / "id_rsa.pub"
     path.write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 operator@example\n")
     return path
+
+
+@pytest.fixture
+def ec2_provider(fresh_moto: str):
+    """(AwsProvider built from settings as serve and the controller build it, its boto3 EC2 client)
+    over a fresh moto VPC with a subnet, a security group and an AMI; one account clusters may share."""
+    import boto3
+
+    from cloudadaptor.config import load_settings
+    from cloudadaptor.providers import base
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=fresh_moto,
+                       aws_access_key_id="AKIATESTTESTTEST1234", aws_secret_access_key="test-secret")
+    vpc = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="203.0.113.0/25")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="worker", Description="workers", VpcId=vpc)["GroupId"]
+    ami = ec2.register_image(Name="peer-pod-ami")["ImageId"]
+    settings = load_settings({
+        "CLOUD_PROVIDER": "aws", "NODE_NAME": "worker-1", "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "AKIATESTTESTTEST1234", "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_SUBNET_ID": subnet, "AWS_VPC_ID": vpc, "AWS_SG_IDS": sg, "PODVM_AMI_ID": ami,
+        "PODVM_INSTANCE_TYPE": "t3.medium",
+    })
+    provider = base.create_provider(settings)
+    provider.config = dataclasses.replace(provider.config, boot_poll_interval=0.2, boot_timeout=10.0)
+    yield provider, ec2
+    ec2.close()

@@ -3,9 +3,7 @@ and the id is CLUSTER_ID, else the kube-system namespace uid, else one recorded 
 
 from __future__ import annotations
 
-import dataclasses
 
-import boto3
 import pytest
 
 from cloudadaptor.adaptor import recovery
@@ -18,28 +16,6 @@ from cloudadaptor.dev.shim import shim_annotations
 from cloudadaptor.providers import base
 from fakes.kubeapi import NAMESPACES, KubeApiServer
 
-REGION = "us-east-1"
-
-
-@pytest.fixture
-def ec2_provider(fresh_moto: str):
-    """One AWS account (moto) that two clusters share."""
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=fresh_moto,
-                       aws_access_key_id="AKIATESTTESTTEST1234", aws_secret_access_key="test-secret")
-    vpc = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="203.0.113.0/25")["Subnet"]["SubnetId"]
-    sg = ec2.create_security_group(GroupName="worker", Description="workers", VpcId=vpc)["GroupId"]
-    ami = ec2.register_image(Name="peer-pod-ami")["ImageId"]
-    settings = load_settings({
-        "CLOUD_PROVIDER": "aws", "NODE_NAME": "worker-1", "AWS_REGION": REGION,
-        "AWS_ACCESS_KEY_ID": "AKIATESTTESTTEST1234", "AWS_SECRET_ACCESS_KEY": "test-secret",
-        "AWS_SUBNET_ID": subnet, "AWS_VPC_ID": vpc, "AWS_SG_IDS": sg, "PODVM_AMI_ID": ami,
-        "PODVM_INSTANCE_TYPE": "t3.medium",
-    })
-    provider = base.create_provider(settings)
-    provider.config = dataclasses.replace(provider.config, boot_poll_interval=0.2, boot_timeout=10.0)
-    yield provider, ec2
-    ec2.close()
 
 
 def live(ec2) -> set[str]:

@@ -6,42 +6,15 @@ end with the EC2 instance terminated; so must a VM whose PeerPod was never writt
 
 from __future__ import annotations
 
-import dataclasses
 
-import boto3
-import pytest
 
-from cloudadaptor.config import load_settings
 from cloudadaptor.k8s.controller import ControllerOptions, SweepState, reconcile
 from cloudadaptor.k8s.peerpods import PeerPodApi, PeerPodTracker
 from cloudadaptor.providers import base
 from fakes.kubeapi import PEERPODS, PODS
 
-REGION = "us-east-1"
 SANDBOX = "c0ffee00" * 8
 CLUSTER = "cluster-blue"
-
-
-@pytest.fixture
-def ec2_provider(fresh_moto: str):
-    """An AwsProvider (built from settings, as the controller builds it) over a fresh moto VPC."""
-    moto_endpoint = fresh_moto
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_endpoint,
-                       aws_access_key_id="AKIATESTTESTTEST1234", aws_secret_access_key="test-secret")
-    vpc = ec2.create_vpc(CidrBlock="203.0.113.0/24")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="203.0.113.0/25")["Subnet"]["SubnetId"]
-    sg = ec2.create_security_group(GroupName="worker", Description="workers", VpcId=vpc)["GroupId"]
-    ami = ec2.register_image(Name="peer-pod-ami")["ImageId"]
-    settings = load_settings({
-        "CLOUD_PROVIDER": "aws", "NODE_NAME": "worker-1", "AWS_REGION": REGION,
-        "AWS_ACCESS_KEY_ID": "AKIATESTTESTTEST1234", "AWS_SECRET_ACCESS_KEY": "test-secret",
-        "AWS_SUBNET_ID": subnet, "AWS_VPC_ID": vpc, "AWS_SG_IDS": sg, "PODVM_AMI_ID": ami,
-        "PODVM_INSTANCE_TYPE": "t3.medium",
-    })
-    provider = base.create_provider(settings)
-    provider.config = dataclasses.replace(provider.config, boot_poll_interval=0.2, boot_timeout=10.0)
-    yield provider, ec2
-    ec2.close()
 
 
 def state_of(ec2, instance_id: str) -> str:
