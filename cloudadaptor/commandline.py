@@ -14,13 +14,17 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Protocol, TextIO, TypeVar
 
 from cloudadaptor import logcontext
+
+if TYPE_CHECKING:
+    from cloudadaptor.config import Settings
 
 T = TypeVar("T")
 
@@ -133,3 +137,17 @@ class Subcommand:
         getattr(module, self.build_parser)(parser)
         parser.set_defaults(func=getattr(module, self.run))
         return parser
+
+
+def load_settings_or_report(command: str) -> Settings | None:
+    """The common settings and the chosen provider's keys, checked as ``serve`` checks them;
+    None after printing every problem (the command then exits 2)."""
+    from cloudadaptor.config import ConfigError
+    from cloudadaptor.providers.base import load_provider
+
+    try:
+        settings, _ = load_provider(os.environ)
+    except ConfigError as exc:
+        print_problems(exc.problems, context=command)
+        return None
+    return settings

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 from cloudadaptor.adaptor.console import scrub, secret_lines, tail
@@ -25,13 +24,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloudadaptor.commandline import print_problems
-    from cloudadaptor.config import ConfigError
+    from cloudadaptor.commandline import load_settings_or_report
 
-    try:
-        settings, _ = providers.load_provider(os.environ)
-    except ConfigError as exc:
-        print_problems(exc.problems, context="console")
+    settings = load_settings_or_report("console")
+    if settings is None:
         return 2
     code, text = asyncio.run(console(settings, args.target, args.lines))
     print(text, file=sys.stdout if code == 0 else sys.stderr)

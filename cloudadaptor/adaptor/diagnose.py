@@ -54,13 +54,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cloudadaptor.commandline import print_problems
-    from cloudadaptor.config import ConfigError
+    from cloudadaptor.commandline import load_settings_or_report
 
-    try:
-        settings, _ = providers.load_provider(os.environ)
-    except ConfigError as exc:
-        print_problems(exc.problems, context="diagnose")
+    settings = load_settings_or_report("diagnose")
+    if settings is None:
         return 2
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     output = Path(args.output or f"cloud-api-adaptor-diagnose-{settings.node_name}-{stamp}.tar.gz")
