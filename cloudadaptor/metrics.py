@@ -31,6 +31,7 @@ METHODS = ("Version", "CreateVM", "StartVM", "StopVM", "GetInfo")
 DELETE_CAUSES = ("stop", "rollback", "recovery", "orphan_sweep")
 DIRECTIONS = ("to_vm", "from_vm")
 SANDBOX_STATES = ("created", "starting", "running", "stopping", "failed")
+RENEWAL_RESULTS = ("ok", "failed", "unsupported")
 MAX_OPERATIONS = 100  # distinct cloud operation names kept; the rest count as "other"
 OTHER = "other"
 
@@ -128,6 +129,9 @@ class Metrics:
                                          ["direction"], registry=reg)
         self.proxy_dials = Counter(f"{PREFIX}_agent_proxy_dials", "Connection attempts to pod VM agents, by result (ok, failed).",
                                    ["result"], registry=reg)
+        self.cert_renewals = Counter(f"{PREFIX}_vm_cert_renewals",
+                                     "Pod VM server certificate renewals, by result (ok, failed, unsupported: "
+                                     "an image without renewal).", ["result"], registry=reg)
         self._operations: set[str] = set()
         self._initialise()
         if sandboxes is not None:
@@ -146,6 +150,8 @@ class Metrics:
             self.deleted.labels(self.provider, cause)
         for direction in DIRECTIONS:
             self.proxy_bytes_total.labels(direction)
+        for result in RENEWAL_RESULTS:
+            self.cert_renewals.labels(result)
 
     # ---------------------------------------------------------- LifecycleRecorder
     def phase_done(self, phase: str, seconds: float, ok: bool = True) -> None:
@@ -170,6 +176,10 @@ class Metrics:
 
     def proxy_bytes(self, direction: str, count: int) -> None:
         self.proxy_bytes_total.labels(_one_of(direction, DIRECTIONS)).inc(count)
+
+    def cert_renewal(self, result: str) -> None:
+        """A ``CertRenewal`` attempt ended (its ``RenewalRecorder``)."""
+        self.cert_renewals.labels(_one_of(result, RENEWAL_RESULTS)).inc()
 
     # ----------------------------------------------------------- CloudCallRecorder
     def _operation(self, operation: str) -> str:

@@ -346,13 +346,25 @@ class AdaptorTls:
     def mint_vm_material(self, server_name: str) -> ServerTlsMaterial:
         """A fresh server certificate for one pod VM (SAN = ``server_name``), valid ``vm_cert_days``;
         rotates the CA first when it is due."""
-        newer = self._refresh() if self._refresh else None
-        if newer is not None:
-            self.__dict__.update(newer.__dict__)  # same object: the lifecycle keeps its reference
+        self.refresh_if_due()
         ips = (server_name,) if _is_ip(server_name) else ()
         dns = () if ips else (server_name,)
         cert_pem, key_pem = self.ca.issue(server_name, server=True, dns_names=dns, ip_addresses=ips, days=self.vm_cert_days)
         return ServerTlsMaterial(cert_pem, key_pem, self.vm_client_ca_pem)
+
+    def refresh_if_due(self) -> bool:
+        """Rotate the CA (and replace the client certificate) when due (``tlsrotation``); True when it did.
+        Called before each VM certificate is minted and by the renewal loop, so a long-running daemon rotates."""
+        newer = self._refresh() if self._refresh else None
+        if newer is None:
+            return False
+        self.__dict__.update(newer.__dict__)  # same object: the lifecycle keeps its reference
+        return True
+
+    @property
+    def ca_key_id(self) -> str:
+        """The signing CA's key identifier (hex): a VM certificate signed by another CA predates a rotation."""
+        return key_id(self.ca.certificate)
 
     def client_context(self) -> ssl.SSLContext:
         """The context to dial pod VMs with (``server_hostname=server_name``); built once."""
@@ -362,6 +374,18 @@ class AdaptorTls:
                 self.min_version, skip_verify=self.skip_verify,
             )
         return self._client_context
+
+
+def key_id(cert: x509.Certificate, *, issuer: bool = False) -> str:
+    """Hex of the certificate's subject key identifier, or with ``issuer`` of its authority key
+    identifier (the CA that signed it); "" when absent."""
+    try:
+        if issuer:
+            aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+            return aki.hex() if aki else ""
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return ""
 
 
 def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, str, str]:

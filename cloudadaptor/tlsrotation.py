@@ -13,9 +13,11 @@ trusted until it expires:
   CA while it has more than a day left (VMs made before the rotation trust only
   that one), and VMs made after the rotation trust both.
 
-Rotation is checked at start and before each VM certificate is minted, so a
-long-running daemon rotates too. Renewing the certificate of a VM that is
-already running is not done: it needs a channel to the VM (see README, "TLS").
+Rotation is checked at start, before each VM certificate is minted and by the
+renewal loop (``adaptor/certrenewal.py``), so a long-running daemon rotates
+too, and replaces its client certificate once the previous CA has less than a
+day left. Running VMs get the new CA in their trust bundle (and a server
+certificate of the new CA) from that loop right after a rotation.
 """
 
 from __future__ import annotations
@@ -130,10 +132,16 @@ def adaptor_tls(settings: Settings) -> AdaptorTls | None:
                           refresh=refresh)
 
     def refresh() -> AdaptorTls | None:
-        return build() if rotation_due(tls.ca, ca_days) else None
+        # Also when the client certificate nears its end: one signed by the previous CA ends with it.
+        due = rotation_due(tls.ca, ca_days) or _expires_within(tls.client_cert_pem, DAY)
+        return build() if due else None
 
     tls = build()
     return tls
+
+
+def _expires_within(cert_pem: str, margin: datetime.timedelta) -> bool:
+    return _load_cert(Path("client certificate"), cert_pem.encode()).not_valid_after_utc <= _now() + margin
 
 
 def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: str) -> tuple[str, str]:

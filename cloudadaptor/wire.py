@@ -38,3 +38,11 @@ AZURE_USER_DATA_LIMIT: Final = 65536
 # exactly one ttrpc call CLAIM_SERVICE/CLAIM_METHOD whose payload is the pod's user data (#cloud-config).
 CLAIM_SERVICE: Final = "peerpod.PodVMClaim"
 CLAIM_METHOD: Final = "Claim"
+
+# Certificate renewal: the pod's forwarder answers these itself (they never reach the kata-agent) on AGENT_PORT,
+# so only a client holding the adaptor's certificate gets to them. Both answer JSON {"serial", "not_after"} of the
+# certificate served from then on; RENEW's payload is JSON {"cert_pem", "key_pem", "client_ca_pem"} (apf.json's
+# "tls"). A forwarder without them relays the call to the agent, which answers UNIMPLEMENTED.
+CERT_SERVICE: Final = "peerpod.PodVMCertificate"
+CERT_CURRENT_METHOD: Final = "Current"
+CERT_RENEW_METHOD: Final = "Renew"

@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from cloudadaptor.adaptor.certrenewal import CertRenewal
 from cloudadaptor.adaptor.delivery import BootDelivery
 from cloudadaptor.adaptor.hooks import SandboxObserver
 from cloudadaptor.adaptor.lifecycle import LifecycleOptions, SandboxLifecycle
@@ -86,6 +87,7 @@ class Daemon:
         self.pod_network = pod_network
         self.lifecycle: SandboxLifecycle | None = None
         self.pool: WarmPool | None = None
+        self.renewal: CertRenewal | None = None  # renews running VMs' certificates (None with DISABLE_TLS)
         # The shim dials once per call: idle connections past the cap are evicted, busy ones refused.
         self._ttrpc = Server(max_connections=settings.ttrpc_max_connections, max_requests=settings.ttrpc_max_requests)
         self._grpc: GrpcBinding | None = None
@@ -177,6 +179,9 @@ class Daemon:
         await self.lifecycle.recover()
         await self.pool.recover()
         self.pool.start()  # fills the pool, or deletes what a larger or older pool left (PODVM_POOL_SIZE=0)
+        if tls is not None:  # its first pass renews what fell due while the daemon was down
+            self.renewal = CertRenewal(store=self._store, tls=tls, recorder=self.metrics)
+            self.renewal.start()
         service = HypervisorService(self.lifecycle, starts=self._k8s.events if self._k8s else None)
         service.register_ttrpc(self._ttrpc)
         await self._ttrpc.serve_unix(str(settings.socket), mode=0o600)
@@ -226,6 +231,8 @@ class Daemon:
         if self._probes is not None:
             await self._probes.close()
         await self._ttrpc.close()
+        if self.renewal is not None:
+            await self.renewal.close()
         if self.pool is not None:
             await self.pool.close()
         if self.lifecycle is not None:

@@ -55,6 +55,13 @@ class Sandbox:
     # from before tunnels), and the pod network the VM was given (apf.json).
     vni: int = 0
     pod_network: PodNetworkConfig | None = None
+    # The VM's server certificate (``certrenewal``): when it was issued and expires (epoch seconds; 0: not
+    # read yet, taken from the user data), the key id of the CA that signed it, and "unsupported" when the
+    # VM's image cannot renew (tried once, left alone).
+    cert_issued_at: float = 0.0
+    cert_not_after: float = 0.0
+    cert_ca: str = ""
+    cert_renewal: str = ""
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(Sandbox)]
@@ -81,6 +88,10 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 _MIGRATIONS = {
     "vni": "INTEGER NOT NULL DEFAULT 0",
     "pod_network": "TEXT NOT NULL DEFAULT ''",
+    "cert_issued_at": "REAL NOT NULL DEFAULT 0",
+    "cert_not_after": "REAL NOT NULL DEFAULT 0",
+    "cert_ca": "TEXT NOT NULL DEFAULT ''",
+    "cert_renewal": "TEXT NOT NULL DEFAULT ''",
 }
 _VNI_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_vni ON sandboxes (vni) WHERE vni > 0"
 # Facts about this node that outlive restarts (e.g. the cluster id of a node without Kubernetes).

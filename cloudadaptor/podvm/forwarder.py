@@ -10,6 +10,11 @@ verbatim except two rewrites:
 - ``grpc.AgentService/CreateSandbox``: ``dns`` is cleared (the VM keeps its
   own resolver).
 
+The forwarder answers one service itself, never relaying it: certificate
+renewal (``podvm/certrenewal.py``, ``wire.CERT_SERVICE``), so the adaptor can
+renew the server certificate of a long-lived pod without a restart. New
+connections get the renewed certificate; open ones keep going.
+
 Bounds, so a flood of connections cannot keep the adaptor out: at most
 ``max_handshakes`` connections wait in the TLS handshake (past it the oldest
 waiting one is closed: a real client finishes its handshake in milliseconds),
@@ -31,8 +36,8 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from cloudadaptor.commandline import setup_logging
+from cloudadaptor.podvm.certrenewal import ServerCertificate
 from cloudadaptor.protocols import agent_pb2, ttrpc_pb2
-from cloudadaptor.tls import server_context
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from cloudadaptor.ttrpc.framing import close_writer
 from cloudadaptor.ttrpc.relay import relay
@@ -108,6 +113,8 @@ def _clear_dns(sandbox: agent_pb2.CreateSandboxRequest) -> bool:
 class AgentProtocolForwarder:
     """Accepts (m)TLS connections and relays each to the kata-agent socket.
 
+    TLS comes from ``certificate`` (renewable: each new connection gets its
+    current context) or a fixed ``ssl_context``; neither means plain TCP.
     ``start()`` returns once listening (``port`` is then the bound port);
     ``close()`` stops listening and ends every connection (idempotent).
     """
@@ -116,15 +123,19 @@ class AgentProtocolForwarder:
         self,
         *,
         kata_agent_socket: str,
-        ssl_context: ssl.SSLContext | None,
+        ssl_context: ssl.SSLContext | None = None,
         host: str = "0.0.0.0",
         port: int = AGENT_PORT,
         max_handshakes: int = MAX_HANDSHAKES,
         max_connections: int = MAX_CONNECTIONS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        certificate: ServerCertificate | None = None,
     ) -> None:
+        if certificate is not None and ssl_context is not None:
+            raise ValueError("give either certificate or ssl_context, not both")
         self.kata_agent_socket = kata_agent_socket
-        self.ssl_context = ssl_context
+        self._fixed_context = ssl_context
+        self.certificate = certificate
         self.host = host
         self.port = port
         self.max_handshakes = max_handshakes
@@ -137,6 +148,11 @@ class AgentProtocolForwarder:
         self._connections: set[asyncio.Task[None]] = set()
         self._handshaking: dict[asyncio.Task[None], None] = {}  # oldest first
         self._closed = asyncio.Event()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context the next connection's handshake uses (a renewal replaces it)."""
+        return self.certificate.context if self.certificate is not None else self._fixed_context
 
     async def start(self) -> None:
         """Bind and listen; raises ``OSError`` when the address is unavailable."""
@@ -241,7 +257,8 @@ class AgentProtocolForwarder:
             await close_writer(writer)
             raise
         log.info("connection from %s relayed to kata-agent", peer)
-        reason = await relay(reader, writer, up_reader, up_writer, rewrite_request=rewrite_agent_request)
+        local = self.certificate.methods() if self.certificate is not None else None
+        reason = await relay(reader, writer, up_reader, up_writer, rewrite_request=rewrite_agent_request, local=local)
         log.info("connection from %s closed: %s", peer, reason)
 
     async def _open_client(
@@ -249,14 +266,15 @@ class AgentProtocolForwarder:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Wrap an accepted socket in streams, doing the TLS handshake; None when refused."""
         loop = asyncio.get_running_loop()
+        context = self.ssl_context  # read once: a renewal during this handshake applies to the next connection
         reader = asyncio.StreamReader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol,
                 conn,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout if self.ssl_context else None,
+                ssl=context,
+                ssl_handshake_timeout=self.handshake_timeout if context else None,
             )
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             conn.close()
@@ -307,15 +325,15 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = ForwarderConfig.from_json(Path(args.config).read_bytes())
-        context = None if config.tls is None else server_context(config.tls, config.tls_min_version)
+        certificate = ServerCertificate.from_config(config, Path(args.config))  # a renewal is written back there
     except (OSError, ValueError, ssl.SSLError) as exc:
         log.error("configuration refused: %s: %s", args.config, exc)
         return 2
     port = config.listen_port if args.port is None else args.port
-    if context is None:
+    if certificate is None:
         log.warning("TLS is disabled in %s: the kata-agent is reachable without authentication", args.config)
     forwarder = AgentProtocolForwarder(
-        kata_agent_socket=args.kata_agent_socket, ssl_context=context, host=args.host, port=port,
+        kata_agent_socket=args.kata_agent_socket, certificate=certificate, host=args.host, port=port,
         max_handshakes=args.max_handshakes, max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
     )
     try:

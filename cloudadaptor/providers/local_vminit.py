@@ -322,8 +322,7 @@ def _create_podns() -> None:
 
 
 def _import_forwarder() -> None:
-    import cloudadaptor.podvm.forwarder  # noqa: F401
-    import cloudadaptor.tls  # noqa: F401
+    import cloudadaptor.podvm.forwarder  # noqa: F401 - imports certrenewal and tls too
 
 
 async def _start_forwarder() -> Any:
@@ -331,14 +330,14 @@ async def _start_forwarder() -> Any:
     from pathlib import Path
 
     from cloudadaptor.podconfig import ForwarderConfig
+    from cloudadaptor.podvm.certrenewal import ServerCertificate
     from cloudadaptor.podvm.forwarder import AgentProtocolForwarder
-    from cloudadaptor.tls import server_context
 
     config = ForwarderConfig.from_json(Path(APF_CONFIG).read_bytes())
-    context = None if config.tls is None else server_context(config.tls, config.tls_min_version)
-    if context is None:
+    certificate = ServerCertificate.from_config(config, Path(APF_CONFIG))
+    if certificate is None:
         log(f"TLS is disabled in {APF_CONFIG}: the kata-agent is reachable without authentication")
-    forwarder = AgentProtocolForwarder(kata_agent_socket=AGENT_SOCKET, ssl_context=context, port=config.listen_port)
+    forwarder = AgentProtocolForwarder(kata_agent_socket=AGENT_SOCKET, certificate=certificate, port=config.listen_port)
     await forwarder.start()
     return forwarder
 

@@ -2,7 +2,8 @@
 
 ``downstream`` is the side that sends requests (the client); ``upstream``
 serves them. Frames pass verbatim, except request frames the rewrite hook
-changed. Used by the pod VM's agent-protocol-forwarder.
+changed and calls of ``local`` methods, which are answered here and never
+reach upstream. Used by the pod VM's agent-protocol-forwarder.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from google.protobuf.message import DecodeError
 
 from cloudadaptor.protocols import ttrpc_pb2
-from cloudadaptor.ttrpc.errors import Code, TtrpcError, error_response
+from cloudadaptor.ttrpc.errors import Code, TtrpcError, error_response, success_response
 from cloudadaptor.ttrpc.framing import (
     MAX_MESSAGE_LENGTH,
     Frame,
@@ -29,6 +30,9 @@ from cloudadaptor.ttrpc.framing import (
 log = logging.getLogger("cloudadaptor.ttrpc")
 
 RewriteRequest = Callable[[ttrpc_pb2.Request], bool]
+# A method answered by the relay itself: request payload in, response payload out (or TtrpcError).
+LocalMethod = Callable[[bytes], bytes]
+LocalMethods = Mapping[tuple[str, str], LocalMethod]
 READ_CHUNK = 1 << 18  # what one wakeup takes from a stream; frames are cut out of it
 
 
@@ -38,6 +42,7 @@ async def relay(
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
     rewrite_request: RewriteRequest | None = None,
+    local: LocalMethods | None = None,
 ) -> str:
     """Relay frames both ways until either side closes; blocks; returns why it ended.
 
@@ -47,13 +52,16 @@ async def relay(
     ``TtrpcError`` to answer the call downstream instead of forwarding it.
     Undecodable envelopes are forwarded untouched; a rewrite that grows a
     request past 4 MiB, and any frame over 4 MiB from either side, is
-    answered RESOURCE_EXHAUSTED downstream on its stream. Unparseable
+    answered RESOURCE_EXHAUSTED downstream on its stream. A request for a
+    ``(service, method)`` in ``local`` is answered downstream with what the
+    handler returns (synchronously, so keep it short; its ``TtrpcError`` is
+    the answer's status) instead of being forwarded. Unparseable
     framing on either side ends the relay (logged on ``cloudadaptor.ttrpc``).
 
     Cleanup: on return, error or cancellation both writers are closed and
     no task is left running.
     """
-    session = _Relay(down_reader, down_writer, up_reader, up_writer, rewrite_request)
+    session = _Relay(down_reader, down_writer, up_reader, up_writer, rewrite_request, local or {})
     return await session.run()
 
 
@@ -65,12 +73,14 @@ class _Relay:
         up_reader: asyncio.StreamReader,
         up_writer: asyncio.StreamWriter,
         rewrite_request: RewriteRequest | None,
+        local: LocalMethods,
     ) -> None:
         self.down_reader = down_reader
         self.down_writer = down_writer
         self.up_reader = up_reader
         self.up_writer = up_writer
         self.rewrite_request = rewrite_request
+        self.local = local
 
     async def run(self) -> str:
         pumps = [
@@ -150,18 +160,23 @@ class _Relay:
                 return f"{target_name} connection lost while writing"
 
     def _forward_request(self, header: bytes, data: bytes) -> bytes | None:
-        if header[8] == FrameType.REQUEST and self.rewrite_request is not None:
+        if header[8] == FrameType.REQUEST and (self.rewrite_request is not None or self.local):
             stream_id = int.from_bytes(header[4:8], "big")
             return self._rewrite(stream_id, header, data)
         return header + data
 
     def _rewrite(self, stream_id: int, header: bytes, data: bytes) -> bytes | None:
         """The frame to forward, or None when the call was answered here instead."""
-        assert self.rewrite_request is not None
         try:
             request = ttrpc_pb2.Request.FromString(data)
         except DecodeError:
             return header + data  # upstream answers INVALID_ARGUMENT, as it would without us
+        handler = self.local.get((request.service, request.method))
+        if handler is not None:
+            self._serve_here(stream_id, request, handler)
+            return None
+        if self.rewrite_request is None:
+            return header + data
         try:
             changed = self.rewrite_request(request)
         except TtrpcError as exc:
@@ -182,6 +197,20 @@ class _Relay:
             )
             return None
         return Frame(stream_id, FrameType.REQUEST, header[9], rewritten).encode()
+
+    def _serve_here(self, stream_id: int, request: ttrpc_pb2.Request, handler: LocalMethod) -> None:
+        try:
+            payload = handler(request.payload)
+        except TtrpcError as exc:
+            self._answer(stream_id, exc.code, exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - a handler bug fails one call, not the relay
+            log.error("serving %s/%s failed", request.service, request.method, exc_info=exc)
+            self._answer(stream_id, Code.INTERNAL, f"{request.method} failed: {type(exc).__name__}")
+            return
+        data = Frame(stream_id, FrameType.RESPONSE, 0, success_response(payload)).encode()
+        with contextlib.suppress(OSError, RuntimeError):
+            self.down_writer.write(data)
 
     def _answer(self, stream_id: int, code: Code | int, message: str) -> None:
         """Send an error response downstream on ``stream_id`` (best effort; whole frames are
