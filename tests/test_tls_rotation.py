@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from cloudadaptor.config import ConfigError, Settings, load_settings
 from cloudadaptor.tls import BACKDATE, AdaptorTls, CertificateAuthority, ServerTlsMaterial, server_context
@@ -104,3 +105,24 @@ def test_insecure_modes_warn_loudly_at_start(tmp_path, caplog, field, key):
         AdaptorTls.from_settings(Settings(state_dir=tmp_path, **{field: True}))
     [warning] = [r for r in caplog.records if key in r.getMessage() and r.levelno == logging.WARNING]
     assert "development only" in warning.getMessage()
+
+
+def test_a_running_daemon_replaces_its_client_certificate_when_the_previous_ca_nears_its_end(tmp_path):
+    from cryptography.hazmat.primitives import hashes
+
+    from cloudadaptor.files import write_atomic
+    from cloudadaptor.tls import _builder
+
+    settings = Settings(state_dir=tmp_path, ca_validity=30 * 86400.0, vm_cert_validity=86400.0)
+    (tmp_path / "tls").mkdir(mode=0o700)
+    old = age_ca(tmp_path / "tls", days_left=5)
+    tls = AdaptorTls.from_settings(settings)  # rotated at start: the client certificate is still the old CA's
+    client = x509.load_pem_x509_certificate(tls.client_cert_pem.encode())
+    client.verify_directly_issued_by(old.certificate)
+    assert not tls.refresh_if_due(), "nothing due yet"
+    # Days later: the previous CA (and the client certificate it signed) have half a day left.
+    ending = _builder(old.certificate.subject, old.certificate.subject, old._key, 0.5, ca=True).sign(old._key, hashes.SHA256())
+    write_atomic(tmp_path / "tls" / PREVIOUS_CERT_NAME, ending.public_bytes(serialization.Encoding.PEM).decode(), 0o644)
+    tls.client_cert_pem, _ = CertificateAuthority(ending, old._key).issue("cloud-api-adaptor node", server=False, days=0.5)
+    assert tls.refresh_if_due()
+    x509.load_pem_x509_certificate(tls.client_cert_pem.encode()).verify_directly_issued_by(tls.ca.certificate)
