@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -58,7 +59,7 @@ class LeaderElector:
             if self._seen is None or self._seen[0] != record:
                 self._seen = (record, time.monotonic())  # changed: the holder is alive, wait again
                 return False
-            if time.monotonic() - self._seen[1] < (spec.lease_duration_seconds or self.duration):
+            if time.monotonic() - self._seen[1] < self.duration:  # every replica runs with the same duration
                 return False
             log.warning("leader election: %s did not renew Lease %s/%s for %ss; taking over",
                         holder, self.namespace, self.name, spec.lease_duration_seconds)
@@ -71,7 +72,7 @@ class LeaderElector:
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": {"holderIdentity": self.identity if holder is None else holder,
-                         "leaseDurationSeconds": int(self.duration), "acquireTime": acquired,
+                         "leaseDurationSeconds": max(1, math.ceil(self.duration)), "acquireTime": acquired,
                          "renewTime": _micro_now(), "leaseTransitions": transitions}}
         try:
             if resource_version is None:
