@@ -32,6 +32,7 @@ from cloudadaptor.podnetwork.api import PodNetwork
 from cloudadaptor.providers.base import TAG_CLUSTER, Provider, create_provider
 from cloudadaptor.tls import AdaptorTls, TlsError
 from cloudadaptor.ttrpc.server import Server
+from cloudadaptor.vmlimit import VmLimit
 
 if TYPE_CHECKING:  # both import heavy clients, only when configured
     from cloudadaptor.adaptor.grpc_binding import GrpcBinding
@@ -88,6 +89,7 @@ class Daemon:
         self.lifecycle: SandboxLifecycle | None = None
         self.pool: WarmPool | None = None
         self.renewal: CertRenewal | None = None  # renews running VMs' certificates (None with DISABLE_TLS)
+        self.vm_limit = VmLimit(settings.peerpods_limit_per_node)
         # The shim dials once per call: idle connections past the cap are evicted, busy ones refused.
         self._ttrpc = Server(max_connections=settings.ttrpc_max_connections, max_requests=settings.ttrpc_max_requests)
         self._grpc: GrpcBinding | None = None
@@ -151,7 +153,10 @@ class Daemon:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
             self.pod_network = VxlanPodNetwork(settings.vxlan_worker_ip)
+        # In a cluster the limit follows the node (a PeerPodConfig's, else PEERPODS_LIMIT_PER_NODE).
+        self.vm_limit = self._k8s.vm_limit if self._k8s else VmLimit(settings.peerpods_limit_per_node)
         self.pool = self._warm_pool(self._store, provider, tls, cluster_id)
+        self.vm_limit.subscribe(self.pool.kick)  # a new limit re-sizes the pool at once
         self.lifecycle = SandboxLifecycle(
             options=LifecycleOptions(
                 pods_dir=settings.pods_dir,
@@ -162,7 +167,7 @@ class Daemon:
                 tls_min_version=settings.tls_min_version,
                 vxlan_port=settings.vxlan_port,
                 vxlan_min_id=settings.vxlan_min_id,
-                vm_limit=settings.peerpods_limit_per_node,
+                vm_limit=self.vm_limit,
                 getinfo_wait=settings.getinfo_wait_timeout,
                 initdata=settings.initdata,
             ),
@@ -199,7 +204,7 @@ class Daemon:
             size=settings.podvm_pool_size, max_age=settings.podvm_pool_max_age,
             refill_concurrency=settings.podvm_pool_refill_concurrency, boot_timeout=settings.proxy_timeout,
             node_name=settings.node_name, extra_tags=tags, tls_min_version=settings.tls_min_version,
-            vm_limit=settings.peerpods_limit_per_node,
+            vm_limit=self.vm_limit,
         )
         if options.size and tls is None:
             log.warning("PODVM_POOL_SIZE=%d ignored: TLS is disabled and pool VMs are claimed over mutual TLS only", options.size)

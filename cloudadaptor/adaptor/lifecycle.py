@@ -41,6 +41,7 @@ from cloudadaptor.podnetwork.api import PodNetwork, PodNetworkError
 from cloudadaptor.providers import base as providers
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.errors import Code
+from cloudadaptor.vmlimit import VmLimit
 from cloudadaptor.wire import AGENT_PORT, DEFAULT_TLS_MIN_VERSION, VXLAN_MIN_ID, VXLAN_PORT
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class LifecycleOptions:
     tls_min_version: str = DEFAULT_TLS_MIN_VERSION
     vxlan_port: int = VXLAN_PORT
     vxlan_min_id: int = VXLAN_MIN_ID
-    vm_limit: int | None = None  # PEERPODS_LIMIT_PER_NODE: pod VMs this node may run
+    vm_limit: int | VmLimit | None = None  # pod VMs this node may run; a VmLimit is read at each StartVM
     getinfo_wait: float = 600.0  # GETINFO_WAIT_TIMEOUT: GetInfo(wait) without a deadline gives up after this
     initdata: InitData | None = None  # INITDATA: every pod's default (its annotation overrides)
 

@@ -37,6 +37,7 @@ from cloudadaptor.providers import base as providers
 from cloudadaptor.retry import Backoff
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.client import Client
+from cloudadaptor.vmlimit import VmLimit, limit_now
 from cloudadaptor.wire import AGENT_PORT, CLAIM_METHOD, CLAIM_SERVICE, DEFAULT_TLS_MIN_VERSION
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class PoolOptions:
     extra_tags: Mapping[str, str] | None = None
     agent_port: int = AGENT_PORT
     tls_min_version: str = DEFAULT_TLS_MIN_VERSION
-    vm_limit: int | None = None
+    vm_limit: int | VmLimit | None = None  # read at each pass: a PeerPodConfig's change re-sizes the pool
 
 
 class MtlsClaimer:
@@ -159,12 +160,13 @@ class WarmPool:
 
     # --------------------------------------------------------------- the pool
     def target(self) -> int:
-        """How many VMs the pool should hold now: its size, less what PEERPODS_LIMIT_PER_NODE leaves."""
+        """How many VMs the pool should hold now: its size, less what the node's current VM limit leaves."""
         size = max(0, self.options.size) if self.claimer is not None else 0
-        if self.options.vm_limit is None:
+        limit, _ = limit_now(self.options.vm_limit)
+        if limit is None:
             return size
         busy = [s for s in self.sandboxes.all() if s.instance_id or s.state in (SandboxState.STARTING, SandboxState.RUNNING)]
-        return max(0, min(size, self.options.vm_limit - len(busy)))
+        return max(0, min(size, limit - len(busy)))
 
     async def reconcile(self) -> list[str]:
         """One pass: delete expired and surplus VMs, start creating the shortfall. Returns one line per action."""

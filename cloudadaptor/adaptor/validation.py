@@ -17,6 +17,7 @@ from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.store import Sandbox
 from cloudadaptor.providers import base as providers
 from cloudadaptor.ttrpc.errors import Code
+from cloudadaptor.vmlimit import VmLimit, limit_now
 
 # Annotations the kata shim sends with every CreateVM.
 ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
@@ -130,12 +131,15 @@ def _int_annotation(annotations: Mapping[str, str], key: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def check_vm_limit(limit: int | None, node_name: str, busy: set[str]) -> None:
-    """Refuse (RESOURCE_EXHAUSTED) one more pod VM when ``busy`` sandboxes already fill ``limit``; None is no limit."""
-    if limit is not None and len(busy) >= limit:
+def check_vm_limit(limit: int | VmLimit | None, node_name: str, busy: set[str]) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) one more pod VM when ``busy`` sandboxes already fill ``limit``; None is no limit.
+
+    A live ``VmLimit`` is read now: a PeerPodConfig's change applies to the next StartVM."""
+    value, source = limit_now(limit)
+    if value is not None and len(busy) >= value:
         raise LifecycleError(
             Code.RESOURCE_EXHAUSTED,
-            f"node {node_name} already runs {len(busy)} pod VMs (PEERPODS_LIMIT_PER_NODE={limit})",
+            f"node {node_name} already runs {len(busy)} pod VMs ({source}={value})",
         )
 
 

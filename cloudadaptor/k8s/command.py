@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
+import uuid
 
 from cloudadaptor import __version__
 from cloudadaptor.commandline import print_problems, run_until_signal, setup_logging
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 HYPERVISOR_SERVICE = "hypervisor.Hypervisor"
 DEFAULT_SOCKET = "/run/peerpod/hypervisor.sock"
+LEASE_NAME = "peerpod-controller"  # coordination.k8s.io/v1 Lease in POD_NAMESPACE: one replica leads
 
 # peerpod-controller flag -> environment key it overrides
 _CONTROLLER_FLAGS = {
@@ -42,8 +45,10 @@ _CONTROLLER_FLAGS = {
 def build_controller_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Delete the VMs of PeerPods deleted while their finalizer is still on (the adaptor died, the node "
-        "vanished), and sweep tagged VMs that no PeerPod or live pod references. Needs the cloud settings "
-        "(peer-pods-cm, peer-pods-secret) and Kubernetes access (in-cluster, or KUBECONFIG)."
+        "vanished), sweep tagged VMs that no PeerPod or live pod references, and keep the kata.peerpods.io/vm "
+        "capacity of the nodes each PeerPodConfig selects equal to its limit. With several replicas one leads "
+        "(Lease peerpod-controller). Needs the cloud settings (peer-pods-cm, peer-pods-secret) and Kubernetes "
+        "access (in-cluster, or KUBECONFIG)."
     )
     group = parser.add_argument_group("settings (override the environment keys in brackets)")
     group.add_argument("--provider", help="[CLOUD_PROVIDER] aws | azure | local")
@@ -110,8 +115,9 @@ async def _controller_main(settings, provider_config, values, once: bool) -> int
     try:
         if probes is not None:
             await probes.start()  # /metrics, /healthz, /startup of the controller
-        report = await run_until_signal(lambda stop: controller.run(
-            PeerPodApi(api), provider, options, interval=interval, stop=stop, once=once, metrics=metrics))
+        report = await run_until_signal(lambda stop: _lead_or_once(
+            api, values, once, stop, lambda until: controller.run(
+                PeerPodApi(api), provider, options, interval=interval, stop=until, once=once, metrics=metrics)))
     except ProbeBindError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
@@ -124,6 +130,27 @@ async def _controller_main(settings, provider_config, values, once: bool) -> int
     if once and (report is None or report.errors):
         return 1
     return 0
+
+
+async def _lead_or_once(api, values, once: bool, stop: asyncio.Event, peerpod_loop):
+    """Both loops — PeerPods (``controller``) and PeerPodConfigs (``nodelimits``) — once, or while this
+    replica holds the leader Lease. Returns the PeerPod loop's last report."""
+    from cloudadaptor.k8s import nodelimits
+    from cloudadaptor.k8s.leader import LeaderElector
+
+    configs = nodelimits.NodeLimitController(api)
+    reports: list = []
+
+    async def lead(until: asyncio.Event) -> None:
+        peerpods, _ = await asyncio.gather(peerpod_loop(until), nodelimits.run(configs, stop=until, once=once))
+        reports.append(peerpods)
+
+    if once:
+        await lead(stop)
+    else:
+        identity = values["POD_NAME"] or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        await LeaderElector(api, values["POD_NAMESPACE"], LEASE_NAME, identity).run(stop, lead)
+    return reports[-1] if reports else None
 
 
 # ---------------------------------------------------------------------- probe

@@ -54,6 +54,10 @@ KEYS: tuple[Key, ...] = (
     Key("PEERPOD_SWEEP", parse_bool, True, help="delete tagged VMs that no PeerPod or live pod references"),
     Key("PEERPOD_SWEEP_GRACE", parse_duration, 600.0,
         help="how long a VM must be seen unreferenced before the sweep deletes it (Go duration)"),
+    # The leader Lease (peerpod-controller, in the controller's namespace); the Deployment sets both from the pod.
+    Key("POD_NAMESPACE", str, "openshift-sandboxed-containers-operator",
+        help="namespace of the controller's leader election Lease (the Deployment sets it from the pod)"),
+    Key("POD_NAME", str, "", help="this replica's identity in the leader Lease (default: host name and a random suffix)"),
 )
 
 

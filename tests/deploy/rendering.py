@@ -93,15 +93,18 @@ def pod_spec(doc: Doc) -> Doc:
     return spec
 
 
-def crd_schema() -> Doc:
-    crd = find(load_docs(DEPLOY / "base" / "peerpod-crd.yaml"), "CustomResourceDefinition")
+CRD_FILES = {peerpods.KIND: "peerpod-crd.yaml", "PeerPodConfig": "peerpodconfig-crd.yaml"}
+
+
+def crd_schema(kind: str = peerpods.KIND) -> Doc:
+    crd = find(load_docs(DEPLOY / "base" / CRD_FILES[kind]), "CustomResourceDefinition")
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def validate(doc: Doc) -> None:
     if doc.get("apiVersion") == peerpods.API_VERSION:
-        assert doc["kind"] == peerpods.KIND
-        jsonschema.validate(doc, crd_schema())
+        assert doc["kind"] in CRD_FILES, f"no CRD of ours defines kind {doc['kind']}"
+        jsonschema.validate(doc, crd_schema(doc["kind"]))
         return
     if (doc.get("apiVersion"), doc.get("kind")) in FOREIGN_KINDS:
         return

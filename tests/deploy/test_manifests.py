@@ -191,12 +191,15 @@ def test_rbac_is_least_privilege():
     for role in (d for d in docs if d["kind"] == "ClusterRole"):
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role["metadata"]["name"]
-            assert not {"list", "watch"} & set(rule["verbs"]) or rule["resources"] == ["peerpods"], \
-                f"{role['metadata']['name']}: only the controller lists, and only PeerPods"
+            assert not {"list", "watch"} & set(rule["verbs"]) or (
+                role["metadata"]["name"] == "peerpods-controller"
+                and rule["resources"] in (["peerpods"], ["peerpodconfigs"], ["nodes"])), \
+                f"{role['metadata']['name']}: only the controller lists, and only PeerPods, PeerPodConfigs and Nodes"
             assert "configmaps" not in rule["resources"], "no role reads config maps"
     adaptor = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"])
                for r in find(docs, "ClusterRole", "peerpods-cloud-api-adaptor")["rules"]}
     assert adaptor == {(("",), ("pods",)): {"get"}, (("",), ("nodes/status",)): {"patch"},
+                       (("",), ("nodes",)): {"get"},  # its own Node: the PeerPodConfig limit written there
                        (("",), ("events",)): {"create"},
                        # Registry credentials (a pod's pull secrets): get by name, nothing wider.
                        (("",), ("secrets", "serviceaccounts")): {"get"},

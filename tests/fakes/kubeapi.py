@@ -2,14 +2,15 @@
 
 ``KubeApiServer`` serves the REST paths a real API server serves, for the
 resources tests need — pods, nodes (with their ``status`` subresource),
-PeerPods, secrets and service accounts — over HTTP (or HTTPS with ``ssl_context`` and ``ca_file``) on 127.0.0.1, storing
+PeerPods, PeerPodConfigs (with ``status``), Leases, secrets and service accounts — over HTTP (or HTTPS with ``ssl_context`` and ``ca_file``) on 127.0.0.1, storing
 objects in memory. Real clients (kubernetes_asyncio) are pointed at it
 through ``configuration()`` or a kubeconfig file written by ``write_kubeconfig``.
 
 API semantics it honours (the ones our code relies on):
 
 - ``metadata.uid``, ``resourceVersion`` (one counter for all writes),
-  ``creationTimestamp``, ``generation``; ``generateName``.
+  ``creationTimestamp``, ``generation`` (raised by a change of ``spec`` of a
+  resource with a status subresource); ``generateName``.
 - Optimistic concurrency: PUT, or a PATCH whose result carries a
   ``metadata.resourceVersion``, with a stale resourceVersion is 409 Conflict.
 - Finalizers: DELETE of an object with finalizers only sets
@@ -74,7 +75,9 @@ SECRETS = Resource("", "v1", "secrets", "Secret", True, status_subresource=False
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", True, status_subresource=False)
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
 EVENTS = Resource("", "v1", "events", "Event", True, status_subresource=False)  # core/v1 Events on pods
-DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS, NAMESPACES, EVENTS)
+PEERPODCONFIGS = Resource("confidentialcontainers.org", "v1alpha1", "peerpodconfigs", "PeerPodConfig", True)
+LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True, status_subresource=False)
+DEFAULT_RESOURCES = (PODS, NODES, PEERPODS, SECRETS, SERVICEACCOUNTS, NAMESPACES, EVENTS, PEERPODCONFIGS, LEASES)
 
 
 class ApiError(Exception):
@@ -233,6 +236,8 @@ class ObjectStore:
             else:
                 rmeta.pop(immutable, None)
         result["apiVersion"], result["kind"] = res.api_version, res.kind
+        if res.status_subresource and result.get("spec") != old.get("spec"):
+            rmeta["generation"] = old["metadata"].get("generation", 1) + 1  # as the server: spec changes only
         if _without_rv(result) == _without_rv(old):
             return old  # no change: no new resourceVersion, as the real server
         rmeta["resourceVersion"] = self._next_rv()
