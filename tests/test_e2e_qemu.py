@@ -6,74 +6,27 @@ from the cloud's IMDSv2 endpoint and boot the image's systemd units, so this
 covers the image, its units, process-user-data against a real HTTP metadata
 service, the guest kernel's VXLAN and the forwarder on the image's Python.
 
-The image must be the one for the code under test (same input key); `make
-test` builds it (a cache hit when nothing changed). With CI=true a missing
-QEMU or image fails the test, never skips it.
+The image must be the one for the code under test (same input key; the
+``qemu_image`` fixture of qemu_support.py); `make test` builds it (a cache hit
+when nothing changed). With CI=true a missing QEMU or image fails the test,
+never skips it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from pathlib import Path
-
-import pytest
 
 from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
 from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
-from cloudadaptor.imagebuild import inputs, localcache
-from cloudadaptor.imagebuild.wheel import build_wheel
-from cloudadaptor.providers.local import qemu
-from cloudadaptor.providers.base import ProviderError
+from qemu_support import leftovers
 from test_e2e import daemon_factory  # noqa: F401 - the fixture
 
 CONNECT_PROBE = ("import socket, sys\n"
                  "s = socket.socket(); s.settimeout(3)\n"
                  "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
                  "except OSError as e:\n    print('unreachable', e)\n")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"QEMU e2e cannot run: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def qemu_image() -> localcache.LocalImage:
-    """The cached image built from exactly this checkout (what `make test` builds)."""
-    try:
-        qemu.binary(qemu.QEMU)
-        qemu.binary(qemu.QEMU_IMG)
-    except ProviderError as exc:
-        _unavailable(str(exc))
-    with tempfile.TemporaryDirectory() as scratch:
-        wheel = build_wheel(Path(scratch))
-        payload = localcache.devagent_payload(Path(scratch) / "payload.tar")
-        key = localcache.input_key(wheel, inputs.find_podvm_dir(None), payload)
-    cache = localcache.default_cache_dir(dict(os.environ))
-    image = localcache.read_image(cache / key)
-    if image is None:
-        _unavailable(f"no image {key} in {cache}: run `cloud-api-adaptor image build local` (make test does)")
-    return image
-
-
-def _leftovers(cloud_dir: Path) -> tuple[list[str], list[str], list[str]]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        links = [link.get("IFLA_IFNAME") for link in ipr.get_links() if link.get("IFLA_IFNAME").startswith("lc-")]
-    instances = [p.name for p in cloud_dir.iterdir() if p.name.startswith("i-local-")] if cloud_dir.exists() else []
-    processes = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(cloud_dir).encode() in cmdline:
-            processes.append(pid)
-    return links, instances, processes
 
 
 async def test_pods_on_qemu_vms_run_in_the_guest_and_are_isolated(qemu_image, daemon_factory, make_pod_netns):  # noqa: F811
@@ -106,4 +59,4 @@ async def test_pods_on_qemu_vms_run_in_the_guest_and_are_isolated(qemu_image, da
     for run, _, _ in started:
         await stop_pod(shim, run)
     assert await daemon.provider.list_owned({}) == []
-    assert await asyncio.to_thread(_leftovers, cloud_dir) == ([], [], []), "StopVM leaves no tap, directory or QEMU"
+    assert await asyncio.to_thread(leftovers, cloud_dir) == ([], [], []), "StopVM leaves no tap, directory or QEMU"
