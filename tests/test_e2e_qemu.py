@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+from cloudadaptor.dev import privatens
 from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
 from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
 from qemu_support import leftovers
@@ -60,3 +63,23 @@ async def test_pods_on_qemu_vms_run_in_the_guest_and_are_isolated(qemu_image, da
         await stop_pod(shim, run)
     assert await daemon.provider.list_owned({}) == []
     assert await asyncio.to_thread(leftovers, cloud_dir) == ([], [], []), "StopVM leaves no tap, directory or QEMU"
+
+
+def test_the_qemu_demo_runs_one_pod_on_a_real_vm_and_leaves_nothing(qemu_image, private_ns):
+    """`cloud-api-adaptor demo --vm qemu --pods 1` as a user runs it: in a fresh private namespace of
+    its own (the demo enters one when it is not inside one), on this checkout's image. One pod only:
+    each VM costs a boot of about a minute under TCG."""
+    env = {k: v for k, v in os.environ.items() if k != privatens.MARK}
+    env["LOCAL_QEMU_IMAGE"] = str(qemu_image.directory)
+    done = subprocess.run([sys.executable, "-m", "cloudadaptor.cli", "demo", "--vm", "qemu", "--pods", "1"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"the demo failed (exit {done.returncode}):\n{output[-4000:]}"
+    lines = output.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("POD ")), None)
+    assert header is not None and lines[header].rstrip().endswith("BOOT→AGENT s"), f"no QEMU table:\n{output}"
+    print("\n".join(lines[header:header + 2]))  # the figures, shown with -s
+    row = lines[header + 1].split()
+    assert row[0] == "demo-pod-0" and row[2].startswith("i-local-"), f"the pod's row: {lines[header + 1]}"
+    assert float(row[-1]) > 0, f"boot to agent-ready read from the guest console: {lines[header + 1]}"
+    assert "no VM process, VM namespace, VM link or agent socket remains" in output, output[-2000:]

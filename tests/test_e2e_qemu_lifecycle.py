@@ -113,6 +113,8 @@ async def test_a_warm_pool_vm_serves_a_third_party_agent_and_survives_a_daemon_k
     began = time.monotonic()
     run, _, _ = await start_pod(shim, "warm-thirdparty", "e2e", pod.path)
     print(f"warm pod start (CreateVM to agent-ready through the proxy) {time.monotonic() - began:.1f}s")
+    print("\n".join(line for line in _log(proc).splitlines()
+                    if run.sandbox_id in line and ("claimed pool VM" in line or "agent ready" in line)))
     owners, pool = _stores(proc)
     assert owners == {run.sandbox_id: pool_vm.instance_id}, (
         f"the pod must run on the claimed pool VM {pool_vm.instance_id}: sandboxes {owners}")
