@@ -82,4 +82,5 @@ def test_the_qemu_demo_runs_one_pod_on_a_real_vm_and_leaves_nothing(qemu_image, 
     row = lines[header + 1].split()
     assert row[0] == "demo-pod-0" and row[2].startswith("i-local-"), f"the pod's row: {lines[header + 1]}"
     assert float(row[-1]) > 0, f"boot to agent-ready read from the guest console: {lines[header + 1]}"
+    assert " podvm net:[" in lines[header + 1], f"the command ran in the guest (hostname podvm): {lines[header + 1]}"
     assert "no VM process, VM namespace, VM link or agent socket remains" in output, output[-2000:]
