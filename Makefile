@@ -29,9 +29,15 @@ apt-packages:
 	    || echo "could not install $$missing (the tests that need them will fail under CI)"; \
 	fi
 
-## Build (or find in the cache) the local pod VM image the QEMU tests boot; outside the private
-## namespace, because mmdebstrap needs the machine's real root to keep file owners.
+## Build (or find in the cache) the local pod VM images the QEMU tests boot: one whose kata-agent is
+## the third-party agent (tests/fakes/thirdpartypayload.py), then the default one, last, so the cache's
+## `current` stays the development-agent image. Outside the private namespace, because mmdebstrap
+## needs the machine's real root to keep file owners. A cache hit each when nothing changed.
 podvm-image: $(STAMP) apt-packages
+	@$(BIN)/python tests/fakes/thirdpartypayload.py $(VENV)/thirdparty-payload.tar >/dev/null
+	@$(BIN)/cloud-api-adaptor image build local --agent-payload $(VENV)/thirdparty-payload.tar >/dev/null \
+	  2>$(VENV)/podvm-image-thirdparty.log \
+	  || { echo "image build local (third-party agent) failed (the QEMU tests will fail under CI); tail of $(VENV)/podvm-image-thirdparty.log:"; tail -5 $(VENV)/podvm-image-thirdparty.log; }
 	@$(BIN)/cloud-api-adaptor image build local >/dev/null 2>$(VENV)/podvm-image.log \
 	  || { echo "image build local failed (the QEMU tests will fail under CI); tail of $(VENV)/podvm-image.log:"; tail -5 $(VENV)/podvm-image.log; }
 
@@ -40,8 +46,12 @@ test: $(STAMP) podvm-image
 	$(BIN)/python -m cloudadaptor.dev.privatens -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Every benchmark, one table (figure, ours, reference, ratio); BENCH_ARGS=--quick for about a minute.
+## BENCH_QEMU=1 adds the real-VM figures of bench/qemu_pods.py (image build cold and cached, QEMU boot
+## and StartVM for 1 and 3 pods: several minutes of CPU), run outside the private namespace because
+## the image build needs the machine's real root; BENCH_QEMU_ARGS passes options (e.g. --pods 1 --skip-cold).
 bench: $(STAMP) $(VENV)/.bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	@if [ -n "$(BENCH_QEMU)" ]; then $(BIN)/python bench/qemu_pods.py $(BENCH_QEMU_ARGS); fi
 
 $(VENV)/.bench: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable, Iterator
 import pytest
 
 from cloudadaptor.dev import privatens
+from qemu_support import podvm_wheel, qemu_image, thirdparty_qemu_image  # noqa: F401 - fixtures
 
 _serial = itertools.count(1)
 

@@ -6,74 +6,30 @@ from the cloud's IMDSv2 endpoint and boot the image's systemd units, so this
 covers the image, its units, process-user-data against a real HTTP metadata
 service, the guest kernel's VXLAN and the forwarder on the image's Python.
 
-The image must be the one for the code under test (same input key); `make
-test` builds it (a cache hit when nothing changed). With CI=true a missing
-QEMU or image fails the test, never skips it.
+The image must be the one for the code under test (same input key; the
+``qemu_image`` fixture of qemu_support.py); `make test` builds it (a cache hit
+when nothing changed). With CI=true a missing QEMU or image fails the test,
+never skips it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
+from cloudadaptor.dev import privatens
 from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
 from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
-from cloudadaptor.imagebuild import inputs, localcache
-from cloudadaptor.imagebuild.wheel import build_wheel
-from cloudadaptor.providers.local import qemu
-from cloudadaptor.providers.base import ProviderError
+from qemu_support import leftovers
 from test_e2e import daemon_factory  # noqa: F401 - the fixture
 
 CONNECT_PROBE = ("import socket, sys\n"
                  "s = socket.socket(); s.settimeout(3)\n"
                  "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
                  "except OSError as e:\n    print('unreachable', e)\n")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"QEMU e2e cannot run: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def qemu_image() -> localcache.LocalImage:
-    """The cached image built from exactly this checkout (what `make test` builds)."""
-    try:
-        qemu.binary(qemu.QEMU)
-        qemu.binary(qemu.QEMU_IMG)
-    except ProviderError as exc:
-        _unavailable(str(exc))
-    with tempfile.TemporaryDirectory() as scratch:
-        wheel = build_wheel(Path(scratch))
-        payload = localcache.devagent_payload(Path(scratch) / "payload.tar")
-        key = localcache.input_key(wheel, inputs.find_podvm_dir(None), payload)
-    cache = localcache.default_cache_dir(dict(os.environ))
-    image = localcache.read_image(cache / key)
-    if image is None:
-        _unavailable(f"no image {key} in {cache}: run `cloud-api-adaptor image build local` (make test does)")
-    return image
-
-
-def _leftovers(cloud_dir: Path) -> tuple[list[str], list[str], list[str]]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        links = [link.get("IFLA_IFNAME") for link in ipr.get_links() if link.get("IFLA_IFNAME").startswith("lc-")]
-    instances = [p.name for p in cloud_dir.iterdir() if p.name.startswith("i-local-")] if cloud_dir.exists() else []
-    processes = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(cloud_dir).encode() in cmdline:
-            processes.append(pid)
-    return links, instances, processes
 
 
 async def test_pods_on_qemu_vms_run_in_the_guest_and_are_isolated(qemu_image, daemon_factory, make_pod_netns):  # noqa: F811
@@ -106,4 +62,25 @@ async def test_pods_on_qemu_vms_run_in_the_guest_and_are_isolated(qemu_image, da
     for run, _, _ in started:
         await stop_pod(shim, run)
     assert await daemon.provider.list_owned({}) == []
-    assert await asyncio.to_thread(_leftovers, cloud_dir) == ([], [], []), "StopVM leaves no tap, directory or QEMU"
+    assert await asyncio.to_thread(leftovers, cloud_dir) == ([], [], []), "StopVM leaves no tap, directory or QEMU"
+
+
+def test_the_qemu_demo_runs_one_pod_on_a_real_vm_and_leaves_nothing(qemu_image, private_ns):
+    """`cloud-api-adaptor demo --vm qemu --pods 1` as a user runs it: in a fresh private namespace of
+    its own (the demo enters one when it is not inside one), on this checkout's image. One pod only:
+    each VM costs a boot of about a minute under TCG."""
+    env = {k: v for k, v in os.environ.items() if k != privatens.MARK}
+    env["LOCAL_QEMU_IMAGE"] = str(qemu_image.directory)
+    done = subprocess.run([sys.executable, "-m", "cloudadaptor.cli", "demo", "--vm", "qemu", "--pods", "1"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"the demo failed (exit {done.returncode}):\n{output[-4000:]}"
+    lines = output.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("POD ")), None)
+    assert header is not None and lines[header].rstrip().endswith("BOOT→AGENT s"), f"no QEMU table:\n{output}"
+    print("\n".join(lines[header:header + 2]))  # the figures, shown with -s
+    row = lines[header + 1].split()
+    assert row[0] == "demo-pod-0" and row[2].startswith("i-local-"), f"the pod's row: {lines[header + 1]}"
+    assert float(row[-1]) > 0, f"boot to agent-ready read from the guest console: {lines[header + 1]}"
+    assert " podvm net:[" in lines[header + 1], f"the command ran in the guest (hostname podvm): {lines[header + 1]}"
+    assert "no VM process, VM namespace, VM link or agent socket remains" in output, output[-2000:]

@@ -1,6 +1,12 @@
+#!/usr/bin/env python3
 """A kata-agent stand-in written from the wire facts alone (not our ttrpc, not the devagent).
 
     python thirdpartyagent.py --addr unix:///run/kata-containers/agent.sock
+    kata-agent --config /etc/agent-config.toml   # as the image's kata-agent.service starts it
+
+With ``--config`` it reads ``server_addr`` from the TOML agent configuration,
+as the real kata-agent does; ``thirdpartypayload.py`` packs this very file as
+the ``kata-agent`` of a pod VM image payload.
 
 Like the real kata-agent it binds its socket and does NOT create the
 socket's directory (the image's kata-agent.service makes it in
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import struct
 import sys
+import tomllib
 
 HEADER = struct.Struct(">IIBB")
 TYPE_REQUEST, TYPE_RESPONSE = 1, 2
@@ -99,8 +106,14 @@ async def main(path: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--addr", required=True, help="unix://PATH")
-    address = parser.parse_args().addr
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--addr", help="unix://PATH")
+    where.add_argument("--config", help="TOML agent configuration holding server_addr (kata-agent's flag)")
+    args = parser.parse_args()
+    if args.config:
+        with open(args.config, "rb") as f:
+            args.addr = str(tomllib.load(f).get("server_addr", ""))
+    address = args.addr
     if not address.startswith("unix://"):
-        sys.exit("--addr must be unix://PATH")
+        sys.exit(f"the agent address must be unix://PATH, not {address!r}")
     asyncio.run(main(address[len("unix://"):]))

@@ -52,6 +52,20 @@ def test_the_default_payload_is_deterministic_and_a_valid_agent_payload(tmp_path
         assert member.name == "usr/local/bin/kata-agent" and member.mode == 0o755
 
 
+def test_the_third_party_agent_payload_is_deterministic_and_runs_the_fake_agent_itself(tmp_path):
+    from fakes import thirdpartypayload
+
+    first = thirdpartypayload.write(tmp_path / "a.tar").read_bytes()
+    assert first == thirdpartypayload.write(tmp_path / "b.tar").read_bytes(), "same bytes, same image key"
+    provision = inputs.load_provision(PODVM)
+    with tarfile.open(tmp_path / "a.tar") as archive:
+        member = provision.find_agent(archive)
+        assert member.name == "usr/local/bin/kata-agent" and member.mode == 0o755
+        agent = archive.extractfile(member).read()
+    assert agent == thirdpartypayload.AGENT.read_bytes() and agent.startswith(b"#!/usr/bin/env python3\n")
+    assert inputs.check_payload(tmp_path / "a.tar", str(tmp_path / "a.tar"), provision)
+
+
 def test_the_key_covers_every_input(tmp_path):
     wheel = build_wheel(tmp_path / "w")
     payload = localcache.devagent_payload(tmp_path / "p.tar")

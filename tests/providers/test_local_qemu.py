@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import time
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from cloudadaptor.providers.base import ProviderError
 from cloudadaptor.providers.local import qemu
 from providers.test_local import spec
-from test_e2e_qemu import _leftovers, qemu_image  # noqa: F401 - the fixture
+from qemu_support import leftovers, truncated_copy
 
 
 def test_qemu_missing_names_the_debian_package(monkeypatch):
@@ -37,14 +36,8 @@ async def test_no_image_is_one_line_naming_the_build_command(local_cloud, tmp_pa
 
 
 async def test_a_guest_that_never_boots_is_deleted_with_its_console_tail_after_a_restart(
-        local_cloud, qemu_image, tmp_path, caplog):  # noqa: F811
-    broken = tmp_path / "broken-image"
-    broken.mkdir()
-    for name in ("vmlinuz", "initrd.img"):
-        shutil.copyfile(qemu_image.directory / name, broken / name)
-    with open(broken / "disk.img", "wb") as f:  # a truncated disk: no file system
-        f.write(qemu_image.disk.open("rb").read(1 << 20))
-    (broken / "image.json").write_text(json.dumps({"key": "broken"}))
+        local_cloud, qemu_image, tmp_path, caplog):
+    broken = truncated_copy(qemu_image, tmp_path / "broken-image")  # no file system on its disk
     provider = local_cloud.provider(vm="qemu", qemu_image=broken, qemu_accel="tcg")
     instance = await provider.create_instance(spec())
     directory = local_cloud.cloud_dir / instance.id
@@ -63,7 +56,7 @@ async def test_a_guest_that_never_boots_is_deleted_with_its_console_tail_after_a
     stopped = [w for w in warnings if "had stopped by itself; console:" in w]
     assert stopped and "anic" in stopped[0], warnings
     await restarted.delete_instance(instance.id)  # idempotent
-    assert await asyncio.to_thread(_leftovers, local_cloud.cloud_dir) == ([], [], [])
+    assert await asyncio.to_thread(leftovers, local_cloud.cloud_dir) == ([], [], [])
     assert not os.path.exists(directory)
 
 
