@@ -155,7 +155,7 @@ class WarmPool:
             return await self.cold.deliver(sandbox)
         log.info("StartVM %s: claimed pool VM %s (%s) in %.2fs", sandbox.id, vm.name, vm.instance_id,
                  time.monotonic() - began)
-        return providers.Instance(vm.instance_id, vm.name, vm.vm_ips)
+        return providers.Instance(vm.instance_id, vm.name, vm.vm_ips, tags={providers.TAG_POOL: vm.name})
 
     # --------------------------------------------------------------- the pool
     def target(self) -> int:
