@@ -87,7 +87,7 @@ class AgentProxy:
 
         began = time.monotonic()
         try:
-            # Polls at least twice a second: a claimed pool VM serves within a second or two of its claim.
+            # The default polls at least twice a second; a claimed pool VM gets a tighter one (delivery.readiness_poll).
             await retry_until(timeout, check, backoff=backoff or Backoff(initial=0.05, maximum=0.5))
             # The phase the benchmark subtracts from StartVM (bench/pods.py reads this line).
             log.info("agent proxy %s: agent answered after %.3fs", self.socket_path, time.monotonic() - began)
