@@ -38,8 +38,8 @@ from test_e2e_restart import ServeProcess, serve_process  # noqa: F401 - the fix
 ROUNDS = int(os.environ.get("POOL_CRASH_ROUNDS", "50"))
 POOL_SIZE = 2
 PODS = 6  # pod network namespaces; a round starts its pods on those no sandbox row holds
-CLAIM_ROUNDS = 0.5  # the share of rounds that first wait (at most 2.5 s) for a ready pool VM to claim
-KILL_WITHIN = 1.0  # seconds after a round's calls begin: claims, refills and cold creates all happen early
+CLAIM_ROUNDS = 0.4  # the share of rounds that first wait (at most 2.5 s) for a ready pool VM to claim
+KILL_WITHIN = 0.8  # seconds after a round's calls begin: claims, refills and cold creates all happen early
 SEED = int(os.environ.get("POOL_CRASH_SEED", "14"))
 
 
@@ -157,7 +157,7 @@ async def one_round(proc: ServeProcess, rng: random.Random, n: int, pods: list[s
 async def test_sigkilled_daemon_never_leaks_or_shares_a_pool_vm(serve_process, make_pod_netns):  # noqa: F811
     print(f"pool crash campaign: seed {SEED} (POOL_CRASH_SEED={SEED} replays it), {ROUNDS} rounds")
     rng = random.Random(SEED)
-    proc = serve_process(LOCAL_BOOT_DELAY="0.1s", PODVM_POOL_SIZE=str(POOL_SIZE), PROXY_TIMEOUT="20s")
+    proc = serve_process(LOCAL_BOOT_DELAY="0.05s", PODVM_POOL_SIZE=str(POOL_SIZE), PROXY_TIMEOUT="20s")
     pods = [(await asyncio.to_thread(make_pod_netns, f"198.51.100.{80 + i}/24", "198.51.100.1")).path
             for i in range(PODS)]
     for n in range(ROUNDS):
