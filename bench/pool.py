@@ -1,6 +1,6 @@
 """Pod start (CreateVM + StartVM) cold vs warm with the warm pool, and the pool's refill time.
 
-    .venv/bin/python -m cloudadaptor.dev.privatens -- .venv/bin/python bench/pool.py [--boot-delay 30s] [--pool-size 3]
+    .venv/bin/python -m cloudadaptor.dev.privatens -- .venv/bin/python -m bench.pool [--boot-delay 30s] [--pool-size 3]
 
 Runs inside the private namespace with CLOUD_PROVIDER=local: every VM is a real
 local VM (its own netns, our VM-side code) whose boot is slowed by
@@ -13,7 +13,10 @@ local VM (its own netns, our VM-side code) whose boot is slowed by
    the last two cold;
 5. every pod stopped and the pool turned off: the local cloud must be empty.
 
-Figures are printed, never asserted: they depend on the machine.
+Figures are printed, never asserted: they depend on the machine. Alone it
+prints the side-by-side block the README shows, then the same figures as rows;
+``make bench`` runs it as its ``pool`` section (``run(quick)``: a 30 s boot,
+or 3 s with ``--quick``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ from cloudadaptor.adaptor.poolstore import PoolState
 from cloudadaptor.config import load_settings, parse_duration
 from cloudadaptor.dev import podnet, privatens
 from cloudadaptor.dev.shim import PodRun, ShimEmulator, start_pod, stop_pod
+
+from bench.table import Row, render
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    boot_delay: float
+    size: int
+    cold_s: float
+    warm_s: float
+    fill_s: float
+    refill_s: float
+    burst: list[tuple[str, float]]  # ("warm" | "cold", CreateVM+StartVM seconds), in start order
 
 
 async def wait_pool(daemon: Daemon, ready: int, timeout: float) -> float:
@@ -60,7 +76,7 @@ def pool_ids(daemon: Daemon) -> set[str]:
     return {vm.instance_id for vm in daemon.pool.pool.all() if vm.state is PoolState.READY}
 
 
-async def bench(boot_delay: float, size: int, root: Path) -> None:
+async def bench(boot_delay: float, size: int, root: Path) -> Figures:
     env = {"CLOUD_PROVIDER": "local", "STATE_DIR": str(root), "SOCKET": str(root / "hv.sock"), "PODS_DIR": str(root / "pods"),
            "NODE_NAME": "bench-node", "LOCAL_CLOUD_BRIDGE": "ppbench0", "LOCAL_CLOUD_CIDR": "203.0.113.0/26",
            "LOCAL_BOOT_DELAY": f"{boot_delay}s", "PROXY_TIMEOUT": f"{max(60.0, boot_delay * 3)}s",
@@ -96,26 +112,45 @@ async def bench(boot_delay: float, size: int, root: Path) -> None:
         async with asyncio.timeout(120):
             while await daemon.provider.list_owned({}):  # type: ignore[union-attr]
                 await asyncio.sleep(0.2)
-        report(boot_delay, size, cold_s, warm_s, fill_s, refill_s, [(k, s) for k, (_, s) in zip(kinds, burst)])
+        return Figures(boot_delay, size, cold_s, warm_s, fill_s, refill_s, [(k, s) for k, (_, s) in zip(kinds, burst)])
     finally:
         await daemon.close()
         for ns in netns:
             await asyncio.to_thread(ns.delete)
 
 
-def report(boot_delay: float, size: int, cold_s: float, warm_s: float, fill_s: float, refill_s: float,
-           burst: list[tuple[str, float]]) -> None:
-    warm_burst = [s for kind, s in burst if kind == "warm"]
-    cold_burst = [s for kind, s in burst if kind == "cold"]
-    print(f"pod start (CreateVM+StartVM), LOCAL_BOOT_DELAY={boot_delay:g}s, PODVM_POOL_SIZE={size}, {os.cpu_count()} CPUs")
+def report(f: Figures) -> None:
+    warm_burst = [s for kind, s in f.burst if kind == "warm"]
+    cold_burst = [s for kind, s in f.burst if kind == "cold"]
+    print(f"pod start (CreateVM+StartVM), LOCAL_BOOT_DELAY={f.boot_delay:g}s, PODVM_POOL_SIZE={f.size}, {os.cpu_count()} CPUs")
     print(f"{'':28}{'cold':>10}{'warm':>10}{'ratio':>9}")
-    print(f"{'1 pod':28}{cold_s:>9.2f}s{warm_s:>9.2f}s{cold_s / warm_s:>8.1f}x")
+    print(f"{'1 pod':28}{f.cold_s:>9.2f}s{f.warm_s:>9.2f}s{f.cold_s / f.warm_s:>8.1f}x")
     if warm_burst and cold_burst:
         w, c = statistics.median(warm_burst), statistics.median(cold_burst)
-        print(f"{f'burst of {len(burst)} (p50)':28}{c:>9.2f}s{w:>9.2f}s{c / w:>8.1f}x")
-    print(f"burst: {sum(k == 'warm' for k, _ in burst)} warm, {sum(k == 'cold' for k, _ in burst)} cold, "
-          f"each: {', '.join(f'{k} {s:.2f}s' for k, s in burst)}")
-    print(f"pool fill from empty ({size} VMs, 2 at a time): {fill_s:.1f}s; refill after one claim: {refill_s:.1f}s")
+        print(f"{f'burst of {len(f.burst)} (p50)':28}{c:>9.2f}s{w:>9.2f}s{c / w:>8.1f}x")
+    print(f"burst: {sum(k == 'warm' for k, _ in f.burst)} warm, {sum(k == 'cold' for k, _ in f.burst)} cold, "
+          f"each: {', '.join(f'{k} {s:.2f}s' for k, s in f.burst)}")
+    print(f"pool fill from empty ({f.size} VMs, 2 at a time): {f.fill_s:.1f}s; refill after one claim: {f.refill_s:.1f}s")
+
+
+def rows(f: Figures) -> list[Row]:
+    """The figures as table rows: each warm start against the cold one of the same run."""
+    delay = f"LOCAL_BOOT_DELAY={f.boot_delay:g}s"
+    out = [Row(f"warm pod start, 1 pod (pool of {f.size}, {delay})", f.warm_s, "s", f.cold_s, "cold start"),]
+    warm_burst = [s for kind, s in f.burst if kind == "warm"]
+    cold_burst = [s for kind, s in f.burst if kind == "cold"]
+    if warm_burst:
+        cold = statistics.median(cold_burst) if cold_burst else f.cold_s
+        out.append(Row(f"warm pod start p50, burst of {len(f.burst)} ({len(warm_burst)} warm, {len(cold_burst)} cold)",
+                       statistics.median(warm_burst), "s", cold, "cold p50 of the burst", "≤ 1.5 s"))
+    out.append(Row(f"pool refill after one claim ({delay})", f.refill_s, "s", f.boot_delay, "boot delay"))
+    return out
+
+
+def run(quick: bool) -> list[Row]:
+    """``make bench``'s pool section: a 30 s imitated boot (3 s with --quick), a pool of 3."""
+    root = Path(tempfile.mkdtemp(prefix="bench-pool-", dir="/run"))
+    return rows(asyncio.run(bench(3.0 if quick else 30.0, 3, root)))
 
 
 def main() -> int:
@@ -125,10 +160,13 @@ def main() -> int:
     args = parser.parse_args()
     if not privatens.inside():
         print("run inside the private namespace: python -m cloudadaptor.dev.privatens -- "
-              f"{sys.executable} {' '.join(sys.argv)}", file=sys.stderr)
+              f"{sys.executable} -m bench.pool {' '.join(sys.argv[1:])}", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="bench-pool-", dir="/run"))
-    asyncio.run(bench(parse_duration(args.boot_delay), args.pool_size, root))
+    figures = asyncio.run(bench(parse_duration(args.boot_delay), args.pool_size, root))
+    report(figures)
+    print()
+    print(render(rows(figures)))
     return 0
 
 

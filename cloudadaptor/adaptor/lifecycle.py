@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 from cloudadaptor import podconfig
 from cloudadaptor.adaptor import podvmdata, recovery
 from cloudadaptor.adaptor.console import console_tail
-from cloudadaptor.adaptor.delivery import BootDelivery, PodConfigDelivery
+from cloudadaptor.adaptor.delivery import BootDelivery, PodConfigDelivery, readiness_poll
 from cloudadaptor.adaptor.errors import LifecycleError, reason_of
 from cloudadaptor.adaptor.hooks import (
     LifecycleRecorder, NoCredentials, NoopObserver, NoopRecorder, PhaseClock, PodCredentials, SandboxObserver,
@@ -223,7 +223,7 @@ class SandboxLifecycle:
             phases.mark("tunnel_up")
             proxy = self.serve_agent(sandbox)
             try:
-                await proxy.wait_ready(self.options.proxy_timeout)
+                await proxy.wait_ready(self.options.proxy_timeout, readiness_poll(instance))
             except AgentUnreachable as exc:
                 console = await console_tail(self.provider, instance.id, sandbox.user_data)
                 log.warning("StartVM %s: agent of VM %s never answered; %s", sandbox.id, instance.id, console)

@@ -156,7 +156,7 @@ class WarmPool:
             return await self.cold.deliver(sandbox)
         log.info("StartVM %s: claimed pool VM %s (%s) in %.2fs", sandbox.id, vm.name, vm.instance_id,
                  time.monotonic() - began)
-        return providers.Instance(vm.instance_id, vm.name, vm.vm_ips)
+        return providers.Instance(vm.instance_id, vm.name, vm.vm_ips, tags={providers.TAG_POOL: vm.name})
 
     # --------------------------------------------------------------- the pool
     def target(self) -> int:
@@ -285,13 +285,19 @@ class WarmPool:
     # -------------------------------------------------------- start and stop
     async def recover(self) -> list[str]:
         """After a restart: ready VMs are re-adopted; VMs a crash left booting are deleted."""
-        actions = []
-        for vm in self.pool.all():
+        async def one(vm: PoolVm) -> str | None:
             if vm.state is PoolState.READY:
-                actions.append(f"pool VM {vm.name} ({vm.instance_id}): re-adopted")
-            elif await self.discard(vm):
-                was = "creation" if vm.state is PoolState.BOOTING else "deletion"
-                actions.append(f"pool VM {vm.name}: interrupted {was}, deleted")
+                return f"pool VM {vm.name} ({vm.instance_id}): re-adopted"
+            if await self.discard(vm):
+                return f"pool VM {vm.name}: interrupted {'creation' if vm.state is PoolState.BOOTING else 'deletion'}, deleted"
+            return None
+
+        # At once: the daemon listens only after recovery, and each deletion waits for the cloud.
+        results = await asyncio.gather(*(one(vm) for vm in self.pool.all()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        actions = [line for line in results if isinstance(line, str)]
         for line in actions:
             log.info("pool: %s", line)
         return actions

@@ -9,12 +9,13 @@ owns exists".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
 from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.poolstore import PoolStore
-from cloudadaptor.adaptor.store import SandboxState
+from cloudadaptor.adaptor.store import Sandbox, SandboxState
 from cloudadaptor.providers import base as providers
 
 if TYPE_CHECKING:
@@ -32,25 +33,36 @@ async def recover(lifecycle: SandboxLifecycle) -> list[str]:
     is reported and its record kept for the next attempt; it does not abort
     the rest.
     """
-    actions: list[str] = []
-    for sandbox in lifecycle.store.all():
-        if sandbox.state is SandboxState.RUNNING and sandbox.vm_ips:
-            await lifecycle.serve_agent(sandbox).start()
-            actions.append(f"sandbox {sandbox.id}: re-serving agent proxy for VM {sandbox.instance_id}")
-        elif sandbox.state is SandboxState.STARTING or (sandbox.state is SandboxState.FAILED and sandbox.instance_id):
-            done = await lifecycle.rollback_start(sandbox.id, "daemon restarted during StartVM", cause="recovery")
-            actions.append(f"sandbox {sandbox.id}: interrupted start, {done}")
-        elif sandbox.state is SandboxState.STOPPING:
-            try:
-                await lifecycle.stop(sandbox.id)
-                actions.append(f"sandbox {sandbox.id}: finished interrupted stop")
-            except LifecycleError as exc:
-                actions.append(f"sandbox {sandbox.id}: stop still failing: {exc.message}")
+    # Sandboxes are independent (each has its own lock, VM and tunnel): recover them at once, so a
+    # restart after a crash mid-burst waits for one VM deletion, not one per interrupted pod.
+    results = await asyncio.gather(*(_recover_one(lifecycle, sandbox) for sandbox in lifecycle.store.all()),
+                                   return_exceptions=True)
+    for result in results:  # as before: an unexpected error aborts recovery (the daemon does not start)
+        if isinstance(result, BaseException):
+            raise result
+    actions = [line for line in results if isinstance(line, str)]
     actions.extend(await lifecycle.network.remove_stale(lifecycle.store))
     actions.extend(await sweep_orphans(lifecycle))
     for line in actions:
         log.info("recover: %s", line)
     return actions
+
+
+async def _recover_one(lifecycle: SandboxLifecycle, sandbox: Sandbox) -> str | None:
+    """What ``recover`` does for one sandbox row; the line saying so (None: nothing to do)."""
+    if sandbox.state is SandboxState.RUNNING and sandbox.vm_ips:
+        await lifecycle.serve_agent(sandbox).start()
+        return f"sandbox {sandbox.id}: re-serving agent proxy for VM {sandbox.instance_id}"
+    if sandbox.state is SandboxState.STARTING or (sandbox.state is SandboxState.FAILED and sandbox.instance_id):
+        done = await lifecycle.rollback_start(sandbox.id, "daemon restarted during StartVM", cause="recovery")
+        return f"sandbox {sandbox.id}: interrupted start, {done}"
+    if sandbox.state is SandboxState.STOPPING:
+        try:
+            await lifecycle.stop(sandbox.id)
+            return f"sandbox {sandbox.id}: finished interrupted stop"
+        except LifecycleError as exc:
+            return f"sandbox {sandbox.id}: stop still failing: {exc.message}"
+    return None
 
 
 async def sweep_orphans(lifecycle: SandboxLifecycle) -> list[str]:

@@ -1,6 +1,7 @@
 """wait-for-claim: a warm-pool VM's "receive pod config" step.
 
-Runs after ``process-user-data`` and before the pod network. On a VM booted
+Runs after ``process-user-data`` and ``netns@podns`` (nothing in it is the pod's, so a
+pool VM has it before its claim), before the pod network. On a VM booted
 for a pod (``apf.json`` names a pod network) it exits 0 at once: the pod
 config came as user data. On a pool VM (``apf.json`` holds TLS material but
 no pod) it listens on the agent port with mutual TLS (client certificates

@@ -11,6 +11,8 @@ VMs boot at once on a small worker. Only the agent (the kata-agent stand-in:
 - ``user_data``: ``process_user_data.run`` (``--source file``); interrupted
   by SIGTERM between its retries;
 - ``podns``: the netns ``podns`` with lo up (``netns@podns.service``);
+- ``claim``: a warm-pool VM waits for its pod's config (``wait-for-claim``),
+  loading the later steps' modules meanwhile;
 - ``pod_network``: ``vmside.run`` (only after process-user-data succeeded);
 - ``agent``: started in its own session, then wait for its socket;
 - ``forwarder``: ``AgentProtocolForwarder`` served in this init's event loop
@@ -179,10 +181,14 @@ class VmInit:
         if not claim.is_pool_vm(config):
             return
         log("wait-for-claim: a pool VM; waiting for its pod's config (mTLS)")
+        # What runs after the claim loads now, while the VM is idle, not on a claimed pod's clock.
+        preload = asyncio.ensure_future(asyncio.to_thread(_import_after_claim))
         waiting = asyncio.ensure_future(claim.wait_for_claim(config, Path("/"), "0.0.0.0", config.listen_port))
         stopped = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        with contextlib.suppress(Exception):  # an import error is the later steps' to report
+            await preload
         if not waiting.done():
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)
@@ -319,6 +325,12 @@ def _create_podns() -> None:
     with IPRoute(netns=PODNS, flags=0) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
+
+
+def _import_after_claim() -> None:
+    import cloudadaptor.podnetwork.vmside  # noqa: F401
+
+    _import_forwarder()
 
 
 def _import_forwarder() -> None:

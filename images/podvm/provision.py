@@ -17,8 +17,9 @@ installs, under ``--root`` (default ``/``):
   started through ``/usr/local/bin/cloud-api-adaptor``;
 - the configuration and systemd units in ``files/`` next to this script, and
   the units enabled (the ``multi-user.target.wants`` links ``systemctl enable``
-  would make). Boot order: process-user-data -> netns@podns -> peerpod-network
-  -> kata-agent -> agent-protocol-forwarder.
+  would make). Boot order: process-user-data -> netns@podns -> peerpod-claim
+  (warm-pool VMs wait there for their pod) -> peerpod-network -> kata-agent ->
+  agent-protocol-forwarder.
 
 Steps that change the machine itself rather than the tree (dnf packages,
 Python dependencies from the package index, SELinux labels, cloud-init and
@@ -63,8 +64,8 @@ WANTS_DIR = "etc/systemd/system/multi-user.target.wants"
 # unit to enable -> the unit file it is an instance of
 ENABLED_UNITS = (
     ("process-user-data.service", "process-user-data.service"),
-    ("peerpod-claim.service", "peerpod-claim.service"),
     ("netns@podns.service", "netns@.service"),
+    ("peerpod-claim.service", "peerpod-claim.service"),
     ("peerpod-network.service", "peerpod-network.service"),
     ("kata-agent.service", "kata-agent.service"),
     ("agent-protocol-forwarder.service", "agent-protocol-forwarder.service"),

@@ -99,10 +99,10 @@ class ProxyProbe:
         proxy = AgentProxy(socket_path, endpoint)
         wait_ready = proxy.wait_ready
 
-        async def probed_wait_ready(timeout: float) -> None:
+        async def probed_wait_ready(timeout: float, backoff=None) -> None:
             self.timeouts.append(timeout)
             self.waiting.set()
-            await wait_ready(timeout)
+            await wait_ready(timeout, backoff)
 
         proxy.wait_ready = probed_wait_ready  # type: ignore[method-assign]
         return proxy

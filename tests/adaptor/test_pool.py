@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from cloudadaptor.adaptor.delivery import CLAIMED_READY_POLL, readiness_poll
 from cloudadaptor.adaptor.poolstore import PoolState
 from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.dev.shim import shim_annotations
@@ -71,6 +72,23 @@ async def test_startvm_claims_a_ready_pool_vm_and_the_pool_refills(world, provid
     await lifecycle.stop(sid)
     assert sandbox.instance_id not in provider.instances, "a claimed VM is deleted by StopVM, never returned"
     assert len(pool.pool.all()) == 2
+    await lifecycle.close()
+
+
+async def test_a_claimed_vm_is_polled_tightly_and_a_cold_one_with_the_proxys_default(world, provider, netns_file):
+    lifecycle, pool, store = world(size=1)
+    await filled(pool)
+    warm_id, cold_id = sandbox_id(1), sandbox_id(2)
+    for n, sid in ((1, warm_id), (2, cold_id)):
+        await lifecycle.create(sid, shim_annotations(f"pod{n}", "ns"), netns_file)
+    warm = await pool.deliver(store.get(warm_id))
+    cold = await pool.deliver(store.get(cold_id))  # the pool's only VM is taken: cold
+    assert warm.tags.get(providers.TAG_POOL), "a claimed VM is delivered as the pool VM it is"
+    assert readiness_poll(warm) is CLAIMED_READY_POLL and CLAIMED_READY_POLL.maximum <= 0.1
+    assert providers.TAG_POOL not in cold.tags and readiness_poll(cold) is None, "a booting VM: the default backoff"
+    for sid in (warm_id, cold_id):
+        await lifecycle.stop(sid)
+    assert {i.id for i in provider.instances.values()} == {vm.instance_id for vm in pool.pool.all()}
     await lifecycle.close()
 
 

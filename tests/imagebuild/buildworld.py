@@ -255,7 +255,7 @@ class KubeInThread:
 
 # ------------------------------------------------------------------ the installed pod VM
 
-BOOT_ORDER = ("process-user-data.service", "peerpod-claim.service", "netns@podns.service",
+BOOT_ORDER = ("process-user-data.service", "netns@podns.service", "peerpod-claim.service",
               "peerpod-network.service", "kata-agent.service", "agent-protocol-forwarder.service")
 
 

@@ -16,7 +16,7 @@ UNITS = local_boot.SOURCE_PODVM / local_boot.UNIT_SUBDIR
 def test_the_plan_follows_the_images_enabled_units_and_their_preparation():
     plan = local_boot.load()
     assert [s.unit for s in plan] == [u for u, _ in local_boot.enabled_units(local_boot.SOURCE_PODVM)]
-    assert [s.step for s in plan] == ["user_data", "claim", "podns", "pod_network", "agent", "forwarder"]
+    assert [s.step for s in plan] == ["user_data", "podns", "claim", "pod_network", "agent", "forwarder"]
     agent = next(s for s in plan if s.unit == "kata-agent.service")
     assert agent.make_dirs == ("/run/kata-containers",)
 
