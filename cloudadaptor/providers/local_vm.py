@@ -65,6 +65,11 @@ def agent_argv(command: str, socket_path: str = AGENT_SOCKET) -> list[str]:
     return [word.replace("{socket}", socket_path) for word in shlex.split(command)]
 
 
+def agent_argv_of(argv: list[str]) -> list[str]:
+    """The agent command line a launch with these arguments runs (the fork server preloads its modules)."""
+    return agent_argv(_parser().parse_args(argv).agent_command)
+
+
 # --------------------------------------------------------------------- launcher
 
 

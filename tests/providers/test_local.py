@@ -320,6 +320,7 @@ async def test_the_vm_does_not_inherit_the_workers_environment(local_provider, m
 
 async def test_boot_delay_is_honoured(local_cloud):
     provider = local_cloud.provider(boot_delay=0.6)
+    assert await provider.verify() == []  # as the daemon does at start: the fork server is up before the first VM
     started = time.monotonic()
     instance = await provider.create_instance(spec())
     assert time.monotonic() - started < 0.6, "create returns before the boot delay"
