@@ -17,6 +17,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cloudadaptor.adaptor.hooks import LifecycleRecorder, NoopRecorder
 from cloudadaptor.protocols import health_pb2
@@ -151,8 +152,8 @@ class _End(asyncio.Protocol):
         self.other: _End | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        transport = self.transport
         self.pipe.made(self)
 
     def data_received(self, data: bytes) -> None:

@@ -97,6 +97,7 @@ class VmInit:
         setup_logging("info")  # the in-process steps log with `logging`, to the console
         if local_vmagent.module_of(self.agent) is not None:
             self.zygote = local_vmagent.AgentZygote(self.agent)  # before the loop: one thread, a clean fork
+        # asyncio's loop, not the forwarder's uvloop: uvloop keeps SIGCHLD for itself, and PID 1 reaps on it.
         asyncio.run(self._main())
         return 0
 

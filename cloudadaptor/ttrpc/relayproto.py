@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from cloudadaptor.ttrpc.framing import FrameError, FrameParser
 from cloudadaptor.ttrpc.relay import FrameRewriter, RewriteRequest, _unparseable
@@ -90,8 +91,8 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        transport = self.transport
         if self is self.relay.down and not self.relay._started:
             transport.pause_reading()  # until the upstream connection is there
 
