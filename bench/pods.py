@@ -125,7 +125,8 @@ async def _measure(directory: Path, daemon_pid: int, log: Path, sizes: list[int]
 
 
 def run(quick: bool) -> list[Row]:
-    sizes = [1, 5] if quick else [1, 10, 30]
+    # 50 at once for the adaptor's overhead (issue 16); 100 running for the memory per sandbox.
+    sizes = [1, 5] if quick else [1, 10, 30, 50, 100]
     with tempfile.TemporaryDirectory(prefix="bench-pods-") as tmp:
         directory = Path(tmp)
         log = directory / "daemon.log"
@@ -149,5 +150,6 @@ def run(quick: bool) -> list[Row]:
     rows.append(Row("local VM boot to agent ready (1 pod, LOCAL_BOOT_DELAY=0)", 1e3 * one.agent_wait[0], "ms",
                     1e3 * one.per_pod[0], "whole CreateVM+StartVM"))
     rows.append(Row("one pod, CreateVM+StartVM (LOCAL_BOOT_DELAY=0)", 1e3 * one.per_pod[0], "ms", 400, "limit", "≤ 400 ms"))
-    rows.append(Row(f"{big.pods} pods at once vs one pod (wall time)", big.wall, "s", one.wall, "one pod", "≤ 5×"))
+    thirty = next((b for b in batches if b.pods == 30), big)
+    rows.append(Row(f"{thirty.pods} pods at once vs one pod (wall time)", thirty.wall, "s", one.wall, "one pod", "≤ 5×"))
     return rows

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
@@ -106,7 +107,11 @@ def _network_names() -> tuple[set[str], set[str]]:
 
 
 def _vm_processes(cloud_dir: Path) -> list[int]:
-    """PIDs of running VM inits of ``cloud_dir`` (their command line names an instance dir in it)."""
+    """PIDs of running processes of ``cloud_dir``'s VMs: their command line names an instance dir in it
+    (a launcher), or their ``/run`` is the bind mount of an instance's ``run`` (every process inside a
+    VM, whose init is a fork of the fork server and has its command line)."""
+    tail = re.escape(f"/{cloud_dir.parent.name}/{cloud_dir.name}/")
+    vm_run = re.compile(tail + r"i-local-[0-9a-f]{12}/run")
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -114,9 +119,13 @@ def _vm_processes(cloud_dir: Path) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
+            with open(f"/proc/{entry}/mountinfo") as f:
+                mounts = [line.split() for line in f]
         except OSError:
             continue
-        if any(arg.startswith(str(cloud_dir).encode() + b"/") for arg in args):
+        if any(arg.startswith(str(cloud_dir).encode() + b"/") for arg in args) or any(
+            len(m) > 4 and m[4] == "/run" and vm_run.search(m[3]) and m[3].endswith("/run") for m in mounts
+        ):
             pids.append(int(entry))
     return pids
 
@@ -147,6 +156,8 @@ async def local_cloud(private_ns: None, tmp_path: Path) -> AsyncIterator[LocalCl
     cleaner = LocalProvider(config)
     for instance_id in cloud.instance_ids():
         await cleaner.delete_instance(instance_id)
+    for provider in [*cloud.providers, cleaner]:
+        await provider.close()  # type: ignore[attr-defined]  # stops its fork server
     await asyncio.to_thread(_delete_link, config.bridge)
     after_ns, after_links = await asyncio.to_thread(_network_names)
     leaked_ns = sorted(n for n in after_ns - before_ns if n.startswith("i-local-"))

@@ -3,7 +3,9 @@
     python -m cloudadaptor.providers.local_vm --instance-dir DIR --netns PATH \\
         [--boot-delay SECONDS] [--agent-command CMD]
 
-The local provider starts this as a *launcher*. The launcher enters the VM:
+The local provider runs this as a *launcher*: ``main(argv)`` in a fork of its
+fork server (``local_forkserver``, which has imported everything a VM runs),
+with the same arguments and effect as the command above. The launcher enters the VM:
 its network namespace (``--netns``), a new mount namespace (``/`` made
 rprivate, every namespace mount inherited from the worker detached so the VM
 pins none of them, ``<instance dir>/run`` bind-mounted on ``/run``) and a new
@@ -63,6 +65,11 @@ def default_agent_command() -> str:
 def agent_argv(command: str, socket_path: str = AGENT_SOCKET) -> list[str]:
     """``command`` split like a shell would, ``{socket}`` replaced in every word."""
     return [word.replace("{socket}", socket_path) for word in shlex.split(command)]
+
+
+def agent_argv_of(argv: list[str]) -> list[str]:
+    """The agent command line a launch with these arguments runs (the fork server preloads its modules)."""
+    return agent_argv(_parser().parse_args(argv).agent_command)
 
 
 # --------------------------------------------------------------------- launcher

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cloudadaptor.providers import local_boot
+from cloudadaptor.providers import local_boot, local_vmagent
 
 # Paths inside the VM (its /run is the instance's own).
 USER_DATA_PATH = "/run/cloud-data/user-data"
@@ -69,7 +69,8 @@ class _Stopped(Exception):
 @dataclass
 class _Component:
     name: str
-    popen: subprocess.Popen
+    pid: int
+    popen: subprocess.Popen | None = None  # None for a forked agent (local_vmagent)
     status: int | None = None
 
 
@@ -84,6 +85,7 @@ class VmInit:
     network_ok: bool = False
     components: dict[int, _Component] = field(default_factory=dict)
     forwarder: Any = None
+    zygote: local_vmagent.AgentZygote | None = None
     _in_step: bool = False
     _halt: threading.Event = field(default_factory=threading.Event)  # seen by blocking steps' threads
 
@@ -95,6 +97,9 @@ class VmInit:
         from cloudadaptor.commandline import setup_logging
 
         setup_logging("info")  # the in-process steps log with `logging`, to the console
+        if local_vmagent.module_of(self.agent) is not None:
+            self.zygote = local_vmagent.AgentZygote(self.agent)  # before the loop: one thread, a clean fork
+        # asyncio's loop, not the forwarder's uvloop: uvloop keeps SIGCHLD for itself, and PID 1 reaps on it.
         asyncio.run(self._main())
         return 0
 
@@ -241,14 +246,18 @@ class VmInit:
         log(f"started forwarder (in the init) on port {self.forwarder.port}, kata-agent at {AGENT_SOCKET}")
 
     def _start(self, name: str, argv: list[str]) -> _Component | None:
-        try:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:
-            log(f"cannot start {name} ({shlex.join(argv)}): {exc}")
-            return None
-        component = _Component(name, popen)
-        self.components[popen.pid] = component
-        log(f"started {name} (pid {popen.pid}): {shlex.join(argv)}")
+        if self.zygote is not None:
+            component = _Component(name, self.zygote.start())
+            how = "forked from the init"
+        else:
+            try:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                log(f"cannot start {name} ({shlex.join(argv)}): {exc}")
+                return None
+            component, how = _Component(name, popen.pid, popen), "exec'd"
+        self.components[component.pid] = component
+        log(f"started {name} (pid {component.pid}, {how}): {shlex.join(argv)}")
         return component
 
     async def _wait_socket(self, component: _Component, path: str, timeout: float) -> None:
@@ -282,24 +291,27 @@ class VmInit:
         if component is None:
             return  # an orphan of a component: reaped, as an init must
         component.status = os.waitstatus_to_exitcode(status)
-        component.popen.returncode = component.status
+        if component.popen is not None:
+            component.popen.returncode = component.status  # reaped here: Popen must not wait for it
         log(f"{component.name} (pid {pid}) exited with status {component.status}")
 
     def _signal(self, component: _Component, sig: int) -> None:
         try:
-            os.killpg(component.popen.pid, sig)
+            os.killpg(component.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
     async def _shutdown(self) -> None:
         log("shutting down")
+        if self.zygote is not None:
+            self.zygote.discard()  # when the agent's step never came
         if self.forwarder is not None:
             await self.forwarder.close()
             log("forwarder stopped")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for component in list(self.components.values()):
                 if sig == signal.SIGKILL:
-                    log(f"{component.name} (pid {component.popen.pid}) still running; killing it")
+                    log(f"{component.name} (pid {component.pid}) still running; killing it")
                 self._signal(component, sig)
             deadline = time.monotonic() + STOP_GRACE
             while self.components and time.monotonic() < deadline:
@@ -327,7 +339,16 @@ def _create_podns() -> None:
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
 
 
+def preload() -> None:
+    """Import every step's modules (the fork server does, once: each VM it forks starts with them)."""
+    from cloudadaptor.commandline import setup_logging  # noqa: F401
+    from cloudadaptor.podvm import claim, process_user_data  # noqa: F401
+
+    _import_after_claim()
+
+
 def _import_after_claim() -> None:
+    """What runs after a pool VM's claim (a VM forked from the fork server has it loaded already)."""
     import cloudadaptor.podnetwork.vmside  # noqa: F401
 
     _import_forwarder()

@@ -65,7 +65,97 @@ async def relay(
     return await session.run()
 
 
-class _Relay:
+class FrameRewriter:
+    """What a relay does to the bytes of one direction, without I/O (shared by ``relay`` and
+    ``relayproto.FrameRelay``): cut frames out of a chunk, answer oversized ones, rewrite requests.
+
+    Subclasses give ``rewrite_request``, ``local`` (methods answered here) and ``_send_down`` (a
+    write downstream that never awaits, so answers and relayed frames never interleave inside a
+    frame).
+    """
+
+    rewrite_request: RewriteRequest | None
+    local: LocalMethods
+
+    def _send_down(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def process(self, parser: FrameParser, data: bytes, oversized: str,
+                transform: Callable[[bytes, bytes], bytes | None] | None) -> bytes:
+        """The bytes to forward for ``data`` (maybe empty); raises ``FrameError`` for bad framing."""
+        out = []
+        for item in parser.feed(data):
+            if isinstance(item, OversizedFrame):
+                self._answer(item.stream_id, Code.RESOURCE_EXHAUSTED, f"{oversized}: {item}")
+                continue
+            header, payload = item
+            forwarded = header + payload if transform is None else transform(header, payload)
+            if forwarded is not None:
+                out.append(forwarded)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _forward_request(self, header: bytes, data: bytes) -> bytes | None:
+        if header[8] == FrameType.REQUEST and (self.rewrite_request is not None or self.local):
+            stream_id = int.from_bytes(header[4:8], "big")
+            return self._rewrite(stream_id, header, data)
+        return header + data
+
+    def _rewrite(self, stream_id: int, header: bytes, data: bytes) -> bytes | None:
+        """The frame to forward, or None when the call was answered here instead."""
+        try:
+            request = ttrpc_pb2.Request.FromString(data)
+        except DecodeError:
+            return header + data  # upstream answers INVALID_ARGUMENT, as it would without us
+        handler = self.local.get((request.service, request.method))
+        if handler is not None:
+            self._serve_here(stream_id, request, handler)
+            return None
+        if self.rewrite_request is None:
+            return header + data
+        try:
+            changed = self.rewrite_request(request)
+        except TtrpcError as exc:
+            self._answer(stream_id, exc.code, exc.message)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a hook bug fails one call, not the relay
+            log.error("rewriting %s/%s failed", request.service, request.method, exc_info=exc)
+            self._answer(stream_id, Code.INTERNAL, f"rewriting request failed: {exc}")
+            return None
+        if not changed:
+            return header + data
+        rewritten = request.SerializeToString()
+        if len(rewritten) > MAX_MESSAGE_LENGTH:
+            self._answer(
+                stream_id,
+                Code.RESOURCE_EXHAUSTED,
+                f"rewritten request of {len(rewritten)} bytes exceeds the {MAX_MESSAGE_LENGTH}-byte message limit",
+            )
+            return None
+        return Frame(stream_id, FrameType.REQUEST, header[9], rewritten).encode()
+
+    def _serve_here(self, stream_id: int, request: ttrpc_pb2.Request, handler: LocalMethod) -> None:
+        try:
+            payload = handler(request.payload)
+        except TtrpcError as exc:
+            self._answer(stream_id, exc.code, exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - a handler bug fails one call, not the relay
+            log.error("serving %s/%s failed", request.service, request.method, exc_info=exc)
+            self._answer(stream_id, Code.INTERNAL, f"{request.method} failed: {type(exc).__name__}")
+            return
+        data = Frame(stream_id, FrameType.RESPONSE, 0, success_response(payload)).encode()
+        with contextlib.suppress(OSError, RuntimeError):
+            self._send_down(data)
+
+    def _answer(self, stream_id: int, code: Code | int, message: str) -> None:
+        """Send an error response downstream on ``stream_id`` (best effort; whole frames are
+        written without awaiting, so the two pumps' frames never interleave)."""
+        data = Frame(stream_id, FrameType.RESPONSE, 0, error_response(code, message)).encode()
+        with contextlib.suppress(OSError, RuntimeError):
+            self._send_down(data)
+
+
+class _Relay(FrameRewriter):
     def __init__(
         self,
         down_reader: asyncio.StreamReader,
@@ -81,6 +171,9 @@ class _Relay:
         self.up_writer = up_writer
         self.rewrite_request = rewrite_request
         self.local = local
+
+    def _send_down(self, data: bytes) -> None:
+        self.down_writer.write(data)
 
     async def run(self) -> str:
         pumps = [
@@ -144,81 +237,11 @@ class _Relay:
                 if not data:
                     parser.end()
                     return f"{source_name} closed the connection"
-                frames = parser.feed(data)
+                out = self.process(parser, data, oversized, transform)
             except FrameError as exc:
                 return _unparseable(source_name, exc)
-            out = []
-            for item in frames:
-                if isinstance(item, OversizedFrame):
-                    self._answer(item.stream_id, Code.RESOURCE_EXHAUSTED, f"{oversized}: {item}")
-                    continue
-                header, payload = item
-                forwarded = header + payload if transform is None else transform(header, payload)
-                if forwarded is not None:
-                    out.append(forwarded)
-            if out and not await _write(writer, out[0] if len(out) == 1 else b"".join(out)):
+            if out and not await _write(writer, out):
                 return f"{target_name} connection lost while writing"
-
-    def _forward_request(self, header: bytes, data: bytes) -> bytes | None:
-        if header[8] == FrameType.REQUEST and (self.rewrite_request is not None or self.local):
-            stream_id = int.from_bytes(header[4:8], "big")
-            return self._rewrite(stream_id, header, data)
-        return header + data
-
-    def _rewrite(self, stream_id: int, header: bytes, data: bytes) -> bytes | None:
-        """The frame to forward, or None when the call was answered here instead."""
-        try:
-            request = ttrpc_pb2.Request.FromString(data)
-        except DecodeError:
-            return header + data  # upstream answers INVALID_ARGUMENT, as it would without us
-        handler = self.local.get((request.service, request.method))
-        if handler is not None:
-            self._serve_here(stream_id, request, handler)
-            return None
-        if self.rewrite_request is None:
-            return header + data
-        try:
-            changed = self.rewrite_request(request)
-        except TtrpcError as exc:
-            self._answer(stream_id, exc.code, exc.message)
-            return None
-        except Exception as exc:  # noqa: BLE001 - a hook bug fails one call, not the relay
-            log.error("rewriting %s/%s failed", request.service, request.method, exc_info=exc)
-            self._answer(stream_id, Code.INTERNAL, f"rewriting request failed: {exc}")
-            return None
-        if not changed:
-            return header + data
-        rewritten = request.SerializeToString()
-        if len(rewritten) > MAX_MESSAGE_LENGTH:
-            self._answer(
-                stream_id,
-                Code.RESOURCE_EXHAUSTED,
-                f"rewritten request of {len(rewritten)} bytes exceeds the {MAX_MESSAGE_LENGTH}-byte message limit",
-            )
-            return None
-        return Frame(stream_id, FrameType.REQUEST, header[9], rewritten).encode()
-
-    def _serve_here(self, stream_id: int, request: ttrpc_pb2.Request, handler: LocalMethod) -> None:
-        try:
-            payload = handler(request.payload)
-        except TtrpcError as exc:
-            self._answer(stream_id, exc.code, exc.message)
-            return
-        except Exception as exc:  # noqa: BLE001 - a handler bug fails one call, not the relay
-            log.error("serving %s/%s failed", request.service, request.method, exc_info=exc)
-            self._answer(stream_id, Code.INTERNAL, f"{request.method} failed: {type(exc).__name__}")
-            return
-        data = Frame(stream_id, FrameType.RESPONSE, 0, success_response(payload)).encode()
-        with contextlib.suppress(OSError, RuntimeError):
-            self.down_writer.write(data)
-
-    def _answer(self, stream_id: int, code: Code | int, message: str) -> None:
-        """Send an error response downstream on ``stream_id`` (best effort; whole frames are
-        written without awaiting, so the two pumps' frames never interleave)."""
-        data = Frame(stream_id, FrameType.RESPONSE, 0, error_response(code, message)).encode()
-        with contextlib.suppress(OSError, RuntimeError):
-            self.down_writer.write(data)
-
 
 async def _write(writer: asyncio.StreamWriter, data: bytes) -> bool:
     try:

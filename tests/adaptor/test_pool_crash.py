@@ -18,7 +18,7 @@ from cloudadaptor.adaptor.store import SandboxState
 from cloudadaptor.dev.shim import shim_annotations
 from cloudadaptor.providers import base as providers
 
-from conftest import FakePodNetwork, FakeProvider
+from fakes.lifecycle import FakePodNetwork, FakeProvider
 from pool_world import FakeClaimer, make_lifecycle
 
 ROUNDS = 50

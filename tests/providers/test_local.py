@@ -321,6 +321,7 @@ async def test_the_vm_does_not_inherit_the_workers_environment(local_provider, m
 async def test_boot_delay_is_honoured(local_cloud):
     # A lower bound from the VM's own console clock only: a loaded machine makes the boot later, never earlier.
     provider = local_cloud.provider(boot_delay=0.6)
+    assert await provider.verify() == []  # as the daemon does at start: the fork server is up before the first VM
     instance = await provider.create_instance(spec())
     log = await wait_console(provider, instance.id, "boot complete")
     waited = stamp(log, "started process-user-data") - stamp(log, "booting")

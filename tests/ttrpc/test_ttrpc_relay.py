@@ -1,4 +1,7 @@
-"""relay(): frames copied both ways, requests optionally rewritten.
+"""relay() and relayproto.FrameRelay: frames copied both ways, requests optionally rewritten.
+
+Every harness test runs against both: the stream relay and the protocol relay
+the forwarder uses, which share the frame handling and must behave alike.
 
 Downstream is a raw struct client, upstream a raw struct peer that records
 every frame byte for byte and answers with the request's envelope bytes as
@@ -15,6 +18,7 @@ import pytest
 
 from cloudadaptor.protocols import ttrpc_pb2
 from cloudadaptor.ttrpc import Code, TtrpcError, relay
+from cloudadaptor.ttrpc.relayproto import FrameRelay
 
 HDR = ">IIBB"
 LIMIT = 4 << 20
@@ -33,7 +37,10 @@ async def read_raw(reader: asyncio.StreamReader, timeout: float = 5.0) -> tuple[
 class Harness:
     """front unix socket --relay--> raw upstream unix socket."""
 
-    def __init__(self, tmp_path, rewrite=None, close_upstream_after: int | None = None) -> None:
+    def __init__(self, tmp_path, rewrite=None, close_upstream_after: int | None = None, kind: str = "streams",
+                 local=None) -> None:
+        self.kind = kind
+        self.local = local
         self.up_path = str(tmp_path / "up.sock")
         self.down_path = str(tmp_path / "down.sock")
         self.rewrite = rewrite
@@ -45,11 +52,28 @@ class Harness:
 
     async def start(self) -> None:
         self.up = await asyncio.start_unix_server(self._upstream, self.up_path)
-        self.front = await asyncio.start_unix_server(self._front, self.down_path)
+        if self.kind == "streams":
+            self.front = await asyncio.start_unix_server(self._front, self.down_path)
+        else:
+            self.front = await asyncio.get_running_loop().create_unix_server(self._front_protocol, self.down_path)
+            self.tasks: set[asyncio.Task[None]] = set()
+
+    def _front_protocol(self) -> asyncio.Protocol:
+        pair = FrameRelay(self.rewrite, local=self.local)
+        task = asyncio.get_running_loop().create_task(self._run_protocols(pair))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return pair.down
+
+    async def _run_protocols(self, pair: FrameRelay) -> None:
+        await asyncio.get_running_loop().create_unix_connection(lambda: pair.up, self.up_path)
+        pair.start()
+        self.reasons.append(await pair.ended)
+        self.relay_done.set()
 
     async def _front(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_unix_connection(self.up_path)
-        self.reasons.append(await relay(reader, writer, up_reader, up_writer, self.rewrite))
+        self.reasons.append(await relay(reader, writer, up_reader, up_writer, self.rewrite, local=self.local))
         self.relay_done.set()
 
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -76,12 +100,12 @@ class Harness:
         self.up.close()
 
 
-@pytest.fixture
-async def harness(tmp_path):
+@pytest.fixture(params=["streams", "protocols"])
+async def harness(tmp_path, request):
     created: list[Harness] = []
 
     async def make(**kw) -> Harness:
-        h = Harness(tmp_path, **kw)
+        h = Harness(tmp_path, kind=request.param, **kw)
         await h.start()
         created.append(h)
         return h
@@ -174,6 +198,33 @@ async def test_hook_raising_ttrpc_error_answers_that_status(harness):
     status = ttrpc_pb2.Response.FromString(data).status
     assert (sid, status.code, status.message) == (1, Code.INVALID_ARGUMENT, "cannot rewrite")
     assert h.upstream_frames == []
+    writer.close()
+
+
+async def test_local_methods_are_answered_by_the_relay_never_forwarded(harness):
+    def echo(payload: bytes) -> bytes:
+        return b"here:" + payload
+
+    def refuse(payload: bytes) -> bytes:
+        raise TtrpcError(Code.INVALID_ARGUMENT, "refused here")
+
+    def broken(payload: bytes) -> bytes:
+        raise KeyError("secret-detail")
+
+    local = {("l.L", "Echo"): echo, ("l.L", "Refuse"): refuse, ("l.L", "Broken"): broken}
+    h = await harness(local=local)  # no rewrite hook: local methods alone make the relay decode requests
+    reader, writer = await h.connect()
+    writer.write(frame(1, envelope("l.L", "Echo", b"x")) + frame(3, envelope("l.L", "Refuse"))
+                 + frame(5, envelope("l.L", "Broken")) + frame(7, envelope("l.L", "Other", b"y")))
+    answers = {}
+    for _ in range(4):
+        sid, ftype, _, data = await read_raw(reader)
+        answers[sid] = (ftype, ttrpc_pb2.Response.FromString(data))
+    assert answers[1][0] == 2 and answers[1][1].payload == b"here:x" and answers[1][1].status.code == 0
+    assert (answers[3][1].status.code, answers[3][1].status.message) == (Code.INVALID_ARGUMENT, "refused here")
+    assert answers[5][1].status.code == Code.INTERNAL and "secret-detail" not in answers[5][1].status.message
+    assert answers[7][1].payload == envelope("l.L", "Other", b"y"), "other methods reach upstream"
+    assert h.upstream_frames == [frame(7, envelope("l.L", "Other", b"y"))]
     writer.close()
 
 

@@ -11,7 +11,8 @@ namespace plus a directory (``LOCAL_CLOUD_DIR``). A pod VM is:
   client_token, pid, state), ``console.log`` (the VM's serial console),
   ``run/`` (the VM's own ``/run``; the user data is ``run/cloud-data/user-data``,
   read in the VM as ``/run/cloud-data/user-data``) and ``init.pid``;
-- its init (``cloudadaptor.providers.local_vm``), PID 1 of its own PID
+- its init (``cloudadaptor.providers.local_vm``, forked from the provider's
+  fork server ``cloudadaptor.providers.local_forkserver``), PID 1 of its own PID
   namespace, which boots the real podvm components. VMs are not children of
   the adaptor and keep running when it exits, as cloud VMs would.
 

@@ -12,8 +12,6 @@ import errno
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cloudadaptor import linuxns
 from cloudadaptor.providers import local_vm
+from cloudadaptor.providers.local_forkserver import ForkServer
 from cloudadaptor.providers.base import ProviderError
 from cloudadaptor.providers.local.config import LocalConfig
 
@@ -81,11 +80,10 @@ def wire(cfg: LocalConfig, instance_id: str, ip: str) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=str(cfg.gateway))
 
 
-def launch(cfg: LocalConfig, instance_id: str, directory: Path) -> int:
-    """Start the VM's init; returns its PID once it runs in its own namespaces.
-    ProviderError (with the console's last lines) when it does not start."""
+def launch(cfg: LocalConfig, instance_id: str, directory: Path, forks: ForkServer) -> int:
+    """Start the VM's init (a fork of ``forks`` running ``local_vm``'s launcher); returns its PID once
+    it runs in its own namespaces. ProviderError (with the console's last lines) when it does not start."""
     argv = [
-        sys.executable, "-m", local_vm.MODULE,
         "--instance-dir", str(directory),
         "--netns", linuxns.netns_path(netns_name(instance_id)),
         "--boot-delay", repr(cfg.boot_delay),
@@ -93,14 +91,12 @@ def launch(cfg: LocalConfig, instance_id: str, directory: Path) -> int:
     if cfg.agent_command:
         argv += ["--agent-command", cfg.agent_command]
     with open(directory / local_vm.CONSOLE_LOG, "ab") as console:
-        launcher = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd="/", env=vm_environment())
-    try:
-        code = launcher.wait(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        launcher.kill()
-        launcher.wait()
-        raise ProviderError(f"local VM {instance_id} did not start within {LAUNCH_TIMEOUT:g}s") from None
+        try:
+            code = forks.launch(argv, console.fileno(), LAUNCH_TIMEOUT)
+        except TimeoutError:
+            raise ProviderError(f"local VM {instance_id} did not start within {LAUNCH_TIMEOUT:g}s") from None
+        except OSError as exc:
+            raise ProviderError(f"local VM {instance_id} could not be launched: {exc}") from None
     if code != 0:
         raise ProviderError(f"local VM {instance_id} failed to start (exit {code}): {console_tail(directory)}")
     return int((directory / local_vm.PID_FILE).read_text())
@@ -185,10 +181,22 @@ def alive(pid: int) -> bool:
 
 
 def _is_vm_init(pid: int, directory: Path) -> bool:
-    """Whether ``pid`` is the running init of the VM in ``directory`` (not a reused PID)."""
+    """Whether ``pid`` is the running init of the VM in ``directory`` (not a reused PID): its ``/run``
+    is the bind mount of ``<directory>/run`` (the directory's name is the unique instance id). A fork
+    server's VM has the server's command line, so that cannot tell; an init exec'd by an older
+    daemon (``local_vm`` with the directory among its arguments) is recognised too."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = f.read().split(b"\0")
+        if local_vm.MODULE.encode() in args and str(directory).encode() in args:
+            return True
+        with open(f"/proc/{pid}/mountinfo") as f:
+            mounts = [line.split() for line in f]
     except OSError:
         return False
-    return local_vm.MODULE.encode() in args and str(directory).encode() in args
+    suffix = f"/{directory.name}/{local_vm.RUN_SUBDIR}"
+    return any(len(m) > 4 and m[4] == "/run" and _unescape(m[3]).endswith(suffix) for m in mounts)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)

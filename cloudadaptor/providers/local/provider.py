@@ -25,6 +25,7 @@ from cloudadaptor import linuxns
 from cloudadaptor.providers import local_vm
 from cloudadaptor.providers.base import ConsoleUnavailable, Instance, InstanceSpec, ProviderBase, ProviderError
 from cloudadaptor.providers.local import machine, qemu
+from cloudadaptor.providers.local_forkserver import ForkServer
 from cloudadaptor.providers.local.config import LocalConfig
 
 ID_PATTERN = machine.ID_PATTERN
@@ -65,6 +66,8 @@ class LocalProvider(ProviderBase):
         # Creates and deletes mostly wait for processes (a VM's launcher, its stop): with the
         # default executor's few threads, 30 pods started at once would queue in waves.
         self._machines = ThreadPoolExecutor(max_workers=MACHINE_THREADS, thread_name_prefix="local-vm")
+        # Namespace VMs are forks of one pre-imported interpreter, not one new interpreter each (issue 16).
+        self._forks = ForkServer(machine.vm_environment())
 
     # ---------------------------------------------------------------- protocol
 
@@ -98,7 +101,8 @@ class LocalProvider(ProviderBase):
         return record.instance() if record is not None else None
 
     async def close(self) -> None:
-        """Nothing to release; VMs keep running."""
+        """Stop the fork server (started by the first namespace VM); VMs keep running."""
+        await asyncio.to_thread(self._forks.close)
 
     async def console_output(self, instance_id: str) -> str:
         """The VM's ``console.log`` (its init's and components' output)."""
@@ -155,6 +159,11 @@ class LocalProvider(ProviderBase):
                 qemu.accelerator(self.config, qemu.image_for(self.config))
             except ProviderError as exc:
                 problems.append(f"LOCAL_VM=qemu: {exc}")
+        else:
+            try:  # now, so the first pod does not wait for its imports
+                self._forks.start()
+            except OSError as exc:
+                problems.append(f"cannot start the local VM fork server: {exc}")
         return problems
 
     # ---------------------------------------------------------------- records
@@ -255,7 +264,7 @@ class LocalProvider(ProviderBase):
         if record.vm == "qemu":
             return qemu.launch(self.config, record.id, self._dir(record.id), record.ip,
                                machine.host_veth_name(record.id))
-        return machine.launch(self.config, record.id, self._dir(record.id))
+        return machine.launch(self.config, record.id, self._dir(record.id), self._forks)
 
     # ----------------------------------------------------------------- delete
 
