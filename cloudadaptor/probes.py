@@ -29,6 +29,7 @@ import logging
 import socket
 import threading
 from collections.abc import Iterable
+from http import HTTPStatus
 from socketserver import TCPServer, ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -72,9 +73,6 @@ class _Quiet(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         """Probes every few seconds would flood the log; errors surface as status codes."""
-
-
-_REASONS = {200: "200 OK", 500: "500 Internal Server Error", 404: "404 Not Found", 405: "405 Method Not Allowed", 503: "503 Service Unavailable"}
 
 
 class ProbeServer:
@@ -127,7 +125,7 @@ class ProbeServer:
         headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
         if status == 405:
             headers.append(("Allow", "GET, HEAD"))
-        start_response(_REASONS[status], headers)
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
         return [b"" if method == "HEAD" else body]
 
     async def start(self) -> int:
