@@ -3,28 +3,47 @@
 Served by the worker daemon and by the peerpod-controller, each with its own registry.
 
 - ``/metrics``: the process's registry in Prometheus text format.
-- ``/healthz``: 200 when the daemon's event loop answers (this handler runs on
-  it, so an answer is the proof); the liveness probe.
+- ``/healthz``: 200 when the daemon's event loop answers (every answer is
+  computed on it, so an answer is the proof; 503 when it has not answered
+  within ``LOOP_TIMEOUT``); the liveness probe.
 - ``/startup``: 200 once the hypervisor socket is served and every sandbox
   running on this node at start-up has been re-served (the Go adaptor's
   meaning); 503 before. The startup probe.
 
-Served by aiohttp on the daemon's loop; binding fails at start with one line
-(port in use, address not on this host), so a misconfiguration never leaves a
+Served by the standard library's threading WSGI server (the one
+prometheus_client's own ``start_http_server`` uses) in a daemon thread:
+aiohttp and its dependencies cost the idle daemon about 9 MiB, and three GET
+routes need none of it. The HTTP thread only parses and writes; each answer is
+computed on the daemon's loop (the store's SQLite connection, read by the
+gauges, belongs to that thread). Binding fails at start with one line (port
+in use, address not on this host), so a misconfiguration never leaves a
 daemon without probes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import ipaddress
 import logging
-from typing import Callable, Protocol
+import socket
+import threading
+from collections.abc import Iterable
+from http import HTTPStatus
+from socketserver import TCPServer, ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 log = logging.getLogger(__name__)
+LOOP_TIMEOUT = 10.0  # seconds the event loop may take to answer before /healthz says 503
+TEXT = "text/plain; charset=utf-8"
+NOT_STARTED = "starting: hypervisor socket not served or sandboxes not re-served yet\n"
+Answer = tuple[int, str, bytes]  # status, content type, body
 
 
 class Exposition(Protocol):
@@ -35,6 +54,27 @@ class ProbeBindError(Exception):
     """The endpoint cannot listen; the message is one line naming the address and the cause."""
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a request stuck on a blocked loop never holds the process at exit
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the address (it would block the start)."""
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        self.setup_environ()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    timeout = 30  # seconds a silent client may hold its connection (and thread)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        """Probes every few seconds would flood the log; errors surface as status codes."""
+
+
 class ProbeServer:
     """``start()`` listens (or raises ``ProbeBindError``); ``close()`` stops. ``started`` answers /startup."""
 
@@ -43,47 +83,75 @@ class ProbeServer:
         self.port = port
         self._metrics = metrics
         self._started = started
-        self._runner: web.AppRunner | None = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._routes: dict[str, Callable[[], Answer]] = {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, self._metrics.exposition()),
+            "/healthz": lambda: (200, TEXT, b"ok\n"),
+            "/startup": lambda: (200, TEXT, b"started\n") if self._started() else (503, TEXT, NOT_STARTED.encode()),
+        }
 
-    def _app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self._get_metrics)
-        app.router.add_get("/healthz", self._get_healthz)
-        app.router.add_get("/startup", self._get_startup)
-        return app
+    def _on_loop(self, route: Callable[[], Answer]) -> Answer:
+        """``route()`` run on the daemon's loop; 503 when the loop does not answer (or has stopped)."""
+        assert self._loop is not None
+        result: list[Answer] = []
+        answered = threading.Event()
 
-    async def _get_metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self._metrics.exposition())
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
+        def run() -> None:
+            try:
+                result.append(route())
+            except Exception:  # noqa: BLE001 - a broken collector is a 500 with a log line, never a dead thread
+                log.exception("probe endpoint: answer failed")
+            answered.set()
 
-    async def _get_healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed
+            return 503, TEXT, b"event loop stopped\n"
+        if not answered.wait(LOOP_TIMEOUT):
+            return 503, TEXT, f"event loop did not answer within {LOOP_TIMEOUT:.0f} s\n".encode()
+        return result[0] if result else (500, TEXT, b"500: Internal Server Error (see the log)\n")
 
-    async def _get_startup(self, request: web.Request) -> web.Response:
-        if self._started():
-            return web.Response(text="started\n")
-        return web.Response(status=503, text="starting: hypervisor socket not served or sandboxes not re-served yet\n")
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        route = self._routes.get(environ.get("PATH_INFO", ""))
+        method = environ.get("REQUEST_METHOD", "")
+        if route is None:
+            status, kind, body = 404, TEXT, b"404: Not Found"
+        elif method not in ("GET", "HEAD"):
+            status, kind, body = 405, TEXT, b"405: Method Not Allowed"
+        else:
+            status, kind, body = self._on_loop(route)
+        headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+        if status == 405:
+            headers.append(("Allow", "GET, HEAD"))
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [b"" if method == "HEAD" else body]
 
     async def start(self) -> int:
         """Listen; returns the bound port. Raises ``ProbeBindError`` (one line) when it cannot."""
-        runner = web.AppRunner(self._app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.address, self.port)
+        kind = _Server6 if ipaddress.ip_address(self.address).version == 6 else _Server
         try:
-            await site.start()
+            server = kind((self.address, self.port), _Quiet)
         except OSError as exc:
-            await runner.cleanup()
             cause = "port already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             raise ProbeBindError(
                 f"PROBE_ADDRESS:PROBE_PORT {self.address}:{self.port}: cannot listen: {cause}"
             ) from None
-        self._runner = runner
+        server.set_app(self._app)
+        self._loop = asyncio.get_running_loop()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="probes", daemon=True)
+        self._thread.start()
         log.info("probe endpoint listening on http://%s:%d (/metrics, /healthz, /startup)", self.address, self.port)
-        return self.port
+        return int(server.server_port)
 
     async def close(self) -> None:
-        """Stop serving. Idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        """Stop serving (the listening socket is closed when this returns). Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)  # waits for serve_forever's next poll (≤ 0.5 s)
+            server.server_close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()  # serve_forever has returned: immediate

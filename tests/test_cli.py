@@ -103,6 +103,17 @@ def test_serve_loads_no_other_subcommand_and_no_kubernetes_client_outside_a_clus
     assert result.returncode == 0 and "build" in result.stdout, "the chosen subcommand is still mounted"
 
 
+def test_the_daemon_and_its_probe_endpoint_import_no_http_framework_grpc_or_cloud_sdk():
+    # Idle memory (bench: daemon RSS idle): /metrics, /healthz and /startup are served by the
+    # standard library's HTTP server, gRPC only with GRPC_ENDPOINT, an SDK only with its provider.
+    probe = ("import sys; import cloudadaptor.adaptor.daemon, cloudadaptor.probes; "
+             "print(sorted(m for m in ('aiohttp', 'grpc', 'kubernetes_asyncio', 'boto3', 'botocore', 'azure', "
+             "'cloudadaptor.adaptor.grpc_binding') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"the daemon module imported: {result.stdout}"
+
+
 def test_an_unknown_subcommand_exits_2_naming_the_choices():
     result = run("launch")
     assert result.returncode == 2

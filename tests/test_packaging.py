@@ -210,10 +210,11 @@ def test_each_module_imports_only_what_its_extra_installs():
 
 def test_the_base_install_is_what_serve_on_the_local_provider_and_the_pod_vm_need():
     base = {canonicalize_name(r.name) for r in requirements()}
-    # prometheus-client and aiohttp: the daemon's /metrics, /healthz and /startup endpoint, served by every `serve`;
+    # prometheus-client: the daemon's /metrics, /healthz and /startup endpoint, served by every `serve`
+    # (over the standard library's HTTP server: aiohttp, the webhook's and Kubernetes client's, is not base);
     # uvloop: the pod VM forwarder's event loop.
     assert base == {"protobuf", "grpcio", "grpcio-health-checking", "cryptography", "pyroute2", "pyyaml",
-                    "prometheus-client", "aiohttp", "uvloop"}
+                    "prometheus-client", "uvloop"}
     for extra in PRODUCT_EXTRAS:
         assert requirements(extra), extra
     sdks = {"aws": {"boto3"}, "azure": {"azure-identity", "azure-mgmt-compute", "azure-mgmt-network"},

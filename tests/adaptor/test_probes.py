@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import socket
+import threading
 
 import aiohttp
 import pytest
 
 from cloudadaptor.adaptor.daemon import Daemon, StartupError
+from cloudadaptor import probes
 from cloudadaptor.probes import ProbeServer
 from cloudadaptor.config import ConfigError, load_settings
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
@@ -86,6 +90,9 @@ async def test_startup_is_503_until_the_daemon_says_started(private_ns):
 
 async def test_port_in_use_refuses_the_start_with_one_line(private_ns, short_dir, provider, pod_network):
     taken = socket.socket()
+    # The earlier tests' connections may sit in TIME_WAIT on this port (the endpoint speaks
+    # HTTP/1.0 and closes first); a listener is what must refuse the start, not those.
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     taken.bind(("127.0.0.1", PORT))
     taken.listen()
     try:
@@ -119,3 +126,43 @@ def test_bad_probe_address_and_log_format_are_refused():
         load_settings({"CLOUD_PROVIDER": "local", "PROBE_ADDRESS": "pod-ip", "LOG_FORMAT": "xml"})
     assert sorted(p.key for p in err.value.problems) == ["LOG_FORMAT", "PROBE_ADDRESS"]
     assert "text, json" in str(err.value)
+
+
+def _blocking_get(path: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) with the standard library's client, from any thread."""
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read().decode()
+    finally:
+        connection.close()
+
+
+async def test_healthz_is_503_while_the_event_loop_does_not_answer(private_ns, monkeypatch):
+    monkeypatch.setattr(probes, "LOOP_TIMEOUT", 0.2)
+    server = ProbeServer("127.0.0.1", PORT, Metrics("fake"), lambda: True)
+    await server.start()
+    try:
+        answers = []
+        client = threading.Thread(target=lambda: answers.append(_blocking_get("/healthz")))
+        client.start()
+        client.join()  # on the loop's thread: the loop cannot answer until the client has its reply
+        assert answers[0][0] == 503 and "did not answer" in answers[0][2], answers
+        assert await asyncio.to_thread(_blocking_get, "/healthz") == (200, "text/plain; charset=utf-8", "ok\n")
+    finally:
+        await server.close()
+
+
+async def test_other_paths_and_methods_are_refused_and_head_has_no_body(private_ns):
+    server = ProbeServer("127.0.0.1", PORT, Metrics("fake"), lambda: True)
+    await server.start()
+    try:
+        assert (await asyncio.to_thread(_blocking_get, "/nothing"))[0] == 404
+        assert (await asyncio.to_thread(_blocking_get, "/metrics", "POST"))[0] == 405
+        status, kind, body = await asyncio.to_thread(_blocking_get, "/metrics", "HEAD")
+        assert (status, body) == (200, "") and kind.startswith("text/plain; version=")
+        status, kind, body = await asyncio.to_thread(_blocking_get, "/metrics")
+        assert kind.startswith("text/plain; version=") and "cloud_api_adaptor_build_info" in body, body[:300]
+    finally:
+        await server.close()
