@@ -2,8 +2,9 @@
 
     pod netns: eth0 ◄─tc redirect─► ppvx<vni> ══UDP vxlan_port══► pod VM
 
-The VXLAN device is created in the worker's netns, so its UDP socket lives
-there (where the VM network is routed), then moved into the pod netns. There,
+The VXLAN device is created by a request from the worker's netns, so its UDP
+socket lives there (where the VM network is routed), straight into the pod
+netns (IFLA_NET_NS_FD, as `ip link add ... netns <pod>`). There,
 two tc ingress filters (u32 match-all, mirred egress redirect) pass every
 frame entering the pod interface to the tunnel and every frame coming out of
 the tunnel to the pod interface: the pod netns itself never routes anything.
@@ -20,10 +21,11 @@ and VNI alone, wherever a crash left it. Blocking: call through
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -36,6 +38,7 @@ INGRESS = 0xFFFF0000  # the ingress qdisc's handle ("ffff:")
 ETH_P_ALL = 0x0003
 REDIRECT_PRIO = 1
 U32_CLASSID = 0x10001  # "flowid 1:1", as `tc ... u32 match u32 0 0 flowid 1:1` sets
+T = TypeVar("T")
 
 
 def tunnel_up(tunnel: TunnelSpec) -> None:
@@ -43,48 +46,75 @@ def tunnel_up(tunnel: TunnelSpec) -> None:
 
     Leftovers of an earlier attempt for the same VNI are removed first; on
     failure everything made is removed before ``PodNetworkError`` is raised.
+    One netlink socket per netns serves the whole step (each costs the daemon
+    a socket and an event loop).
     """
     if not tunnel.vm_ip:
         raise PodNetworkError(f"tunnel {tunnel.device}: no VM address to tunnel to")
-    tunnel_down(tunnel)
-    try:
-        peerfilter.install(tunnel.vni, tunnel.vxlan_port, tunnel.vm_ip)  # before the socket can receive
-        _create_and_move(tunnel)
-        with open_netns(tunnel.netns_path) as ipr:
-            pod = _index(ipr, tunnel.pod_ifname)
-            if pod is None:
-                raise NetnsUnusable(f"network namespace {tunnel.netns_path} has no interface {tunnel.pod_ifname}")
-            vxlan = _index(ipr, tunnel.device)
-            if vxlan is None:
-                raise PodNetworkError(f"{tunnel.device} vanished from {tunnel.netns_path}")
-            ipr.link("set", index=vxlan, state="up")
-            add_redirect(ipr, pod, vxlan)
-            add_redirect(ipr, vxlan, pod)
-    except BaseException as exc:
+    with contextlib.ExitStack() as sockets:
+        worker, pod = _remove_leftovers(tunnel, sockets)
         try:
-            tunnel_down(tunnel)
-        except PodNetworkError as cleanup:
-            raise PodNetworkError(f"{_describe(exc)}; cleanup also failed: {cleanup}") from exc
-        if isinstance(exc, PodNetworkError):
+            # before the socket can receive; replaces an earlier peer filter of this VNI
+            peerfilter.install(tunnel.vni, tunnel.vxlan_port, tunnel.vm_ip)
+            _create(worker, tunnel)
+            _wire(pod or sockets.enter_context(open_netns(tunnel.netns_path)), tunnel)
+        except BaseException as exc:
+            try:
+                tunnel_down(tunnel)
+            except PodNetworkError as cleanup:
+                raise PodNetworkError(f"{_describe(exc)}; cleanup also failed: {cleanup}") from exc
+            if isinstance(exc, PodNetworkError):
+                raise
+            if isinstance(exc, (OSError, NetlinkError)):
+                raise PodNetworkError(f"tunnel {tunnel.device} to {tunnel.vm_ip} in {tunnel.netns_path}: {_describe(exc)}") from exc
             raise
-        if isinstance(exc, (OSError, NetlinkError)):
-            raise PodNetworkError(f"tunnel {tunnel.device} to {tunnel.vm_ip} in {tunnel.netns_path}: {_describe(exc)}") from exc
-        raise
 
 
-def _create_and_move(tunnel: TunnelSpec) -> None:
-    """The VXLAN device, made in this (worker) netns and moved into the pod netns."""
+def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.ExitStack) -> tuple[IPRoute, IPRoute | None]:
+    """``tunnel_down`` but the peer filter (``peerfilter.install`` replaces it), through
+    sockets kept open for the rest of ``tunnel_up``: (worker netns, pod netns or None when
+    the pod netns is gone). Raises ``PodNetworkError`` as ``tunnel_down`` does."""
+    problems: list[str] = []
+    name = tunnel.device
+    worker = _attempt(problems, f"cannot delete {name} in the worker netns", lambda: sockets.enter_context(IPRoute()))
+    if worker is not None:
+        _attempt(problems, f"cannot delete {name} in the worker netns", _delete_links, worker, name)
+    pod = None
+    if netns_exists(tunnel.netns_path):
+        where = f"cannot clean {name} in {tunnel.netns_path}"
+        pod = _attempt(problems, where, lambda: sockets.enter_context(open_netns(tunnel.netns_path)))
+        if pod is not None:
+            _attempt(problems, where, _clean_pod_netns, pod, tunnel)
+    if problems or worker is None:
+        raise PodNetworkError("; ".join(problems))
+    return worker, pod
+
+
+def _create(worker: IPRoute, tunnel: TunnelSpec) -> None:
+    """The VXLAN device, created from this (worker) netns straight into the pod netns:
+    its UDP socket lives in the netns that created it, so one request does what
+    "create here, then move" did, and no device ever sits in the worker netns."""
     remote = ipaddress.ip_address(tunnel.vm_ip)
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
     fd = os.open(tunnel.netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=tunnel.device, kind="vxlan", vxlan_id=tunnel.vni,
-                     vxlan_port=tunnel.vxlan_port, vxlan_learning=0, **group)
-            index = ipr.link_lookup(ifname=tunnel.device)[0]
-            ipr.link("set", index=index, net_ns_fd=fd)
+        worker.link("add", ifname=tunnel.device, kind="vxlan", vxlan_id=tunnel.vni, vxlan_port=tunnel.vxlan_port,
+                    vxlan_learning=0, net_ns_fd=fd, **group)
     finally:
         os.close(fd)
+
+
+def _wire(pod: IPRoute, tunnel: TunnelSpec) -> None:
+    """In the pod netns: the device up and the tc redirects both ways."""
+    pod_index = _index(pod, tunnel.pod_ifname)
+    if pod_index is None:
+        raise NetnsUnusable(f"network namespace {tunnel.netns_path} has no interface {tunnel.pod_ifname}")
+    vxlan = _index(pod, tunnel.device)
+    if vxlan is None:
+        raise PodNetworkError(f"{tunnel.device} vanished from {tunnel.netns_path}")
+    pod.link("set", index=vxlan, state="up")
+    add_redirect(pod, pod_index, vxlan)
+    add_redirect(pod, vxlan, pod_index)
 
 
 def tunnel_down(tunnel: TunnelSpec) -> None:
@@ -93,26 +123,38 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
     Raises ``PodNetworkError`` listing every part that could not be removed."""
     problems: list[str] = []
     name = tunnel.device
-    try:
+
+    def in_worker() -> None:
         with IPRoute() as ipr:
             _delete_links(ipr, name)
-    except (OSError, NetlinkError) as exc:
-        problems.append(f"cannot delete {name} in the worker netns: {_describe(exc)}")
+
+    def in_pod() -> None:
+        with open_netns(tunnel.netns_path) as ipr:
+            _clean_pod_netns(ipr, tunnel)
+
+    _attempt(problems, f"cannot delete {name} in the worker netns", in_worker)
     if netns_exists(tunnel.netns_path):
-        try:
-            with open_netns(tunnel.netns_path) as ipr:
-                pod = _index(ipr, tunnel.pod_ifname)
-                if pod is not None:
-                    remove_redirect(ipr, pod)
-                _delete_links(ipr, name)
-        except (OSError, NetlinkError, PodNetworkError) as exc:
-            problems.append(f"cannot clean {name} in {tunnel.netns_path}: {_describe(exc)}")
-    try:
-        peerfilter.remove(tunnel.vni)
-    except (OSError, NetlinkError) as exc:
-        problems.append(f"cannot remove the peer filter {peerfilter.table_name(tunnel.vni)}: {_describe(exc)}")
+        _attempt(problems, f"cannot clean {name} in {tunnel.netns_path}", in_pod)
+    _attempt(problems, f"cannot remove the peer filter {peerfilter.table_name(tunnel.vni)}", peerfilter.remove,
+             tunnel.vni)
     if problems:
         raise PodNetworkError("; ".join(problems))
+
+
+def _clean_pod_netns(ipr: IPRoute, tunnel: TunnelSpec) -> None:
+    pod = _index(ipr, tunnel.pod_ifname)
+    if pod is not None:
+        remove_redirect(ipr, pod)
+    _delete_links(ipr, tunnel.device)
+
+
+def _attempt(problems: list[str], what: str, fn: Callable[..., T], *args: Any) -> T | None:
+    """``fn(*args)``; a failure is added to ``problems`` as "``what``: why" (None returned)."""
+    try:
+        return fn(*args)
+    except (OSError, NetlinkError, PodNetworkError) as exc:
+        problems.append(f"{what}: {_describe(exc)}")
+        return None
 
 
 def sweep_worker_devices(known_vnis: Collection[int]) -> list[str]:
