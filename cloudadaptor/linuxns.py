@@ -7,7 +7,6 @@ network configuration itself goes through pyroute2.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -20,7 +19,14 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# dlopen(NULL): the C library this interpreter already runs on. ctypes.util.find_library
+# forks /sbin/ldconfig, in every process that imports this (each container's nsexec too).
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def libc() -> ctypes.CDLL:
+    """The loaded C library (for pyroute2's ``libc=`` arguments, which would otherwise look it up)."""
+    return _libc
 
 
 def _check(rc: int, what: str) -> None:

@@ -25,13 +25,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 
-from cloudadaptor import linuxns
+from cloudadaptor import linuxns, netnsocket
 
-T = TypeVar("T")
 ETH_P_ALL = 0x0003
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
 
@@ -48,24 +46,7 @@ ECHO_SERVER = (
 )
 
 
-def in_netns(path: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread that has entered the netns at ``path``."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            linuxns.setns(path, linuxns.CLONE_NEWNET)
-            result.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name=f"netns {path}")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
+in_netns = netnsocket.in_netns  # run fn in a fresh thread that has entered the netns at path
 
 
 def socket_in_netns(path: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
@@ -216,14 +197,14 @@ class CloudNet:
         network = ipaddress.ip_network(self.cidr)
         ip = str(list(network.hosts())[len(self.vms) + 1])
         veth = f"cv{os.getpid() % 1000}{name}"[:15]
-        netns.create(name)
+        netnsocket.create_netns(name)
         self.vms.append(name)
         self.veths.append(veth)
         with IPRoute() as ipr:
             ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
             index = ipr.link_lookup(ifname=veth)[0]
             ipr.link("set", index=index, master=ipr.link_lookup(ifname=self.bridge)[0], state="up")
-        with IPRoute(netns=name, flags=0) as ipr:
+        with netnsocket.iproute_in(linuxns.netns_path(name)) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             index = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=index, address=ip, prefixlen=network.prefixlen)
@@ -239,7 +220,7 @@ class CloudNet:
         for name in self.vms:
             for ns in (self.podns_of(name), name):
                 try:
-                    netns.remove(ns)
+                    netnsocket.remove_netns(ns)
                 except FileNotFoundError:
                     pass
         self.vms.clear()

@@ -18,10 +18,10 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cloudadaptor import linuxns
+from cloudadaptor import linuxns, netnsocket
 
 POD_IFNAME = "eth0"
 
@@ -62,7 +62,7 @@ def create_pod_netns(name: str, pod_ip_cidr: str, gateway: str, *, mtu: int = 15
     if os.path.exists(path):
         raise FileExistsError(errno.EEXIST, "network namespace exists", path)
     host = host_veth_name(name)
-    netns.create(name)
+    netnsocket.create_netns(name)
     try:
         with IPRoute() as ipr:
             ipr.link("add", ifname=host, kind="veth", mtu=mtu,
@@ -71,7 +71,7 @@ def create_pod_netns(name: str, pod_ip_cidr: str, gateway: str, *, mtu: int = 15
             ipr.addr("add", index=index, address=str(gw), prefixlen=32)
             ipr.link("set", index=index, state="up")
             ipr.route("add", dst=f"{iface.ip}/32", oif=index)
-        with IPRoute(netns=name, flags=0) as ipr:
+        with netnsocket.iproute_in(path) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             index = ipr.link_lookup(ifname=POD_IFNAME)[0]
             ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
@@ -96,6 +96,6 @@ def delete_pod_netns(name: str, host_veth: str | None = None) -> None:
                     raise
     path = linuxns.netns_path(name)
     try:
-        netns.remove(path)
+        netnsocket.remove_netns(path)
     except FileNotFoundError:
         pass

@@ -11,13 +11,12 @@ import errno
 import ipaddress
 import os
 import socket
-import threading
 from typing import Any, Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cloudadaptor import linuxns
+from cloudadaptor import netnsocket
 from cloudadaptor.podnetwork.api import DEVICE_PREFIX, NetnsInvalid, NetnsUnusable, PodNetworkError
 from cloudadaptor.podconfig import PodInterface, PodNeighbour, PodRoute
 
@@ -29,8 +28,6 @@ RT_SCOPE_HOST = 254
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 _SELF_NETNS = "/proc/self/ns/net"
-NETLINK_ROUTE = 0
-_NETLINK_BUFFER = 1 << 20
 
 
 # ---------------------------------------------------------------- opening a netns
@@ -59,55 +56,16 @@ def netns_exists(path: str) -> bool:
 
 @contextlib.contextmanager
 def open_netns(path: str) -> Iterator[IPRoute]:
-    """An ``IPRoute`` working in the netns at ``path``; never creates one."""
+    """An ``IPRoute`` working in the netns at ``path``; never creates one (no fork: ``netnsocket``)."""
     check_netns(path)
-    try:
-        sock = netlink_socket_in(path, NETLINK_ROUTE)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            raise NetnsInvalid(f"{path} is not a network namespace: {exc}") from None
-        raise NetnsInvalid(f"cannot enter network namespace {path}: {exc}") from None
-    try:
-        ipr = IPRoute(use_socket=sock)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        with ipr:
-            yield ipr
-    finally:
-        sock.close()  # IPRoute does not own a socket it was given
-
-
-def netlink_socket_in(path: str, protocol: int) -> socket.socket:
-    """A netlink socket of ``protocol`` bound to the netns at ``path`` (a socket keeps
-    the netns it was made in).
-
-    ``IPRoute(netns=path)`` forks a helper process for every socket, which costs
-    the daemon tens of ms of CPU per call; setns(2) is per thread, so a
-    short-lived thread enters the netns, makes the socket and ends, and the
-    caller's thread never leaves its own netns. Raises ``OSError``.
-    """
-    made: list[socket.socket] = []
-    failure: list[OSError] = []
-
-    def make() -> None:
+    with contextlib.ExitStack() as stack:
         try:
-            linuxns.setns(path, linuxns.CLONE_NEWNET)
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
-            # the buffer sizes IPRoute gives the sockets it makes itself
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _NETLINK_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _NETLINK_BUFFER)
-            made.append(sock)
+            ipr = stack.enter_context(netnsocket.iproute_in(path))
         except OSError as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=make, name="netns-socket")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return made[0]
+            if exc.errno == errno.EINVAL:
+                raise NetnsInvalid(f"{path} is not a network namespace: {exc}") from None
+            raise NetnsInvalid(f"cannot enter network namespace {path}: {exc}") from None
+        yield ipr
 
 
 # ------------------------------------------------------------------ inspection

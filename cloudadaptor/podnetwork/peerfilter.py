@@ -19,9 +19,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-import threading
 from collections import OrderedDict
-from typing import Any, Callable, Collection, TypeVar
+from typing import Any, Collection
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
@@ -36,9 +35,8 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 )
 from pyroute2.nftables.main import NFTables
 
-from cloudadaptor import linuxns
+from cloudadaptor import netnsocket
 
-T = TypeVar("T")
 CHAIN = "peer-only"
 NF_DROP, NF_ACCEPT = 0, 1
 _HOOK_INPUT = 1
@@ -79,13 +77,13 @@ def install(vni: int, vxlan_port: int, peer: str, netns_path: str | None = None)
                  policy=NF_ACCEPT),
         _message(nft_rule_msg, NFT_MSG_NEWRULE, family, table=name, chain=CHAIN, expressions=rule),
     ]
-    _in_netns(netns_path, lambda: _transaction(messages))
+    netnsocket.in_netns(netns_path, lambda: _transaction(messages))
 
 
 def remove(vni: int, netns_path: str | None = None) -> None:
     """Delete the table of ``vni`` (both families, one transaction); absent is fine."""
     messages = [message for family in _FAMILY.values() for message in _delete_table(family, table_name(vni))]
-    _in_netns(netns_path, lambda: _transaction(messages))
+    netnsocket.in_netns(netns_path, lambda: _transaction(messages))
 
 
 def installed(netns_path: str | None = None) -> list[int]:
@@ -100,7 +98,7 @@ def installed(netns_path: str | None = None) -> list[int]:
                         vnis.append(int(m.group(1)))
         return sorted(vnis)
 
-    return _in_netns(netns_path, run)
+    return netnsocket.in_netns(netns_path, run)
 
 
 def sweep(known_vnis: Collection[int], netns_path: str | None = None) -> list[str]:
@@ -164,25 +162,3 @@ def _transaction(messages: list[Any]) -> None:
     """Send ``messages`` as one nftables transaction: all apply or none (raises ``NetlinkError``)."""
     with NFTables() as nft:
         nft.nlm_request_batch([_batch_marker(NFNL_MSG_BATCH_BEGIN), *messages, _batch_marker(NFNL_MSG_BATCH_END)])
-
-
-def _in_netns(netns_path: str | None, fn: Callable[[], T]) -> T:
-    """``fn()`` here, or in a short-lived thread that entered ``netns_path`` (setns is per thread)."""
-    if netns_path is None:
-        return fn()
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            linuxns.setns(netns_path, linuxns.CLONE_NEWNET)
-            result.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="nft-netns")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]

@@ -28,10 +28,10 @@ import socket
 import sys
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cloudadaptor import linuxns
+from cloudadaptor import linuxns, netnsocket
 from cloudadaptor.podnetwork import peerfilter
 from cloudadaptor.podnetwork.api import PodNetworkError, device_name
 from cloudadaptor.podconfig import ApfConfigError, ForwarderConfig, PodInterface, PodNetworkConfig
@@ -57,15 +57,15 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
     """
     podns_path = linuxns.netns_path(podns)
     if not os.path.exists(podns_path):
-        netns.create(podns)
+        netnsocket.create_netns(podns)
     device = device_name(net.vni)
     pod = net.pod
     try:
-        _clear_podns(podns_path, (device, pod.name))
-        # Only the worker may speak into the tunnel: the filter is in place before the socket exists.
-        peerfilter.install(net.vni, net.vxlan_port, net.worker_ip, linuxns.netns_path(vm_netns) if vm_netns else None)
-        _create_and_move(net, vm_netns, podns_path)
-        with IPRoute(netns=podns_path, flags=0) as ipr:
+        with netnsocket.iproute_in(podns_path) as ipr:  # one socket into podns for the whole step
+            _clear_podns(ipr, (device, pod.name))
+            # Only the worker may speak into the tunnel: the filter is in place before the socket exists.
+            peerfilter.install(net.vni, net.vxlan_port, net.worker_ip, linuxns.netns_path(vm_netns) if vm_netns else None)
+            _create_and_move(net, vm_netns, podns_path)
             index = _configure_link(ipr, device, pod)
             _replay_routes(ipr, index, pod)
             for neighbour in pod.neighbours:
@@ -77,13 +77,12 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
             f"{len(pod.routes)} routes, {len(pod.neighbours)} neighbours")
 
 
-def _clear_podns(podns_path: str, names: tuple[str, ...]) -> None:
+def _clear_podns(ipr: IPRoute, names: tuple[str, ...]) -> None:
     """Remove what an earlier run left in podns (and bring lo up)."""
-    with IPRoute(netns=podns_path, flags=0) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        for name in names:
-            for index in ipr.link_lookup(ifname=name):
-                ipr.link("del", index=index)
+    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    for name in names:
+        for index in ipr.link_lookup(ifname=name):
+            ipr.link("del", index=index)
 
 
 def _create_and_move(net: PodNetworkConfig, vm_netns: str | None, podns_path: str) -> None:
@@ -92,7 +91,7 @@ def _create_and_move(net: PodNetworkConfig, vm_netns: str | None, podns_path: st
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
     fd = os.open(podns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with IPRoute(netns=vm_netns, flags=0) if vm_netns else IPRoute() as ipr:
+        with netnsocket.iproute_in(linuxns.netns_path(vm_netns) if vm_netns else None) as ipr:
             for index in ipr.link_lookup(ifname=device):
                 ipr.link("del", index=index)
             ipr.link("add", ifname=device, kind="vxlan", vxlan_id=net.vni, vxlan_port=net.vxlan_port,

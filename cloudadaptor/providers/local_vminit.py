@@ -331,10 +331,9 @@ def _plain_signals() -> None:
 
 
 def _create_podns() -> None:
-    from pyroute2 import IPRoute, netns
+    from cloudadaptor import netnsocket
 
-    netns.create(PODNS)
-    with IPRoute(netns=PODNS, flags=0) as ipr:
+    with netnsocket.iproute_in(netnsocket.create_netns(PODNS)) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
 

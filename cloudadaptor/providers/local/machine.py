@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cloudadaptor import linuxns
+from cloudadaptor import linuxns, netnsocket
 from cloudadaptor.providers import local_vm
 from cloudadaptor.providers.local_forkserver import ForkServer
 from cloudadaptor.providers.base import ProviderError
@@ -63,16 +63,20 @@ def ensure_bridge(cfg: LocalConfig) -> int:
 
 
 def wire(cfg: LocalConfig, instance_id: str, ip: str) -> None:
-    """The VM's netns, veth to the bridge, address and default route."""
+    """The VM's netns, veth to the bridge, address and default route.
+
+    Few netlink requests (issue 16: this runs for every pod): the bridge is looked up by
+    name (kernel side), re-made only when it vanished since ``ensure_bridge``; the veth is
+    created enslaved and up in one request."""
     name = netns_name(instance_id)
     host = host_veth_name(instance_id)
-    netns.create(name)
+    path = netnsocket.create_netns(name)
     with IPRoute() as ipr:
-        bridge = ipr.link_lookup(ifname=cfg.bridge)[0]
-        ipr.link("add", ifname=host, kind="veth", peer={"ifname": VM_IFNAME, "net_ns_fd": name})
-        index = ipr.link_lookup(ifname=host)[0]
-        ipr.link("set", index=index, master=bridge, state="up")
-    with IPRoute(netns=name, flags=0) as ipr:
+        found = ipr.link_lookup(ifname=cfg.bridge)
+        bridge = found[0] if found else ensure_bridge(cfg)
+        ipr.link("add", ifname=host, kind="veth", master=bridge, state="up",
+                 peer={"ifname": VM_IFNAME, "net_ns_fd": name})
+    with netnsocket.iproute_in(path) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         index = ipr.link_lookup(ifname=VM_IFNAME)[0]
         ipr.addr("add", index=index, address=ip, prefixlen=cfg.cidr.prefixlen)
@@ -134,13 +138,12 @@ def unwire(instance_id: str) -> list[str]:
     """Delete the VM's veth and netns if they exist; the problems met."""
     problems: list[str] = []
     try:
-        with IPRoute() as ipr:
-            for index in ipr.link_lookup(ifname=host_veth_name(instance_id)):
-                _tolerate(errno.ENODEV, ipr.link, "del", index=index)
+        with IPRoute() as ipr:  # deleted by name: one request, ENODEV when it is gone already
+            _tolerate(errno.ENODEV, ipr.link, "del", ifname=host_veth_name(instance_id))
     except (OSError, NetlinkError) as exc:
         problems.append(f"cannot delete veth {host_veth_name(instance_id)}: {exc}")
     try:
-        netns.remove(linuxns.netns_path(netns_name(instance_id)))
+        netnsocket.remove_netns(netns_name(instance_id))
     except FileNotFoundError:
         pass
     except OSError as exc:

@@ -68,6 +68,7 @@ class LocalProvider(ProviderBase):
         self._machines = ThreadPoolExecutor(max_workers=MACHINE_THREADS, thread_name_prefix="local-vm")
         # Namespace VMs are forks of one pre-imported interpreter, not one new interpreter each (issue 16).
         self._forks = ForkServer(machine.vm_environment())
+        self._bridge_ready = False  # ensure_bridge ran (per create it was a third of wire's requests)
 
     # ---------------------------------------------------------------- protocol
 
@@ -143,6 +144,7 @@ class LocalProvider(ProviderBase):
         try:
             with self._locked():
                 machine.ensure_bridge(self.config)
+                self._bridge_ready = True
         except (OSError, NetlinkError, ProviderError) as exc:
             problems.append(f"cannot create or adopt the bridge {self.config.bridge}: {exc}")
         netns_dir = os.path.dirname(linuxns.netns_path("x"))
@@ -240,7 +242,10 @@ class LocalProvider(ProviderBase):
         """(the record already made for ``spec.client_token``, False), or (a new
         one holding the lowest free address, written before the lock is released, True)."""
         with self._locked():
-            machine.ensure_bridge(self.config)
+            # Once per daemon for namespace VMs: wire() re-makes a bridge that vanished since.
+            if not self._bridge_ready or self.config.vm == "qemu":
+                machine.ensure_bridge(self.config)
+                self._bridge_ready = True
             records = self._records()
             for record in records:
                 if spec.client_token and record.client_token == spec.client_token:
