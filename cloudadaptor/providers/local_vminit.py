@@ -20,8 +20,9 @@ VMs boot at once on a small worker. Only the agent (the kata-agent stand-in:
   its network must not look healthy).
 
 Blocking steps (files, netlink) run in a worker thread so signals are
-handled meanwhile; pyroute2 forks helpers there, so while a step runs the
-init reaps only its own components, and every other child (orphans) after.
+handled meanwhile. Steps enter namespaces by threads (``netnsocket``), not
+pyroute2's forked helpers; should a step's library still fork, the init reaps
+only its own components while a step runs, and every other child (orphans) after.
 Every step's lines go to the console (stdout/stderr) with its status.
 On SIGTERM/SIGINT: the forwarder closes, the agent gets SIGTERM (SIGKILL
 after a grace period), then the init exits and the kernel ends the PID
