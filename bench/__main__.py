@@ -25,6 +25,7 @@ from bench.table import Row, render
 # name → module with ``run(quick: bool) -> list[Row]``; in the order they run
 SECTIONS = {
     "agent": "bench.agentpath",
+    "agentvm": "bench.agentvm",  # the same calls through a real local pod: the VM init's forwarder
     "pods": "bench.pods",
     "memory": "bench.memory",
     "tunnel": "bench.tunnel_throughput",

@@ -16,8 +16,8 @@ VMs boot at once on a small worker. Only the agent (the kata-agent stand-in:
 - ``pod_network``: ``vmside.run`` (only after process-user-data succeeded);
 - ``agent``: started in its own session, then wait for its socket;
 - ``forwarder``: ``AgentProtocolForwarder`` served in this init's event loop
-  (only when process-user-data and the pod network succeeded: a pod without
-  its network must not look healthy).
+  (uvloop's, as the standalone forwarder's) only when process-user-data and
+  the pod network succeeded: a pod without its network must not look healthy.
 
 Blocking steps (files, netlink) run in a worker thread so signals are
 handled meanwhile. Steps enter namespaces by threads (``netnsocket``), not
@@ -95,13 +95,15 @@ class VmInit:
         return self._halt.is_set()
 
     def run(self) -> int:
+        import uvloop
+
         from cloudadaptor.commandline import setup_logging
 
         setup_logging("info")  # the in-process steps log with `logging`, to the console
         if local_vmagent.module_of(self.agent) is not None:
             self.zygote = local_vmagent.AgentZygote(self.agent)  # before the loop: one thread, a clean fork
-        # asyncio's loop, not the forwarder's uvloop: uvloop keeps SIGCHLD for itself, and PID 1 reaps on it.
-        asyncio.run(self._main())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the standalone forwarder's loop
+            runner.run(self._main())
         return 0
 
     async def _main(self) -> None:
@@ -110,13 +112,14 @@ class VmInit:
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop)
-        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        _on_sigchld(loop, self._reap)
         log(f"booting (boot delay {self.boot_delay:g}s)")
         try:
             await self._boot()
             await self._stop.wait()
         finally:
             await self._shutdown()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loop closes next; the kernel ends the rest
 
     def _on_stop(self) -> None:
         self._halt.set()
@@ -321,6 +324,18 @@ class VmInit:
         log("power off")  # the kernel kills whatever is left in the PID namespace
 
 
+def _on_sigchld(loop: asyncio.AbstractEventLoop, reap: Callable[[], None]) -> None:
+    """Schedule ``reap`` on each SIGCHLD. uvloop refuses ``add_signal_handler(SIGCHLD)`` (libuv's, for
+    subprocesses the init never spawns), so a plain handler: the loop wakes on the wakeup fd it set up
+    and runs it in the main thread; ``call_soon_threadsafe`` is safe there. System calls restart."""
+    def handler(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the init is exiting
+            loop.call_soon_threadsafe(reap)
+
+    signal.signal(signal.SIGCHLD, handler)
+    signal.siginterrupt(signal.SIGCHLD, False)
+
+
 def _plain_signals() -> None:
     """In a child forked by a step (pyroute2's netns helpers): default signal handling.
 
@@ -345,6 +360,7 @@ def preload() -> None:
     from cloudadaptor.podvm import claim, process_user_data  # noqa: F401
 
     _import_after_claim()
+    import uvloop  # noqa: F401 - the init's loop
 
 
 def _import_after_claim() -> None:

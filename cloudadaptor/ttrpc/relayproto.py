@@ -42,8 +42,11 @@ class FrameRelay(FrameRewriter):
         self._reason: str | None = None
 
     def start(self) -> None:
-        """Both sides are connected: let the downstream side's bytes flow."""
+        """Both sides are connected: let the downstream side's bytes flow (first what came early)."""
         self._started = True
+        early, self.down.early = self.down.early, []
+        for data in early:
+            self.down.data_received(data)
         if self.down.transport is not None and not self.down.transport.is_closing():
             self.down.transport.resume_reading()
 
@@ -91,6 +94,9 @@ class _Side(asyncio.Protocol):
         self.parser = FrameParser()
         self.transport: asyncio.Transport | None = None
         self.other: _Side | None = None
+        # Bytes the downstream side got before start(): uvloop's connect_accepted_socket starts reading after
+        # connection_made, undoing its pause_reading (plain TCP, TLS disabled); kept, not dropped.
+        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -99,6 +105,11 @@ class _Side(asyncio.Protocol):
             transport.pause_reading()  # until the upstream connection is there
 
     def data_received(self, data: bytes) -> None:
+        if self is self.relay.down and not self.relay._started:
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         try:
             out = self.relay.process(self.parser, data, self.oversized, self.transform)
         except FrameError as exc:

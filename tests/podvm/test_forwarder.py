@@ -367,6 +367,30 @@ async def test_plain_tcp_when_tls_is_disabled(tmp_path):
         agent.server.close()
 
 
+def test_plain_tcp_on_the_forwarders_own_loop_keeps_a_request_sent_at_once(tmp_path):
+    """uvloop (``new_event_loop``, the standalone forwarder's and the VM init's loop) starts reading an
+    accepted plain-TCP socket after ``connection_made`` paused it: bytes that come before the agent's
+    socket is dialled must wait, not be dropped."""
+    from cloudadaptor.podvm.forwarder import new_event_loop
+
+    async def body() -> None:
+        agent = StandInAgent()
+        await agent.start(str(tmp_path / "a.sock"))
+        forwarder = AgentProtocolForwarder(kata_agent_socket=str(tmp_path / "a.sock"), host="127.0.0.1", port=0)
+        await forwarder.start()
+        try:
+            for _ in range(5):  # each connection's first request goes out with the connect
+                async with await asyncio.wait_for(Client.connect_tcp("127.0.0.1", forwarder.port), 5) as client:
+                    req = agent_pb2.CreateSandboxRequest(dns=["x"])
+                    await client.call("grpc.AgentService", "CreateSandbox", req.SerializeToString(), timeout=5)
+        finally:
+            await forwarder.close()
+            agent.server.close()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(body())
+
+
 async def test_forwarder_command_serves_config_and_stops_cleanly_on_sigterm(pki, tmp_path):
     agent = StandInAgent()
     agent_socket = str(tmp_path / "agent.sock")

@@ -5,6 +5,7 @@ In the private namespace (``make test``), on real namespace VMs of the local pro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -66,3 +67,37 @@ async def test_a_vm_whose_user_data_fails_runs_no_forwarder(local_cloud):
     assert "process-user-data exited with status 1" in log, log
     assert "pod-network not started" in log and "forwarder not started" in log, log
     assert "started agent" in log, "the agent still starts, as its unit does"
+
+
+def _children(pid: int) -> dict[int, tuple[str, str]]:
+    """``pid``'s children: pid → (state, command name)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    name, rest = f.read().rsplit(")", 1)
+            except OSError:
+                continue
+            fields = rest.split()
+            if int(fields[1]) == pid:
+                out[int(entry)] = (fields[0], name.split("(", 1)[1])
+    return out
+
+
+async def test_the_init_reaps_its_agent_and_the_orphans_it_leaves(local_cloud):
+    """SIGCHLD on the init's loop (uvloop's, which refuses ``add_signal_handler`` for it): an agent that
+    exits is seen (its status logged), and its orphan, reparented to the init, is reaped too."""
+    provider = local_cloud.provider(agent_command="sh -c 'sleep 0.3 & exit 3' {socket}")
+    instance = await provider.create_instance(spec())
+    try:
+        log = await wait_console(provider, instance.id, "exited with status 3")
+        assert "agent (pid" in log, log
+        init_pid = int((provider.config.cloud_dir / instance.id / "init.pid").read_text())
+        deadline = time.monotonic() + 10
+        while (children := _children(init_pid)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not children, f"the init's children left (state, name): {children}"
+    finally:
+        await provider.delete_instance(instance.id)
+    assert local_cloud.vm_processes() == []
