@@ -36,6 +36,7 @@ ADDRESS = "169.254.169.254"
 PORT = 80
 PID_FILE = "metadata.pid"
 LOG_FILE = "metadata.log"
+SERVING = "serving IMDSv2 on"  # the line it prints once bound: the provider waits for it
 MODULE = "cloudadaptor.providers.local_metadata"
 IDLE_EXIT = 30.0
 TOKEN_TTL_MAX = 21600
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bridge", required=True)
     args = parser.parse_args(argv)
     server = _Server(args.cloud_dir, args.bridge)
-    print(f"serving IMDSv2 on {ADDRESS}:{PORT} (bridge {args.bridge}) for {args.cloud_dir}", flush=True)
+    print(f"{SERVING} {ADDRESS}:{PORT} (bridge {args.bridge}) for {args.cloud_dir}", flush=True)
     threading.Thread(target=_watch, args=(server,), daemon=True).start()
     server.serve_forever()
     return 0

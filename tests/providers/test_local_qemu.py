@@ -123,3 +123,25 @@ def _delete_bridge(name: str) -> None:
     with IPRoute() as ipr:
         for index in ipr.link_lookup(ifname=name):
             ipr.link("del", index=index)
+
+
+async def test_a_metadata_service_that_cannot_bind_is_one_error_with_its_own_words(local_cloud):
+    """Without the wait, the guest would boot without user data and fail only at PROXY_TIMEOUT, saying nothing."""
+    import socket
+
+    from cloudadaptor.providers import local_metadata
+    from cloudadaptor.providers.local import machine
+
+    provider = local_cloud.provider()
+    await asyncio.to_thread(machine.ensure_bridge, provider.config)
+    local_cloud.cloud_dir.mkdir(parents=True, exist_ok=True)  # a create makes it before it starts the service
+    with socket.socket() as squatter:  # holds the metadata port on this cloud's bridge, without SO_REUSEADDR
+        squatter.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND (not in the socket module): the address needs not exist yet
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, provider.config.bridge.encode())
+        squatter.bind((local_metadata.ADDRESS, local_metadata.PORT))
+        squatter.listen()
+        with pytest.raises(ProviderError) as refused:
+            await asyncio.to_thread(qemu.ensure_metadata, provider.config)
+    assert "exited with status" in str(refused.value) and "Address already in use" in str(refused.value)
+    pid = int((local_cloud.cloud_dir / local_metadata.PID_FILE).read_text())
+    assert not qemu._cmdline_has(pid, local_metadata.MODULE)

@@ -261,7 +261,11 @@ class LocalProvider(ProviderBase):
             (self._dir(record.id) / local_vm.RUN_SUBDIR).mkdir(parents=True)
             self._write(record)
             if record.vm == "qemu":
-                qemu.ensure_metadata(self.config)  # after the record: its idle exit sees this instance
+                try:
+                    qemu.ensure_metadata(self.config)  # after the record: its idle exit sees this instance
+                except ProviderError:
+                    shutil.rmtree(self._dir(record.id), ignore_errors=True)  # nothing was started for it
+                    raise
             return record, True
 
     def _launch(self, record: _Record) -> int:

@@ -115,11 +115,33 @@ def ensure_metadata(cfg: LocalConfig) -> None:
     with contextlib.suppress(OSError, ValueError):
         if _cmdline_has(int(pid_file.read_text()), metadata.MODULE, str(cfg.cloud_dir)):
             return
-    with open(cfg.cloud_dir / metadata.LOG_FILE, "ab") as out:
+    log_file = cfg.cloud_dir / metadata.LOG_FILE
+    with open(log_file, "ab") as out:
+        logged = out.tell()
         child = subprocess.Popen([sys.executable, "-m", metadata.MODULE, "--cloud-dir", str(cfg.cloud_dir),
                                   "--bridge", cfg.bridge], stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
     pid_file.write_text(f"{child.pid}\n")
+    _wait_serving(child, log_file, logged)
+
+
+def _wait_serving(child: subprocess.Popen[bytes], log_file: Path, logged: int) -> None:
+    """Return once the metadata service says it serves; ProviderError with its last output when it exits
+    or stays silent: a guest without it would only fail PROXY_TIMEOUT later, with no word of why."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        output = log_file.read_bytes()[logged:]
+        if metadata.SERVING.encode() in output:
+            return
+        if child.poll() is not None:
+            tail = " | ".join(output.decode(errors="replace").strip().splitlines()[-3:]) or "no output"
+            raise ProviderError(f"the local metadata service ({metadata.MODULE}) exited with status "
+                                f"{child.returncode} at start: {tail} (log {log_file})")
+        time.sleep(0.02)
+    child.kill()
+    child.wait()
+    raise ProviderError(f"the local metadata service ({metadata.MODULE}) did not start serving within "
+                        f"{START_TIMEOUT:.0f}s (log {log_file})")
 
 
 def create_tap(cfg: LocalConfig, name: str) -> None:
