@@ -8,6 +8,12 @@ carries the ``resourceVersion`` it read, so two replicas never both win a
 race (409). A leader that cannot renew for ``deadline`` seconds (less than
 ``duration``) stops leading before anyone else can start. On a clean stop it
 releases the Lease (empty holder) so another replica takes over at once.
+
+Ours rather than kubernetes_asyncio's ``leaderelection``: adapting that one
+took as much code as this, patched into its lock — it counts only
+``ApiException`` as a failed attempt (a dropped connection ends its ``run``), checks
+the renew deadline only after a retry sleep, runs one term and never
+releases the Lease.
 """
 
 from __future__ import annotations
