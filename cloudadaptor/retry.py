@@ -178,3 +178,12 @@ def retry_call(
         if pause > 0:
             sleep(pause)
     raise state.gave_up()
+
+
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``stop`` is set first (a loop's pause between passes); True when stopped."""
+    try:
+        await asyncio.wait_for(stop.wait(), max(seconds, 0))
+    except TimeoutError:
+        return False
+    return True

@@ -46,6 +46,7 @@ from cloudadaptor.providers.base import (
     OWNER_VALUE, TAG_CLUSTER, TAG_NODE, TAG_OWNER, TAG_POD, TAG_POOL, TAG_SANDBOX, ForeignInstance, Instance, Provider,
     ProviderError, not_ours,
 )
+from cloudadaptor.retry import wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +327,5 @@ async def run(
         state.errors.end_pass()
         if once:
             break
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
+        await wait_or_stop(stop, interval)
     return report

@@ -19,7 +19,6 @@ releases the Lease.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import math
@@ -29,6 +28,7 @@ from typing import Any, Awaitable, Callable
 from kubernetes_asyncio import client as k8s
 
 from cloudadaptor.k8s.client import API_ERRORS, describe, is_conflict, is_not_found
+from cloudadaptor.retry import wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ class LeaderElector:
         while not stop.is_set():
             if await self._attempt_logged():
                 await self._lead(stop, lead)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.renew)
+            await wait_or_stop(stop, self.renew)
 
     async def _attempt_logged(self) -> bool:
         try:
@@ -116,9 +115,7 @@ class LeaderElector:
         renewed = time.monotonic()
         try:
             while not stop.is_set() and not work.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.renew)
-                if stop.is_set():
+                if await wait_or_stop(stop, self.renew):
                     break
                 if await self._attempt_logged():
                     renewed = time.monotonic()

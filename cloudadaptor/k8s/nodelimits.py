@@ -42,6 +42,7 @@ from cloudadaptor.k8s.peerpodconfig import (
     API_VERSION, KIND, PLURAL, ConfigSpec, Desired, Invalid, NodeView, Plan, parse, plan, ref_of,
 )
 from cloudadaptor.k8s.peerpods import ANN_NODE, GROUP, VERSION, PeerPodApi
+from cloudadaptor.retry import wait_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,5 @@ async def run(controller: NodeLimitController, *, stop: asyncio.Event, interval:
                       exc_info=None if isinstance(exc, API_ERRORS) else exc)
         if once:
             break
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
+        await wait_or_stop(stop, interval)
     return report
