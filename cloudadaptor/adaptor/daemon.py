@@ -89,6 +89,7 @@ class Daemon:
         self.lifecycle: SandboxLifecycle | None = None
         self.pool: WarmPool | None = None
         self.renewal: CertRenewal | None = None  # renews running VMs' certificates (None with DISABLE_TLS)
+        # In a cluster the node integration moves it to a PeerPodConfig's limit and back.
         self.vm_limit = VmLimit(settings.peerpods_limit_per_node)
         # The shim dials once per call: idle connections past the cap are evicted, busy ones refused.
         self._ttrpc = Server(max_connections=settings.ttrpc_max_connections, max_requests=settings.ttrpc_max_requests)
@@ -111,7 +112,7 @@ class Daemon:
         from cloudadaptor.k8s.node import connect_node
 
         try:
-            self._k8s = await connect_node(self.settings)
+            self._k8s = await connect_node(self.settings, self.vm_limit)
         except KubeConfigError as exc:
             raise StartupError(f"Kubernetes: {exc}") from None
 
@@ -153,8 +154,6 @@ class Daemon:
             from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
 
             self.pod_network = VxlanPodNetwork(settings.vxlan_worker_ip)
-        # In a cluster the limit follows the node (a PeerPodConfig's, else PEERPODS_LIMIT_PER_NODE).
-        self.vm_limit = self._k8s.vm_limit if self._k8s else VmLimit(settings.peerpods_limit_per_node)
         self.pool = self._warm_pool(self._store, provider, tls, cluster_id)
         self.vm_limit.subscribe(self.pool.kick)  # a new limit re-sizes the pool at once
         self.lifecycle = SandboxLifecycle(

@@ -42,10 +42,11 @@ class NodeIntegration:
     """The daemon's Kubernetes side: node capacity, the PeerPod tracker and the pull-secret reader."""
 
     def __init__(self, api: k8s.ApiClient, settings: Settings, *, backoff: Backoff = Backoff(initial=1.0, maximum=60.0),
-                 follow_interval: float | None = None) -> None:
+                 follow_interval: float | None = None, vm_limit: VmLimit | None = None) -> None:
         self.api = api
         self.node_name = settings.node_name
-        self.vm_limit = VmLimit(settings.peerpods_limit_per_node)  # the lifecycle and the pool read it
+        # the lifecycle and the pool read it (the daemon passes its own)
+        self.vm_limit = vm_limit if vm_limit is not None else VmLimit(settings.peerpods_limit_per_node)
         self.follower = NodeLimitFollower(api, settings.node_name, self.vm_limit)
         self.follow_interval = FOLLOW_INTERVAL if follow_interval is None else follow_interval
         self.tracker = PeerPodTracker(api, node_name=settings.node_name)
@@ -112,7 +113,7 @@ class NodeIntegration:
         await self.api.close()
 
 
-async def connect_node(settings: Settings) -> NodeIntegration | None:
+async def connect_node(settings: Settings, vm_limit: VmLimit | None = None) -> NodeIntegration | None:
     """The daemon's Kubernetes integration, or None when no cluster is configured.
 
     Uses ``KUBECONFIG`` or the in-cluster service account from the settings'
@@ -123,4 +124,4 @@ async def connect_node(settings: Settings) -> NodeIntegration | None:
     if api is None:
         log.info("no Kubernetes configuration (KUBECONFIG, in-cluster): no PeerPods, no node capacity")
         return None
-    return NodeIntegration(api, settings)
+    return NodeIntegration(api, settings, vm_limit=vm_limit)
