@@ -21,6 +21,7 @@ import pytest
 
 from cloudadaptor.dev import privatens
 from qemu_support import podvm_wheel, qemu_image, thirdparty_qemu_image  # noqa: F401 - fixtures
+from links import delete_link
 
 _serial = itertools.count(1)
 
@@ -130,14 +131,6 @@ def _vm_processes(cloud_dir: Path) -> list[int]:
     return pids
 
 
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
-
-
 @pytest.fixture
 async def local_cloud(private_ns: None, tmp_path: Path) -> AsyncIterator[LocalCloud]:
     """A LocalCloud; at teardown every instance is deleted, the bridge removed, and
@@ -158,7 +151,7 @@ async def local_cloud(private_ns: None, tmp_path: Path) -> AsyncIterator[LocalCl
         await cleaner.delete_instance(instance_id)
     for provider in [*cloud.providers, cleaner]:
         await provider.close()  # type: ignore[attr-defined]  # stops its fork server
-    await asyncio.to_thread(_delete_link, config.bridge)
+    await asyncio.to_thread(delete_link, config.bridge)
     after_ns, after_links = await asyncio.to_thread(_network_names)
     leaked_ns = sorted(n for n in after_ns - before_ns if n.startswith("i-local-"))
     leaked_links = sorted(n for n in after_links - before_links if n.startswith("lc-") or n == config.bridge)

@@ -19,14 +19,7 @@ from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore
 from cloudadaptor.config import load_settings
 from cloudadaptor.providers import base as providers
 from cloudadaptor.providers.base import InstanceSpec, create_provider
-
-
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
+from links import delete_link
 
 
 def _key_lines() -> list[str]:
@@ -61,7 +54,7 @@ def node(private_ns, monkeypatch):
             await provider.delete_instance(instance.id)
         await provider.close()
     asyncio.run(cleanup())
-    _delete_link(f"ppdg{n}")
+    delete_link(f"ppdg{n}")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -26,6 +26,7 @@ from cloudadaptor.podnetwork.netns import open_netns
 from cloudadaptor.dev.datapath import ECHO_SERVER, POD_ADDR_COMMAND, tcp_round_trip
 from cloudadaptor.dev.shim import AgentSession, ShimEmulator, shim_annotations, start_pod, stop_pod
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
+from links import delete_link
 
 _serial = itertools.count(1)
 
@@ -60,19 +61,11 @@ async def daemon_factory(private_ns):
             for sandbox in daemon.lifecycle.store.all():
                 await daemon.lifecycle.stop(sandbox.id)
             await daemon.close()
-        await asyncio.to_thread(_delete_link, daemon.settings.provider_env["LOCAL_CLOUD_BRIDGE"])
+        await asyncio.to_thread(delete_link, daemon.settings.provider_env["LOCAL_CLOUD_BRIDGE"])
         cloud_dir = root / "local-cloud"
         leftover = [p.name for p in cloud_dir.iterdir() if p.is_dir()] if cloud_dir.exists() else []
         shutil.rmtree(root, ignore_errors=True)
         assert leftover == [], f"VMs left in the local cloud: {leftover}"
-
-
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
 
 
 def _worker_side(pod_path: str) -> tuple[set[str], list, set[str]]:

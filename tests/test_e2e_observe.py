@@ -21,6 +21,7 @@ from cloudadaptor.config import load_settings
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from fakes.kubeapi import EVENTS, PODS, KubeApiServer
+from links import delete_link
 
 
 async def _eventually(check, timeout: float = 10.0):
@@ -29,14 +30,6 @@ async def _eventually(check, timeout: float = 10.0):
     while not (value := check()) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     return value
-
-
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
 
 
 @pytest.fixture
@@ -62,7 +55,7 @@ async def silent_vm_daemon(private_ns):
             for sandbox in daemon.lifecycle.store.all():
                 await daemon.lifecycle.stop(sandbox.id)
             await daemon.close()
-            await asyncio.to_thread(_delete_link, f"ppobs{n}")
+            await asyncio.to_thread(delete_link, f"ppobs{n}")
             shutil.rmtree(root, ignore_errors=True)
 
 

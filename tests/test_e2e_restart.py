@@ -27,6 +27,7 @@ from cloudadaptor.podnetwork.api import DEVICE_PREFIX, device_name
 from cloudadaptor.podnetwork.netns import open_netns
 from cloudadaptor.dev.datapath import ECHO_SERVER, tcp_round_trip
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations, start_pod, stop_pod
+from links import delete_link
 
 _serial = itertools.count(1)
 
@@ -93,17 +94,9 @@ async def serve_process(private_ns):
         for sandbox in cleaner.lifecycle.store.all():
             await cleaner.lifecycle.stop(sandbox.id)
         await cleaner.close()
-        await asyncio.to_thread(_delete_link, proc.env["LOCAL_CLOUD_BRIDGE"])
+        await asyncio.to_thread(delete_link, proc.env["LOCAL_CLOUD_BRIDGE"])
         print((proc.root / "serve.log").read_text()[-3000:])  # shown when the test failed
         shutil.rmtree(proc.root, ignore_errors=True)
-
-
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
 
 
 def _tunnel_state(pod_path: str) -> tuple[set[str], int]:

@@ -23,6 +23,7 @@ from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import ConfigError, check, load_settings
 from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
 from cloudadaptor.providers import base
+from links import delete_link
 
 PLUGIN_SOURCE = Path(__file__).parent / "plugin_provider"
 
@@ -104,13 +105,5 @@ async def test_the_daemon_starts_a_pod_through_the_plugin(installed, private_ns,
         for sandbox in daemon.lifecycle.store.all():
             await daemon.lifecycle.stop(sandbox.id)
         await daemon.close()
-        await asyncio.to_thread(_delete_link, settings.provider_env["LOCAL_CLOUD_BRIDGE"])
+        await asyncio.to_thread(delete_link, settings.provider_env["LOCAL_CLOUD_BRIDGE"])
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)

@@ -26,6 +26,7 @@ from cloudadaptor.k8s import nodelimits
 from cloudadaptor.k8s.capacity import CONFIG_ANNOTATION, VM_RESOURCE
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 from fakes.kubeapi import NODES, PEERPODCONFIGS, PODS, KubeApiServer
+from links import delete_link
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "peerpodconfig-openshift.yaml"
 NS, NAME = "openshift-sandboxed-containers-operator", "peerpodconfig-openshift"
@@ -86,19 +87,11 @@ async def world(private_ns, monkeypatch):
             for sandbox in daemon.lifecycle.store.all():
                 await daemon.lifecycle.stop(sandbox.id)
             await daemon.close()
-            await asyncio.to_thread(_delete_link, f"ppcfg{n}")
+            await asyncio.to_thread(delete_link, f"ppcfg{n}")
             cloud_dir = root / "local-cloud"
             leftover = [p.name for p in cloud_dir.iterdir() if p.is_dir()] if cloud_dir.exists() else []
             shutil.rmtree(root, ignore_errors=True)
             assert leftover == [], f"VMs left in the local cloud: {leftover}"
-
-
-def _delete_link(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
 
 
 async def test_patching_the_limit_reaches_the_nodes_and_the_adaptor_refuses_beyond_it(world, make_pod_netns):

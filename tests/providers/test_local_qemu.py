@@ -13,6 +13,7 @@ import pytest
 from cloudadaptor.providers.base import ProviderError
 from cloudadaptor.providers.local import qemu
 from providers.test_local import spec
+from links import delete_link
 from qemu_support import leftovers, truncated_copy
 
 
@@ -109,20 +110,12 @@ async def test_the_metadata_service_speaks_imdsv2_to_the_instance_at_that_addres
     assert lines[:6] == ["401", "400", "200", "401", "404", "200"], done.stdout
     assert lines[6] == spec().user_data
     await provider.delete_instance(instance.id)
-    await asyncio.to_thread(_delete_bridge, provider.config.bridge)  # the cloud is gone: the service exits
+    await asyncio.to_thread(delete_link, provider.config.bridge)  # the cloud is gone: the service exits
     deadline = time.monotonic() + 10
     while qemu._cmdline_has(pid, local_metadata.MODULE) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert not qemu._cmdline_has(pid, local_metadata.MODULE)
     assert not (local_cloud.cloud_dir / local_metadata.PID_FILE).exists()
-
-
-def _delete_bridge(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
 
 
 async def test_a_metadata_service_that_cannot_bind_is_one_error_with_its_own_words(local_cloud):
