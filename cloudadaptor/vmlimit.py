@@ -55,10 +55,3 @@ class VmLimit:
         for listener in self._listeners:
             listener()
         return True
-
-
-def limit_now(limit: int | VmLimit | None) -> tuple[int | None, str]:
-    """(the limit in force, where it comes from) of a fixed or a live limit."""
-    if isinstance(limit, VmLimit):
-        return limit.current(), limit.source
-    return limit, FALLBACK_SOURCE

@@ -58,7 +58,7 @@ class LifecycleOptions:
     tls_min_version: str = DEFAULT_TLS_MIN_VERSION
     vxlan_port: int = VXLAN_PORT
     vxlan_min_id: int = VXLAN_MIN_ID
-    vm_limit: int | VmLimit | None = None  # pod VMs this node may run; a VmLimit is read at each StartVM
+    vm_limit: VmLimit = field(default_factory=lambda: VmLimit(None))  # pod VMs this node may run, read at each StartVM
     getinfo_wait: float = 600.0  # GETINFO_WAIT_TIMEOUT: GetInfo(wait) without a deadline gives up after this
     initdata: InitData | None = None  # INITDATA: every pod's default (its annotation overrides)
 

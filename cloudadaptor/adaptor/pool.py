@@ -24,7 +24,7 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
 from cloudadaptor import podconfig
@@ -37,7 +37,7 @@ from cloudadaptor.providers import base as providers
 from cloudadaptor.retry import Backoff
 from cloudadaptor.tls import AdaptorTls
 from cloudadaptor.ttrpc.client import Client
-from cloudadaptor.vmlimit import VmLimit, limit_now
+from cloudadaptor.vmlimit import VmLimit
 from cloudadaptor.wire import AGENT_PORT, CLAIM_METHOD, CLAIM_SERVICE, DEFAULT_TLS_MIN_VERSION
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class PoolOptions:
     extra_tags: Mapping[str, str] | None = None
     agent_port: int = AGENT_PORT
     tls_min_version: str = DEFAULT_TLS_MIN_VERSION
-    vm_limit: int | VmLimit | None = None  # read at each pass: a PeerPodConfig's change re-sizes the pool
+    vm_limit: VmLimit = field(default_factory=lambda: VmLimit(None))  # read at each pass: a PeerPodConfig's change re-sizes the pool
 
 
 class MtlsClaimer:
@@ -162,7 +162,7 @@ class WarmPool:
     def target(self) -> int:
         """How many VMs the pool should hold now: its size, less what the node's current VM limit leaves."""
         size = max(0, self.options.size) if self.claimer is not None else 0
-        limit, _ = limit_now(self.options.vm_limit)
+        limit = self.options.vm_limit.current()
         if limit is None:
             return size
         busy = [s for s in self.sandboxes.all() if s.instance_id or s.state in (SandboxState.STARTING, SandboxState.RUNNING)]

@@ -17,7 +17,7 @@ from cloudadaptor.adaptor.errors import LifecycleError
 from cloudadaptor.adaptor.store import Sandbox
 from cloudadaptor.providers import base as providers
 from cloudadaptor.ttrpc.errors import Code
-from cloudadaptor.vmlimit import VmLimit, limit_now
+from cloudadaptor.vmlimit import VmLimit
 
 # Annotations the kata shim sends with every CreateVM.
 ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
@@ -131,11 +131,11 @@ def _int_annotation(annotations: Mapping[str, str], key: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def check_vm_limit(limit: int | VmLimit | None, node_name: str, busy: set[str]) -> None:
-    """Refuse (RESOURCE_EXHAUSTED) one more pod VM when ``busy`` sandboxes already fill ``limit``; None is no limit.
+def check_vm_limit(limit: VmLimit, node_name: str, busy: set[str]) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) one more pod VM when ``busy`` sandboxes already fill ``limit``.
 
-    A live ``VmLimit`` is read now: a PeerPodConfig's change applies to the next StartVM."""
-    value, source = limit_now(limit)
+    The limit is read now (None: no limit): a PeerPodConfig's change applies to the next StartVM."""
+    value, source = limit.current(), limit.source
     if value is not None and len(busy) >= value:
         raise LifecycleError(
             Code.RESOURCE_EXHAUSTED,

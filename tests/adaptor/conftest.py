@@ -16,6 +16,7 @@ from cloudadaptor.adaptor.store import SandboxStore
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy
 from cloudadaptor.ttrpc.server import Server, unary
+from cloudadaptor.vmlimit import VmLimit
 
 
 class ProxyProbe:
@@ -107,7 +108,7 @@ async def lifecycle_factory(tmp_path: Path, short_dir: Path, provider: FakeProvi
         store = SandboxStore(tmp_path / "state" / "state.db")
         lifecycle = SandboxLifecycle(
             options=LifecycleOptions(pods_dir=short_dir / "pods", node_name="node-a", cluster_id=cluster_id,
-                                     proxy_timeout=proxy_timeout, agent_port=agent_port, vm_limit=vm_limit,
+                                     proxy_timeout=proxy_timeout, agent_port=agent_port, vm_limit=VmLimit(vm_limit),
                                      initdata=initdata),
             store=store,
             provider=provider,
