@@ -129,15 +129,19 @@ def _wait_serving(child: subprocess.Popen[bytes], log_file: Path, logged: int) -
     """Return once the metadata service says it serves; ProviderError with its last output when it exits
     or stays silent: a guest without it would only fail PROXY_TIMEOUT later, with no word of why."""
     deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        output = log_file.read_bytes()[logged:]
-        if metadata.SERVING.encode() in output:
-            return
-        if child.poll() is not None:
-            tail = " | ".join(output.decode(errors="replace").strip().splitlines()[-3:]) or "no output"
-            raise ProviderError(f"the local metadata service ({metadata.MODULE}) exited with status "
-                                f"{child.returncode} at start: {tail} (log {log_file})")
-        time.sleep(0.02)
+    output = b""
+    with open(log_file, "rb") as written:
+        written.seek(logged)
+        while time.monotonic() < deadline:
+            output += written.read()  # only what the service wrote since
+            if metadata.SERVING.encode() in output:
+                return
+            if child.poll() is not None:
+                output += written.read()  # its last words, written before it exited
+                tail = " | ".join(output.decode(errors="replace").strip().splitlines()[-3:]) or "no output"
+                raise ProviderError(f"the local metadata service ({metadata.MODULE}) exited with status "
+                                    f"{child.returncode} at start: {tail} (log {log_file})")
+            time.sleep(0.02)
     child.kill()
     child.wait()
     raise ProviderError(f"the local metadata service ({metadata.MODULE}) did not start serving within "
