@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import signal
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import procs
 from cloudadaptor.dev import privatens
 
 SOCKET = "/run/peerpod/hypervisor.sock"
@@ -131,12 +131,7 @@ async def _measure(pods: int, single_runs: int, keep_log: bool) -> Result:
         keep_log = True
         raise RuntimeError(f"local boot benchmark failed: {exc} (daemon log: {log_file.name})") from exc
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(20)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        procs.stop(daemon, timeout=20)
         if keep_log:
             print(f"daemon log: {log_file.name}", file=sys.stderr)
         else:
