@@ -265,3 +265,16 @@ def ec2_provider(fresh_moto: str):
     provider.config = dataclasses.replace(provider.config, boot_poll_interval=0.2, boot_timeout=10.0)
     yield provider, ec2
     ec2.close()
+
+
+@pytest.fixture
+def many_files():
+    """Room for 10,000 client sockets plus the server's (RLIMIT_NOFILE raised to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 12000:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the 12000 this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

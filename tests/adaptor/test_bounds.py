@@ -6,26 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import resource
 import socket
-
-import pytest
 
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.config import load_settings
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 
 SANDBOX = "f1" * 32
-
-
-@pytest.fixture
-def many_files():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 12000:
-        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the 12000 this test needs")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def open_idle_unix(path: str, count: int, batch: int = 100) -> list[socket.socket]:

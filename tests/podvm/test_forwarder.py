@@ -462,19 +462,6 @@ async def open_idle_tcp(port: int, count: int, batch: int = 100) -> list:
     return socks
 
 
-@pytest.fixture
-def many_files():
-    """Room for 10,000 client sockets plus the server's (RLIMIT_NOFILE raised to the hard limit)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 12000:
-        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the 12000 this test needs")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 async def test_10000_idle_connections_leave_a_real_call_served(setup, pki, tmp_path, many_files):
     forwarder, agent = setup
     idle = await open_idle_tcp(forwarder.port, 10_000)
