@@ -24,6 +24,7 @@ import base64
 import binascii
 import ipaddress
 import threading
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -125,6 +126,7 @@ class ArmState:
     lro_polls: int = 0  # polls an operation stays InProgress ...
     lro_polls_by_kind: dict[str, int] = field(default_factory=dict)  # ... or per kind, e.g. {"virtualmachines": 5}
     lro_retry_after: str | None = None
+    page_size: int | None = None  # lists answer this many items a page, with a nextLink to the rest
     honour_delete_options: bool = True
     missing_delete_status: int = 204  # real ARM: 204; some paths answer 404
     resources: dict[str, Json] = field(default_factory=dict)
@@ -202,10 +204,23 @@ class ArmState:
             query = raw_path.partition("?")[2].replace("%20", " ").replace("%27", "'").replace("+", " ").lower()
             wanted = query.split("location eq '")[1].split("'")[0] if "location eq '" in query else None
             skus = [s for s in self.skus if wanted is None or wanted in [loc.lower() for loc in s["locations"]]]
-            return 200, {}, {"value": skus}
+            return self._page(skus, raw_path)
         prefix = path.key + "/"
         items = [r for k, r in sorted(self.resources.items()) if k.startswith(prefix) and "/" not in k[len(prefix):]]
-        return 200, {}, {"value": items}
+        return self._page(items, raw_path)
+
+    def _page(self, items: list[Json], raw_path: str) -> Reply:
+        """One page of ``items`` (all of them unless ``page_size``), from ``$skiptoken``, and ARM's ``nextLink``."""
+        query = dict(urllib.parse.parse_qsl(raw_path.partition("?")[2]))
+        start = int(query.get("$skiptoken", "0"))
+        if self.page_size is None:
+            return 200, {}, {"value": items}
+        end = start + self.page_size
+        reply: Json = {"value": items[start:end]}
+        if end < len(items):
+            reply["nextLink"] = (f"{self.base_url}{raw_path.partition('?')[0]}?"
+                                 + urllib.parse.urlencode({**query, "$skiptoken": str(end)}))
+        return 200, {}, reply
 
     # ---------------------------------------------------------------- operations
 

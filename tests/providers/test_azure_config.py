@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -194,10 +193,11 @@ def test_security_profile_follows_disablecvm_and_secure_boot(changes, profile, e
 
 
 def sku(name, vcpus, memory_gb, gpus=0, region="eastus", restricted=False, kind="virtualMachines"):
-    caps = [SimpleNamespace(name="vCPUs", value=str(vcpus)), SimpleNamespace(name="MemoryGB", value=str(memory_gb)),
-            SimpleNamespace(name="GPUs", value=str(gpus))]
-    restrictions = [SimpleNamespace(type="Location", values_property=[region])] if restricted else []
-    return SimpleNamespace(name=name, resource_type=kind, locations=[region], capabilities=caps, restrictions=restrictions)
+    """A resource SKU as ARM's JSON has it."""
+    caps = [{"name": "vCPUs", "value": str(vcpus)}, {"name": "MemoryGB", "value": str(memory_gb)},
+            {"name": "GPUs", "value": str(gpus)}]
+    restrictions = [{"type": "Location", "values": [region]}] if restricted else []
+    return {"name": name, "resourceType": kind, "locations": [region], "capabilities": caps, "restrictions": restrictions}
 
 
 def test_catalog_keeps_vm_sizes_offered_in_the_region_only():

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from azure.core.exceptions import AzureError, ClientAuthenticationError
 
+from cloudadaptor.providers.azure import arm
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure import vms
 from cloudadaptor.providers.azure.config import AzureConfig, read_ssh_public_key
@@ -53,7 +54,7 @@ async def _access(clients: az.AzureClients, config: AzureConfig) -> list[str]:
         return [f"{credential_keys(config)}: cannot get a token for {clients.scope}: {az.describe(exc)}"]
     rg = config.resource_group
     try:
-        pages = clients.compute.virtual_machines.list(rg)
+        pages = clients.arm.virtual_machines_list(rg)
         await az.call(lambda: next(iter(pages), None))
     except ClientAuthenticationError as exc:
         return [f"{credential_keys(config)}: {config.arm_endpoint} refused the token: {az.describe(exc)}"]
@@ -80,24 +81,24 @@ class CheckResult:
 
 
 async def _resources(clients: az.AzureClients, config: AzureConfig, result: CheckResult) -> None:
-    network = clients.network
+    api = clients.arm
     problems = result.problems
     vnet, subnet = config.subnet.names
     subnets: list[Any] = []
 
     async def get_subnet() -> None:
-        subnets.append(await az.call(network.subnets.get, config.subnet.resource_group, vnet, subnet))
+        subnets.append(await az.call(api.subnet_get, config.subnet.resource_group, vnet, subnet))
 
     reason = await _lookup("subnet", get_subnet)
     if reason:
         problems.append(f"AZURE_SUBNET_ID={config.subnet.text}: {reason}")
     else:
-        found = subnets[0]
-        result.subnet_prefix = found.address_prefix or next(iter(found.address_prefixes or []), None)
+        found = arm.properties(subnets[0])
+        result.subnet_prefix = found.get("addressPrefix") or next(iter(found.get("addressPrefixes") or []), None)
     if config.nsg is not None:
         nsg = config.nsg
         reason = await _lookup("network security group",
-                               lambda: az.call(network.network_security_groups.get, nsg.resource_group, nsg.name))
+                               lambda: az.call(api.network_security_group_get, nsg.resource_group, nsg.name))
         if reason:
             problems.append(f"AZURE_NSG_ID={nsg.text}: {reason}")
     if config.image is not None:
@@ -108,7 +109,7 @@ async def _resources(clients: az.AzureClients, config: AzureConfig, result: Chec
             found.append(await vms.get_image(clients, config, image))
 
         reason = await _lookup("image", get_image)
-        location = str(getattr(found[0], "location", "") or "").replace(" ", "").lower() if found else ""
+        location = str(found[0].get("location") or "").replace(" ", "").lower() if found else ""
         if reason:
             problems.append(f"AZURE_IMAGE_ID={image.text}: {reason}")
         elif image.kind == "managed" and location and location != config.region:

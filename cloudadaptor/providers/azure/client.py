@@ -1,11 +1,15 @@
-"""Credential, the SDK clients, the one retry policy, and how SDK calls are awaited.
+"""Credential, the ARM pipeline, the one retry policy, and how blocking calls are awaited.
 
 - Credential: ``ClientSecretCredential`` when ``AZURE_CLIENT_SECRET`` is set,
   otherwise azure-identity's ``DefaultAzureCredential`` as is (workload
   identity, managed identity, ...). A test passes its own ``TokenCredential``.
-- One ``ComputeManagementClient`` and one ``NetworkManagementClient`` per
-  provider, on ``AZURE_RESOURCE_MANAGER_ENDPOINT`` with that cloud's token
-  scope. Extra CA trust comes from the standard ``REQUESTS_CA_BUNDLE``.
+- One azure-mgmt-core ``ARMPipelineClient`` per provider (``arm.Arm``: the
+  ARM calls as REST paths and JSON, see that module for why not the generated
+  SDK clients), on ``AZURE_RESOURCE_MANAGER_ENDPOINT`` with that cloud's token
+  scope and the policies the generated clients use. Extra CA trust comes from
+  the standard ``REQUESTS_CA_BUNDLE``. ``image build azure`` (a one-shot Job)
+  also uses the generated ``ComputeManagementClient``/``NetworkManagementClient``:
+  built on first use (``AzureClients.compute``/``.network``), never by the daemon.
 - Retries: azure-core's ``RetryPolicy`` (429, 408, 5xx and connection errors,
   honouring ``Retry-After``) is the only HTTP retry; ``retry_until`` (the
   adaptor's backoff helper) only retries resource states such as a NIC still
@@ -19,17 +23,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline import policies
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.polling import LROPoller
-from azure.mgmt.compute import ComputeManagementClient
-from azure.mgmt.network import NetworkManagementClient
+from azure.mgmt.core import ARMPipelineClient
+from azure.mgmt.core.policies import (
+    ARMAutoResourceProviderRegistrationPolicy, ARMChallengeAuthenticationPolicy, ARMHttpLoggingPolicy,
+)
 
+from cloudadaptor import __version__
+from cloudadaptor.providers.azure.arm import Arm
 from cloudadaptor.providers.azure.config import AzureConfig
 from cloudadaptor.providers.telemetry import CloudCalls, outcome_of_status
 
@@ -60,21 +69,70 @@ def make_credential(config: AzureConfig) -> TokenCredential:
 
 @dataclass
 class AzureClients:
-    """The provider's SDK clients; ``close()`` releases their connections."""
+    """The provider's ARM client (and credential); ``close()`` releases their connections."""
 
     credential: TokenCredential
-    compute: ComputeManagementClient
-    network: NetworkManagementClient
+    arm: Arm
     scope: str
+    options: dict[str, Any]  # the pipeline settings, for the SDK clients ``image build`` asks for
     owns_credential: bool = True  # False: the caller's, left open
+    _sdk: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compute(self) -> Any:  # ComputeManagementClient
+        """The generated compute client, for ``image build azure`` only (imported on first use:
+        its models cost a daemon ~15 MiB)."""
+        if "compute" not in self._sdk:
+            from azure.mgmt.compute import ComputeManagementClient
+
+            self._sdk["compute"] = ComputeManagementClient(self.credential, self.arm.subscription_id, **self.options)
+        return self._sdk["compute"]
+
+    @property
+    def network(self) -> Any:  # NetworkManagementClient
+        """The generated network client, for ``image build azure`` only (imported on first use)."""
+        if "network" not in self._sdk:
+            from azure.mgmt.network import NetworkManagementClient
+
+            self._sdk["network"] = NetworkManagementClient(self.credential, self.arm.subscription_id, **self.options)
+        return self._sdk["network"]
 
     def close(self) -> None:
         """Close the clients (and the credential when it was made here). Blocking."""
-        self.compute.close()
-        self.network.close()
+        self.arm.close()
+        for sdk in self._sdk.values():
+            sdk.close()
         close = getattr(self.credential, "close", None)
         if self.owns_credential and callable(close):
             close()
+
+
+def _pipeline(credential: TokenCredential, options: dict[str, Any]) -> ARMPipelineClient:
+    """An ARM pipeline with the policies, in the order, the generated management clients use."""
+    scopes = options["credential_scopes"]
+    kwargs = {k: v for k, v in options.items()
+              if k not in ("base_url", "credential_scopes", "polling_interval", "per_call_policies", "per_retry_policies")}
+    kwargs["sdk_moniker"] = f"cloudadaptor/{__version__}"
+    redirect = policies.RedirectPolicy(**kwargs)
+    chain = [
+        policies.RequestIdPolicy(**kwargs),
+        policies.HeadersPolicy(**kwargs),
+        policies.UserAgentPolicy(**kwargs),
+        policies.ProxyPolicy(**kwargs),
+        policies.ContentDecodePolicy(**kwargs),
+        ARMAutoResourceProviderRegistrationPolicy(),
+        redirect,
+        policies.RetryPolicy(**kwargs),
+        ARMChallengeAuthenticationPolicy(credential, *scopes, **kwargs),
+        policies.CustomHookPolicy(**kwargs),
+        policies.NetworkTraceLoggingPolicy(**kwargs),
+        policies.DistributedTracingPolicy(**kwargs),
+        policies.SensitiveHeaderCleanupPolicy(**kwargs),
+        ARMHttpLoggingPolicy(**kwargs),
+    ]
+    return ARMPipelineClient(base_url=options["base_url"], policies=chain,
+                             per_call_policies=options.get("per_call_policies", []),
+                             per_retry_policies=options.get("per_retry_policies", []), **kwargs)
 
 
 def build_clients(config: AzureConfig, credential: TokenCredential | None = None,
@@ -98,13 +156,9 @@ def build_clients(config: AzureConfig, credential: TokenCredential | None = None
     if calls is not None:
         options["per_call_policies"] = [CallPolicy(calls)]
         options["per_retry_policies"] = [AttemptPolicy(calls)]
-    return AzureClients(
-        credential=credential,
-        compute=ComputeManagementClient(credential, config.subscription_id, **options),
-        network=NetworkManagementClient(credential, config.subscription_id, **options),
-        scope=config.credential_scope,
-        owns_credential=owns_credential,
-    )
+    arm = Arm(_pipeline(credential, options), config.subscription_id, config.polling_interval)
+    return AzureClients(credential=credential, arm=arm, scope=config.credential_scope, options=options,
+                        owns_credential=owns_credential)
 
 
 # ------------------------------------------------------------------ metrics

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from azure.core.exceptions import AzureError, HttpResponseError
 
 from cloudadaptor.wire import AGENT_PORT
+from cloudadaptor.providers.azure import arm
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure.config import AzureConfig, ResourceId
 from cloudadaptor.providers.azure.tags import to_azure_tags
@@ -50,19 +51,27 @@ class Nic:
     private_ip: str
 
 
-def nic_of(resource: Any) -> Nic:
-    """The id and private IP of an SDK ``NetworkInterface``; ProviderError when it has no IP."""
-    configs = getattr(resource, "ip_configurations", None) or []
-    ip = next((c.private_ip_address for c in configs if getattr(c, "private_ip_address", None)), None)
+def first_ip(nic: Mapping[str, Any]) -> str | None:
+    """The first private IP address of a NIC (ARM JSON), None when it has none yet."""
+    for config in arm.properties(nic).get("ipConfigurations") or []:
+        ip = arm.properties(config).get("privateIPAddress")
+        if ip:
+            return str(ip)
+    return None
+
+
+def nic_of(resource: Mapping[str, Any]) -> Nic:
+    """The id and private IP of a NIC (ARM JSON); ProviderError when it has no IP."""
+    ip = first_ip(resource)
     if not ip:
-        raise ProviderError(f"NIC {resource.id} has no private IP address")
-    return Nic(resource.id, ip)
+        raise ProviderError(f"NIC {resource.get('id')} has no private IP address")
+    return Nic(resource["id"], ip)
 
 
 async def create_nic(clients: az.AzureClients, config: AzureConfig, vm_name: str, tags: Mapping[str, str]) -> Nic:
     """Create (or update: PUT is idempotent) the VM's NIC and return it. Blocks until provisioned."""
     poller_result = await az.begin(
-        clients.network.network_interfaces.begin_create_or_update,
+        clients.arm.network_interface_begin_create_or_update,
         config.resource_group, nic_name(vm_name), nic_body(config, tags),
     )
     return nic_of(poller_result)
@@ -73,7 +82,7 @@ async def delete_nic(clients: az.AzureClients, config: AzureConfig, resource_gro
     it) is retried up to ``config.in_use_timeout``, then ProviderError."""
     await delete_retrying_in_use(
         config, f"NIC {name}",
-        lambda: az.begin(clients.network.network_interfaces.begin_delete, resource_group, name),
+        lambda: az.begin(clients.arm.network_interface_begin_delete, resource_group, name),
     )
 
 
@@ -103,8 +112,8 @@ async def delete_retrying_in_use(config: AzureConfig, what: str, attempt: Callab
 async def subnet_prefix(clients: az.AzureClients, subnet: ResourceId) -> str:
     """The subnet's (first) IPv4 address prefix, e.g. ``10.0.1.0/24``."""
     vnet, name = subnet.names
-    resource = await az.call(clients.network.subnets.get, subnet.resource_group, vnet, name)
-    prefixes = [resource.address_prefix] if resource.address_prefix else list(resource.address_prefixes or [])
+    found = arm.properties(await az.call(clients.arm.subnet_get, subnet.resource_group, vnet, name))
+    prefixes = [found["addressPrefix"]] if found.get("addressPrefix") else list(found.get("addressPrefixes") or [])
     for prefix in prefixes:
         if isinstance(ipaddress.ip_network(prefix, strict=False), ipaddress.IPv4Network):
             return prefix
@@ -135,14 +144,9 @@ def port_rules(prefix: str, vxlan_port: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def _same_rule(existing: Any, wanted: Mapping[str, Any]) -> bool:
-    have = {
-        "protocol": existing.protocol, "sourceAddressPrefix": existing.source_address_prefix,
-        "sourcePortRange": existing.source_port_range, "destinationAddressPrefix": existing.destination_address_prefix,
-        "destinationPortRange": existing.destination_port_range, "access": existing.access,
-        "direction": existing.direction,
-    }
-    return all(az.text(have[k]).lower() == str(v).lower() for k, v in wanted.items() if k != "description")
+def _same_rule(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    have = arm.properties(existing)
+    return all(str(have.get(k) or "").lower() == str(v).lower() for k, v in wanted.items() if k != "description")
 
 
 def _free_priority(taken: set[int], first: int) -> int:
@@ -160,22 +164,23 @@ async def open_ports(clients: az.AzureClients, config: AzureConfig, nsg: Resourc
     is updated in place (keeping its priority), a missing one gets the lowest
     free inbound priority from ``first_priority``.
     """
-    rules_api = clients.network.security_rules
-    existing = {r.name: r for r in await az.call(lambda: list(rules_api.list(nsg.resource_group, nsg.name)))}
-    taken = {r.priority for r in existing.values() if az.text(r.direction).lower() == "inbound"}
+    rules = await az.call(lambda: list(clients.arm.security_rules_list(nsg.resource_group, nsg.name)))
+    existing = {r["name"]: r for r in rules}
+    taken = {arm.properties(r).get("priority") for r in existing.values()
+             if str(arm.properties(r).get("direction") or "").lower() == "inbound"}
     lines = []
     for name, wanted in port_rules(prefix, config.vxlan_port).items():
         current = existing.get(name)
         if current is not None and _same_rule(current, wanted):
-            lines.append(f"rule {name} already present (priority {current.priority})")
+            lines.append(f"rule {name} already present (priority {arm.properties(current).get('priority')})")
             continue
         if current is not None:
-            priority = current.priority
+            priority = arm.properties(current)["priority"]
         else:
             priority = _free_priority(taken, first_priority)
             taken.add(priority)
         body = {"properties": {**wanted, "priority": priority}}
-        await az.begin(rules_api.begin_create_or_update, nsg.resource_group, nsg.name, name, body)
+        await az.begin(clients.arm.security_rule_begin_create_or_update, nsg.resource_group, nsg.name, name, body)
         verb = "updated" if current is not None else "created"
         lines.append(f"rule {name} {verb}: inbound {wanted['protocol'].lower()}/{wanted['destinationPortRange']} "
                      f"from {prefix} to {prefix} (priority {priority})")

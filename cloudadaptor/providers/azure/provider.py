@@ -20,7 +20,7 @@ from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, HttpResponseError
 
 from cloudadaptor import userdata
-from cloudadaptor.providers.azure import checks, network, vms
+from cloudadaptor.providers.azure import arm, checks, network, vms
 from cloudadaptor.providers.azure import client as az
 from cloudadaptor.providers.azure.config import (
     AzureConfig, ImageRef, ResourceId, parse_image_id, parse_vm_id, read_ssh_public_key,
@@ -56,7 +56,7 @@ def _rg_and_name(resource_id: str) -> tuple[str, str]:
 
 
 class AzureProvider(ProviderBase):
-    """The ``azure`` provider. Holds its SDK clients and, once loaded, the
+    """The ``azure`` provider. Holds its ARM client and, once loaded, the
     region's size catalog and the subnet's prefix (both immutable); nothing else."""
 
     name = "azure"
@@ -143,7 +143,7 @@ class AzureProvider(ProviderBase):
             raise ProviderError(f"deleting VM {vm.name}: {'; '.join(problems)}")
 
     def report_cloud_calls(self, recorder: CloudCallRecorder) -> None:
-        """The SDK's hooks (installed with the client) report to ``recorder`` from now on."""
+        """azure-core's pipeline hooks (installed with the client) report to ``recorder`` from now on."""
         self.cloud_calls.recorder = recorder
 
     async def console_output(self, instance_id: str) -> str:
@@ -154,12 +154,12 @@ class AzureProvider(ProviderBase):
         except ValueError as exc:
             raise ConsoleUnavailable(f"cannot read the console of {instance_id!r}: {exc}") from None
         try:
-            data = await az.call(self.clients.compute.virtual_machines.retrieve_boot_diagnostics_data,
-                                 vm.resource_group, vm.name, sas_uri_expiration_time_in_minutes=5)
+            data = await az.call(self.clients.arm.virtual_machine_retrieve_boot_diagnostics_data,
+                                 vm.resource_group, vm.name, 5)
         except AzureError as exc:
             raise ConsoleUnavailable(f"boot diagnostics of VM {vm.name} not available (are they enabled?): "
                                      f"{az.describe(exc)}") from None
-        uri = getattr(data, "serial_console_log_blob_uri", None)
+        uri = data.get("serialConsoleLogBlobUri")
         if not uri:
             raise ConsoleUnavailable(f"VM {vm.name} has no serial console log (boot diagnostics off)")
         return await asyncio.to_thread(_fetch_blob, uri, vm.name)
@@ -178,27 +178,31 @@ class AzureProvider(ProviderBase):
         under the id of the VM they belong to so ``delete_instance`` clears them."""
         rg = self.config.resource_group
         try:
-            found_vms = await az.call(lambda: list(self.clients.compute.virtual_machines.list(rg)))
-            nics = await az.call(lambda: list(self.clients.network.network_interfaces.list(rg)))
+            found_vms = await az.call(lambda: list(self.clients.arm.virtual_machines_list(rg)))
+            nics = await az.call(lambda: list(self.clients.arm.network_interfaces_list(rg)))
         except AzureError as exc:
             raise ProviderError(f"listing VMs in {rg}: {az.describe(exc)}") from exc
-        ips = {nic.id.lower(): ip for nic in nics if (ip := _first_ip(nic))}
+        ips = {nic["id"].lower(): ip for nic in nics if (ip := network.first_ip(nic))}
         instances, names = [], set()
         for vm in found_vms:
-            names.add(vm.name.lower())
-            if matches(vm.tags, tags):
-                nic_ids = [ref.id.lower() for ref in (vm.network_profile.network_interfaces or [])] if vm.network_profile else []
+            names.add(vm["name"].lower())
+            if matches(vm.get("tags"), tags):
+                nic_ids = [ref["id"].lower() for ref in _nic_refs(vm)]
                 vm_ips = tuple(ips[i] for i in nic_ids if i in ips)
-                instances.append(Instance(vm.id, vm.name, vm_ips, from_azure_tags(vm.tags), instance_type=_size(vm)))
+                instances.append(Instance(vm["id"], vm["name"], vm_ips, from_azure_tags(vm.get("tags")),
+                                          instance_type=_size(vm)))
         for nic in nics:
-            owner = nic.name[: -len(network.NIC_SUFFIX)] if nic.name.endswith(network.NIC_SUFFIX) else None
-            if owner and owner.lower() not in names and nic.virtual_machine is None and matches(nic.tags, tags):
+            name = nic["name"]
+            owner = name[: -len(network.NIC_SUFFIX)] if name.endswith(network.NIC_SUFFIX) else None
+            attached = arm.properties(nic).get("virtualMachine") is not None
+            if owner and owner.lower() not in names and not attached and matches(nic.get("tags"), tags):
                 vm_id = vms.vm_id(self.config.subscription_id, rg, owner)
-                instances.append(Instance(vm_id, owner, tuple(filter(None, [_first_ip(nic)])), from_azure_tags(nic.tags)))
+                instances.append(Instance(vm_id, owner, tuple(filter(None, [network.first_ip(nic)])),
+                                          from_azure_tags(nic.get("tags"))))
         return instances
 
     async def close(self) -> None:
-        """Release the SDK clients' connections; VMs keep running."""
+        """Release the ARM client's connections; VMs keep running."""
         await az.call(self.clients.close)
 
     # ---------------------------------------------------------------- create
@@ -250,22 +254,22 @@ class AzureProvider(ProviderBase):
         ProviderError when that name is taken by another sandbox's VM.
         """
         try:
-            vm = await az.call(self.clients.compute.virtual_machines.get, self.config.resource_group, plan.name)
+            vm = await az.call(self.clients.arm.virtual_machine_get, self.config.resource_group, plan.name)
         except AzureError as exc:
             if az.is_not_found(exc):
                 return None
             raise ProviderError(f"looking up VM {plan.name}: {az.describe(exc)}") from exc
-        owner = from_azure_tags(vm.tags).get(TAG_SANDBOX)
+        owner = from_azure_tags(vm.get("tags")).get(TAG_SANDBOX)
         if owner != plan.sandbox_id:
             raise ProviderError(f"a VM named {plan.name} already exists for sandbox {owner or '(untagged)'}")
-        if vm.provisioning_state != "Succeeded":
+        if arm.properties(vm).get("provisioningState") != "Succeeded":
             return None  # a failed or interrupted create: PUT again
-        nic_ref = vm.network_profile.network_interfaces[0].id
+        nic_ref = _nic_refs(vm)[0]["id"]
         try:
-            nic = await az.call(self.clients.network.network_interfaces.get, *_rg_and_name(nic_ref))
+            nic = await az.call(self.clients.arm.network_interface_get, *_rg_and_name(nic_ref))
         except AzureError as exc:
             raise ProviderError(f"looking up the NIC of VM {plan.name}: {az.describe(exc)}") from exc
-        return Instance(vm.id, vm.name, (network.nic_of(nic).private_ip,), from_azure_tags(vm.tags),
+        return Instance(vm["id"], vm["name"], (network.nic_of(nic).private_ip,), from_azure_tags(vm.get("tags")),
                         instance_type=_size(vm))
 
     async def _create(self, plan: _Plan) -> Instance:
@@ -278,16 +282,17 @@ class AzureProvider(ProviderBase):
                            ssh_public_key=plan.ssh_public_key, user_data=plan.user_data, tags=plan.tags)
         began = time.monotonic()
         try:
-            poller = await az.call(self.clients.compute.virtual_machines.begin_create_or_update,
+            poller = await az.call(self.clients.arm.virtual_machine_begin_create_or_update,
                                    config.resource_group, plan.name, body)
             launched_in = time.monotonic() - began  # ARM accepted the VM; the poller waits until it is provisioned
             vm = await az.wait(poller)
         except HttpResponseError as exc:
             raise ProviderError(f"creating VM {plan.name} ({plan.size}): {az.describe(exc)}") from exc
-        if vm.provisioning_state != "Succeeded":
-            raise ProviderError(f"VM {plan.name} ended in provisioning state {vm.provisioning_state}")
+        state = arm.properties(vm).get("provisioningState")
+        if state != "Succeeded":
+            raise ProviderError(f"VM {plan.name} ended in provisioning state {state}")
         log.info("created VM %s (%s) at %s", plan.name, plan.size, nic.private_ip)
-        return Instance(vm.id, vm.name, (nic.private_ip,), from_azure_tags(vm.tags), instance_type=plan.size,
+        return Instance(vm["id"], vm["name"], (nic.private_ip,), from_azure_tags(vm.get("tags")), instance_type=plan.size,
                         launched_in=launched_in)
 
     # ---------------------------------------------------------------- delete
@@ -299,9 +304,9 @@ class AzureProvider(ProviderBase):
         Each of the three already gone is success. Returns the problems met;
         [] when all three are gone.
         """
-        compute = self.clients.compute
+        api = self.clients.arm
         try:
-            await az.begin(compute.virtual_machines.begin_delete, rg, name)
+            await az.begin(api.virtual_machine_begin_delete, rg, name)
         except AzureError as exc:
             if not az.is_not_found(exc):
                 return [f"VM {name}: {az.describe(exc)}"]
@@ -313,18 +318,16 @@ class AzureProvider(ProviderBase):
         disk = vms.os_disk_name(name)
         try:
             await network.delete_retrying_in_use(
-                self.config, f"disk {disk}", lambda: az.begin(compute.disks.begin_delete, rg, disk))
+                self.config, f"disk {disk}", lambda: az.begin(api.disk_begin_delete, rg, disk))
         except ProviderError as exc:
             problems.append(str(exc))
         log.info("deleted VM %s%s", name, f" (problems: {'; '.join(problems)})" if problems else " with its NIC and disk")
         return problems
 
 
-def _first_ip(nic: Any) -> str | None:
-    for config in getattr(nic, "ip_configurations", None) or []:
-        if getattr(config, "private_ip_address", None):
-            return config.private_ip_address
-    return None
+def _nic_refs(vm: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The VM's ``networkProfile.networkInterfaces`` references (``{"id": ...}``)."""
+    return list((arm.properties(vm).get("networkProfile") or {}).get("networkInterfaces") or [])
 
 
 def _fetch_blob(uri: str, vm_name: str) -> str:
@@ -340,7 +343,6 @@ def _fetch_blob(uri: str, vm_name: str) -> str:
     return response.content.decode("utf-8", errors="replace")
 
 
-def _size(vm: object) -> str:
+def _size(vm: Mapping[str, Any]) -> str:
     """The VM's size name (``hardwareProfile.vmSize``), "" when ARM did not say."""
-    profile = getattr(vm, "hardware_profile", None)
-    return az.text(getattr(profile, "vm_size", None))
+    return str((arm.properties(vm).get("hardwareProfile") or {}).get("vmSize") or "")

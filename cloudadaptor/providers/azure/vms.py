@@ -1,7 +1,7 @@
 """Pod VM bodies, the region's size catalog and image look-ups.
 
-Pure functions build the ARM JSON (easy to test, read like the ARM docs);
-the async ones call the compute client.
+Pure functions build and read the ARM JSON (easy to test, read like the ARM
+docs); the async ones make the calls (``arm``) in a worker thread.
 """
 
 from __future__ import annotations
@@ -95,29 +95,29 @@ def vm_body(
 # -------------------------------------------------------------------- sizes
 
 
-def _capability(sku: Any, name: str) -> str | None:
-    for capability in getattr(sku, "capabilities", None) or []:
-        if capability.name == name:
-            return capability.value
+def _capability(sku: Mapping[str, Any], name: str) -> str | None:
+    for capability in sku.get("capabilities") or []:
+        if capability.get("name") == name:
+            return capability.get("value")
     return None
 
 
-def _restricted(sku: Any, region: str) -> bool:
+def _restricted(sku: Mapping[str, Any], region: str) -> bool:
     """True when the subscription may not use ``sku`` in ``region`` (a Location restriction)."""
-    for restriction in getattr(sku, "restrictions", None) or []:
-        values = getattr(restriction, "values_property", None) or []  # "values" is a dict method on SDK models
-        if az.text(restriction.type).lower() == "location" and region in [v.lower() for v in values]:
+    for restriction in sku.get("restrictions") or []:
+        values = restriction.get("values") or []
+        if str(restriction.get("type") or "").lower() == "location" and region in [v.lower() for v in values]:
             return True
     return False
 
 
-def catalog_from_skus(skus: Iterable[Any], region: str) -> dict[str, InstanceTypeInfo]:
-    """VM sizes offered to this subscription in ``region``, from resource SKUs."""
+def catalog_from_skus(skus: Iterable[Mapping[str, Any]], region: str) -> dict[str, InstanceTypeInfo]:
+    """VM sizes offered to this subscription in ``region``, from resource SKUs (ARM JSON)."""
     catalog = {}
     for sku in skus:
-        if az.text(sku.resource_type).lower() != "virtualmachines":
+        if str(sku.get("resourceType") or "").lower() != "virtualmachines":
             continue
-        if region not in [loc.lower() for loc in sku.locations or []] or _restricted(sku, region):
+        if region not in [loc.lower() for loc in sku.get("locations") or []] or _restricted(sku, region):
             continue
         try:
             vcpus = int(_capability(sku, "vCPUs") or 0)
@@ -125,14 +125,14 @@ def catalog_from_skus(skus: Iterable[Any], region: str) -> dict[str, InstanceTyp
             gpus = int(_capability(sku, "GPUs") or 0)
         except ValueError:
             continue
-        catalog[sku.name] = InstanceTypeInfo(sku.name, vcpus, memory_mib, gpus)
+        catalog[sku["name"]] = InstanceTypeInfo(sku["name"], vcpus, memory_mib, gpus)
     return catalog
 
 
 async def load_catalog(clients: az.AzureClients, config: AzureConfig) -> dict[str, InstanceTypeInfo]:
-    """The region's size catalog (one paged ``resource_skus.list`` call)."""
+    """The region's size catalog (one paged ``resourceSkus`` list)."""
     def fetch() -> list[Any]:
-        return list(clients.compute.resource_skus.list(filter=f"location eq '{config.region}'"))
+        return list(clients.arm.resource_skus_list(filter=f"location eq '{config.region}'"))
 
     return catalog_from_skus(await az.call(fetch), config.region)
 
@@ -140,16 +140,15 @@ async def load_catalog(clients: az.AzureClients, config: AzureConfig) -> dict[st
 # ------------------------------------------------------------------- images
 
 
-async def get_image(clients: az.AzureClients, config: AzureConfig, image: ImageRef) -> Any:
-    """Look the image up (raises the SDK's ``ResourceNotFoundError`` when it does not exist)."""
-    compute = clients.compute
+async def get_image(clients: az.AzureClients, config: AzureConfig, image: ImageRef) -> dict[str, Any]:
+    """Look the image up (raises azure-core's ``ResourceNotFoundError`` when it does not exist)."""
+    arm = clients.arm
     if image.kind == "managed":
         _, rg, name = image.parts
-        return await az.call(compute.images.get, rg, name)
+        return await az.call(arm.image_get, rg, name)
     if image.kind == "gallery":
         _, rg, gallery, definition, version = image.parts
-        return await az.call(compute.gallery_image_versions.get, rg, gallery, definition, version)
+        return await az.call(arm.gallery_image_version_get, rg, gallery, definition, version)
     gallery, definition, version = image.parts
-    if image.kind == "shared":
-        return await az.call(compute.shared_gallery_image_versions.get, config.region, gallery, definition, version)
-    return await az.call(compute.community_gallery_image_versions.get, config.region, gallery, definition, version)
+    kind = "sharedGalleries" if image.kind == "shared" else "communityGalleries"
+    return await az.call(arm.location_gallery_image_version_get, kind, config.region, gallery, definition, version)
