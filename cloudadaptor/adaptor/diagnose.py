@@ -45,7 +45,7 @@ from cloudadaptor.providers import base as providers
 
 LOG_FILE = "adaptor.log"  # in STATE_DIR, written by `serve` (rotated, 0600)
 DEFAULT_LOG_LINES = 2000
-SDKS = ("boto3", "botocore", "azure-mgmt-compute", "azure-core", "kubernetes_asyncio", "pyroute2", "prometheus-client")
+SDKS = ("boto3", "botocore", "azure-core", "azure-mgmt-core", "azure-identity", "kubernetes_asyncio", "pyroute2", "prometheus-client")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

@@ -152,6 +152,7 @@ class AzureImageBackend:
         stack.push(f"NIC {nic_name}",
                    lambda: self._delete_in_use(lambda: net.network_interfaces.begin_delete(self.rg, nic_name).result()))
         with self._errors(f"NIC {nic_name}"):
+            # The generated models are mappings of ARM's JSON, which is what nic_of reads.
             nic = network.nic_of(net.network_interfaces.begin_create_or_update(
                 self.rg, nic_name, network.nic_body(self.config, tags)).result())
         plain = dataclasses.replace(self.config, disable_cvm=True, secure_boot=False)

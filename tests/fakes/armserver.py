@@ -1,6 +1,7 @@
 """A local Azure Resource Manager endpoint for tests and demos (``FakeArm``).
 
-The real azure-mgmt-compute/-network clients talk to it over HTTPS on
+The provider's ARM client (azure-mgmt-core's pipeline) and the generated
+azure-mgmt-compute/-network clients (``image build azure``) talk to it over HTTPS on
 127.0.0.1 (azure-core refuses bearer tokens over plain http) with a
 certificate from a throw-away CA (``ca_file``: trust it through
 ``REQUESTS_CA_BUNDLE``). Requests must carry ``Bearer <token>``;

@@ -1,8 +1,9 @@
-"""The ``azure`` provider: pod VMs through azure-identity and azure-mgmt-compute/-network.
+"""The ``azure`` provider: pod VMs through azure-identity and ARM's REST API on azure-mgmt-core.
 
 Modules: ``config`` (keys, typed config, resource ids — no SDK import),
-``tags`` (tag name mapping), ``client`` (credential, SDK clients, retry policy,
-error helpers), ``network`` (NICs, NSG rules), ``vms`` (VM body, size catalog),
+``tags`` (tag name mapping), ``client`` (credential, ARM pipeline, retry policy,
+error helpers), ``arm`` (the ARM calls: paths, api-versions, JSON; why not
+the generated SDK clients), ``network`` (NICs, NSG rules), ``vms`` (VM body, size catalog),
 ``checks`` (startup checks), ``provider`` (``AzureProvider``), ``command``
 (the ``cloud-api-adaptor azure`` operator subcommands).
 
