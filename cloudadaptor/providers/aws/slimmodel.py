@@ -71,6 +71,7 @@ FORMAT = "1"  # bump when what is written changes
 MANIFEST = "manifest.json"
 GENERATE_TIMEOUT = 120.0  # loading the full model takes ~1 s; a busy 2-CPU node may take far longer
 _STALE_TMP_AGE = 2 * GENERATE_TIMEOUT
+_CREDENTIAL_VARIABLES = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
 
 
 def cache_key(operations: Iterable[str], data_path: str | None) -> str:
@@ -126,7 +127,10 @@ def _generate(cache_root: Path, final: Path, operations: tuple[str, ...], data_p
     """Run the child into a temporary directory, check its work and rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_root))
     try:
-        env = {**os.environ, **({"AWS_DATA_PATH": data_path} if data_path else {})}
+        # The same data path as the client's; no credentials (the child makes no call).
+        env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_VARIABLES}
+        if data_path:
+            env["AWS_DATA_PATH"] = data_path
         try:
             done = subprocess.run([sys.executable, "-m", __name__, str(tmp), *operations], env=env,
                                   capture_output=True, text=True, timeout=timeout, check=False)

@@ -183,3 +183,24 @@ async def test_the_provider_built_from_settings_uses_the_slim_model_under_state_
     assert [p.name for p in (tmp_path / "aws-models").iterdir()][0].startswith("botocore-")
     await provider.delete_instance(instance.id)
     assert aws.alive() == []
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-central-1", "cn-north-1"])
+def test_credential_providers_reach_sts_through_the_slim_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, region: str):
+    """IRSA and assume-role make an STS client from the same session (so the same loader)."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_STS", "AWS_PROFILE", "AWS_USE_FIPS_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    slim_dir = slimmodel.slim_model_dir(tmp_path)
+    assert slim_dir is not None
+    slim_session = botocore.session.get_session()
+    slim_session.register_component("data_loader", slimmodel.SlimLoader(slim_dir, None))
+    slim = slim_session.create_client("sts", region_name=region, aws_access_key_id="a", aws_secret_access_key="b")
+    full = botocore.session.get_session().create_client("sts", region_name=region, aws_access_key_id="a",
+                                                        aws_secret_access_key="b")
+    try:
+        assert "AssumeRoleWithWebIdentity" in slim.meta.service_model.operation_names
+        assert slim.meta.endpoint_url == full.meta.endpoint_url
+    finally:
+        slim.close()
+        full.close()
