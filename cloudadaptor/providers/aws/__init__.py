@@ -5,6 +5,7 @@ Modules, each with one job:
 - ``config``: the peer-pods-cm / peer-pods-secret keys and the typed ``AwsConfig``;
 - ``imds``: the worker's instance metadata (IMDSv2) to fill region, subnet, VPC and SGs;
 - ``client``: the one EC2 client (botocore retries) and error classification;
+- ``slimmodel``: the operations the daemon calls, and the slim botocore data made from them;
 - ``catalog``: AMI and instance-type facts (DescribeImages, DescribeInstanceTypes);
 - ``checks``: the start-up checks (``verify``);
 - ``instances``: RunInstances request, adoption by client token, waits, terminate, list;

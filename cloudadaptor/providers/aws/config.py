@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -22,6 +23,7 @@ DEFAULT_LAUNCH_TEMPLATE = "kata"
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 RETRY_MODES = ("standard", "adaptive")
 DEFAULT_MAX_ATTEMPTS = 8
+MODEL_CACHE_SUBDIR = "aws-models"
 
 _REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
 
@@ -134,6 +136,8 @@ class AwsConfig(ProviderConfig):
     # How long a create waits for "running" (boto3 waiter: delay, bound).
     boot_poll_interval: float = 5.0
     boot_timeout: float = 180.0
+    # The daemon's cache of slim EC2 model data (``slimmodel``): <STATE_DIR>/aws-models.
+    model_cache_dir: Path | None = None
 
     @classmethod
     def build(cls, settings: Settings, **options: Any) -> AwsConfig:
@@ -149,6 +153,7 @@ class AwsConfig(ProviderConfig):
             tags=dict(settings.tags),
             use_public_ip=settings.use_public_ip,
             root_volume_size=settings.root_volume_size,
+            model_cache_dir=Path(settings.state_dir) / MODEL_CACHE_SUBDIR,
         )
 
     def problems(self) -> list[Problem]:

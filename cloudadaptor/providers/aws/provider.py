@@ -90,7 +90,7 @@ class AwsProvider(ProviderBase):
         if problems or config.region is None:
             return problems or ["AWS_REGION is not set and could not be discovered"]
         self.config = config
-        self._ec2 = await asyncio.to_thread(make_ec2_client, config, self.cloud_calls)
+        self._ec2 = await asyncio.to_thread(make_ec2_client, config, self.cloud_calls, model_cache=config.model_cache_dir)
         return []
 
     async def _verify_locked(self) -> list[str]:

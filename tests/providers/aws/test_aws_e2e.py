@@ -19,6 +19,7 @@ from awsworld import Ec2World
 
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.providers import base
+from cloudadaptor.providers.aws.slimmodel import EC2_OPERATIONS
 from cloudadaptor.dev.shim import ShimEmulator, shim_annotations
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
@@ -81,6 +82,11 @@ async def test_startvm_dials_the_ec2_instance_and_terminates_it_on_proxy_timeout
 
     await shim.stop_vm(sandbox)
     assert aws_daemon.lifecycle.store.all() == []
+    # All of it on the slim EC2 model made under STATE_DIR (a missing operation would have failed above).
+    client = await aws_daemon.provider.client()  # type: ignore[attr-defined]
+    assert sorted(client.meta.service_model.operation_names) == sorted(EC2_OPERATIONS)
+    [cache] = (aws_daemon.settings.state_dir / "aws-models").iterdir()
+    assert cache.name.startswith("botocore-")
 
 
 async def test_stopvm_during_startvm_terminates_the_instance(aws: Ec2World, aws_daemon: Daemon, make_pod_netns):
