@@ -192,6 +192,11 @@ class Settings:
         """True when the operator supplied CACERT_FILE, CERT_FILE and CERT_KEY."""
         return None not in (self.cacert_file, self.cert_file, self.cert_key)
 
+    @property
+    def log_file(self) -> Path:
+        """``STATE_DIR/adaptor.log``: the last log lines, written by ``serve`` (rotated, 0600), read by ``diagnose``."""
+        return self.state_dir / "adaptor.log"
+
 
 # Settings field = key name in lower case, except these.
 _FIELD_NAMES = {"DISABLECVM": "disable_cvm"}

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import gzip
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import yaml
 
 # Re-exported: providers check sizes against the limits through this module.
 from cloudadaptor.wire import AWS_USER_DATA_LIMIT, AZURE_USER_DATA_LIMIT
@@ -67,16 +67,23 @@ def _human(n: int) -> str:
 # ------------------------------------------------------------ render / parse
 
 
-class _Dumper(yaml.SafeDumper):
-    """Multi-line and long strings as literal blocks: readable and compact."""
+@functools.cache
+def _dumper() -> Any:
+    """A SafeDumper writing multi-line and long strings as literal blocks: readable and compact.
 
+    PyYAML is imported here and in ``parse``, not with the module: the daemon imports this
+    module at start and needs YAML only for its first VM (idle memory, issue 16)."""
+    import yaml
 
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value or len(value) > 80 else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+    def represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value or len(value) > 80 else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
+    class Dumper(yaml.SafeDumper):
+        pass
 
-_Dumper.add_representer(str, _represent_str)
+    Dumper.add_representer(str, represent_str)
+    return Dumper
 
 
 def render(files: Mapping[str, str]) -> str:
@@ -91,8 +98,10 @@ def render(files: Mapping[str, str]) -> str:
                 f"user data may not write {path!r}; allowed: {', '.join(sorted(ALLOWED_PATHS))}"
             )
         entries.append({"path": path, "content": content, "permissions": DEFAULT_PERMISSIONS[path]})
+    import yaml
+
     body = yaml.dump(
-        {"write_files": entries}, Dumper=_Dumper, sort_keys=False,
+        {"write_files": entries}, Dumper=_dumper(), sort_keys=False,
         default_flow_style=False, allow_unicode=True, width=2**30,
     )
     return f"{CLOUD_CONFIG_HEADER}\n{body}"
@@ -153,6 +162,8 @@ def parse_entries(text: str) -> list[WriteFile]:
         shown = first_line[:40]
         raise UserDataError(f"user data is not cloud-config: first line is {shown!r}, "
                             f"expected {CLOUD_CONFIG_HEADER!r}")
+    import yaml
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -270,13 +270,6 @@ class Daemon:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT."""
-    from pyroute2 import config as pyroute2_config
-
-    # pyroute2 enters network namespaces through forked helpers and stops them
-    # with SIGTERM. A forked child shares asyncio's signal wakeup fd, so its
-    # SIGTERM would reach our handler as if we had been asked to stop; with
-    # this flag the helpers reset SIGTERM/SIGINT to the default before working.
-    pyroute2_config.disable_mp_signal = True
     _log_to_state_dir(settings)
     daemon = Daemon(settings)
     stop = asyncio.Event()
@@ -298,9 +291,7 @@ def _log_to_state_dir(settings: Settings) -> None:
     """Also keep the last log lines in ``STATE_DIR/adaptor.log`` (2 × 1 MiB, 0600) for ``diagnose``."""
     from logging.handlers import RotatingFileHandler
 
-    from cloudadaptor.adaptor.diagnose import LOG_FILE
-
-    path = settings.state_dir / LOG_FILE
+    path = settings.log_file
     try:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600, exist_ok=True)

@@ -43,7 +43,6 @@ from cloudadaptor.adaptor.validation import ANN_INITDATA
 from cloudadaptor.config import Settings
 from cloudadaptor.providers import base as providers
 
-LOG_FILE = "adaptor.log"  # in STATE_DIR, written by `serve` (rotated, 0600)
 DEFAULT_LOG_LINES = 2000
 SDKS = ("boto3", "botocore", "azure-core", "azure-mgmt-core", "azure-identity", "kubernetes_asyncio", "pyroute2", "prometheus-client")
 
@@ -101,7 +100,7 @@ async def gather(settings: Settings, env: dict[str, str], log_lines: int) -> dic
     vms, consoles = await _cloud(settings, sandboxes)
     parts["vms.json"], parts["consoles.txt"] = vms, consoles
     parts["network.txt"] = await asyncio.to_thread(_network, sandboxes)
-    parts["log.txt"] = _log_tail(settings.state_dir / LOG_FILE, log_lines)
+    parts["log.txt"] = _log_tail(settings.log_file, log_lines)
     parts["metrics.txt"] = await asyncio.to_thread(_scrape, settings)
     secrets = known_secrets(settings, env, sandboxes)
     return {name: scrub(text, secrets) for name, text in parts.items()}

@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, WaiterError
@@ -55,7 +54,9 @@ def _quiet_sdk_loggers() -> None:
 def make_ec2_client(config: AwsConfig, calls: CloudCalls | None = None, *, model_cache: Path | None = None) -> Any:
     """A thread-safe EC2 client for ``config.region`` with botocore retries.
 
-    Static credentials when configured, else boto3's default chain. Builds a
+    Static credentials when configured, else botocore's default chain (the one boto3
+    uses). A botocore session, not boto3's: boto3 adds only its resource layer, which
+    we do not use, at about 2 MiB of the daemon's memory (issue 16). Builds a
     fresh session (sessions are not thread-safe; clients are). With ``calls``,
     every API call, retry and throttle is reported there (``instrument``).
     With ``model_cache``, the client knows only ``slimmodel.EC2_OPERATIONS``
@@ -69,13 +70,8 @@ def make_ec2_client(config: AwsConfig, calls: CloudCalls | None = None, *, model
         slim_dir = slimmodel.slim_model_dir(model_cache, data_path)
         if slim_dir is not None:
             core.register_component("data_loader", slimmodel.SlimLoader(slim_dir, data_path))
-    session = boto3.session.Session(
-        aws_access_key_id=creds.access_key_id,
-        aws_secret_access_key=creds.secret_access_key,
-        aws_session_token=creds.session_token,
-        region_name=config.region,
-        botocore_session=core,
-    )
+    if creds.access_key_id is not None:
+        core.set_credentials(creds.access_key_id, creds.secret_access_key, creds.session_token)
     boto_config = botocore.config.Config(
         # total_max_attempts counts the first try, like AWS_MAX_ATTEMPTS does.
         retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},
@@ -83,7 +79,7 @@ def make_ec2_client(config: AwsConfig, calls: CloudCalls | None = None, *, model
         read_timeout=60,
         user_agent_extra=f"cloud-api-adaptor/{__version__}",
     )
-    client = session.client("ec2", config=boto_config)
+    client = core.create_client("ec2", region_name=config.region, config=boto_config)
     if calls is not None:
         instrument(client, calls)
     return client

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-import boto3
+import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cloudadaptor.providers.aws import catalog as cat
@@ -327,8 +327,9 @@ class AwsProvider(ProviderBase):
 
 
 def _sdk_default_region() -> str | None:
-    """boto3's own region (AWS_DEFAULT_REGION, the profile), if any."""
-    return boto3.session.Session().region_name
+    """The SDK's own region (AWS_DEFAULT_REGION, the profile), if any."""
+    region = botocore.session.get_session().get_config_variable("region")
+    return str(region) if region else None
 
 
 def _decode_console(output: str) -> str:
