@@ -102,10 +102,11 @@ def test_client_tokens_fit_ec2s_64_characters():
     assert len(long) == 64 and long == ec2_client_token("sandbox-" + "x" * 200)
 
 
-def test_choosing_aws_imports_boto3_but_the_cli_and_package_do_not():
+def test_choosing_aws_imports_botocore_but_the_cli_and_package_do_not():
     code = ("import sys, cloudadaptor.cli as c, cloudadaptor.providers.aws, cloudadaptor.providers.base as b\n"
             "c.build_parser()\n"
-            "assert 'boto3' not in sys.modules, 'boto3 imported too early'\n"
+            "assert 'botocore' not in sys.modules, 'botocore imported too early'\n"
             "assert b.load_provider_class('aws').__name__ == 'AwsProvider'\n"
-            "assert 'boto3' in sys.modules\n")
+            "assert 'botocore' in sys.modules\n"
+            "assert 'boto3' not in sys.modules, 'the provider needs botocore only (boto3 adds its resource layer)'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
