@@ -1,4 +1,4 @@
-"""The worker half of the agent path alone: one ``AgentProxy`` as the daemon runs it.
+"""The worker half of the agent path alone: one ``AgentProxy`` as the daemon runs it (on its loop).
 
     python -m bench.proxyproc SOCKET HOST PORT SERVER_NAME CERT KEY CA
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy
+from cloudadaptor.eventloop import new_event_loop
 from cloudadaptor.tls import client_context
 
 
@@ -32,4 +33,5 @@ async def _serve(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(sys.argv[1:]))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the daemon's loop (``serve``)
+        runner.run(_serve(sys.argv[1:]))

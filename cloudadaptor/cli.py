@@ -50,6 +50,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cloudadaptor.adaptor.daemon import StartupError, serve
+    from cloudadaptor.eventloop import new_event_loop
     from cloudadaptor.config import ConfigError, load_settings
 
     try:
@@ -59,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:  # uvloop: the agent proxy's relay is compiled
+            runner.run(serve(settings))
     except ConfigError as exc:
         print_problems(exc.problems)
         return 2

@@ -153,6 +153,9 @@ class _End(asyncio.Protocol):
         self.direction = direction  # metrics: what this end receives is piped "to_vm" or "from_vm"
         self.transport: asyncio.Transport | None = None
         self.other: _End | None = None
+        # What the shim sent before the VM connection was up: uvloop reads an accepted connection after
+        # connection_made even though _Pipe.made paused it (``cloudadaptor.eventloop``); kept, not dropped.
+        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -160,9 +163,13 @@ class _End(asyncio.Protocol):
         self.pipe.made(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.write(data)
-            self.pipe.proxy.recorder.proxy_bytes(self.direction, len(data))
+        if self.other is None or self.other.transport is None:
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self.other.transport.write(data)
+        self.pipe.proxy.recorder.proxy_bytes(self.direction, len(data))
 
     def eof_received(self) -> bool:
         self.pipe.finish()
@@ -223,6 +230,9 @@ class _Pipe:
         if self.down.transport is None or self.down.transport.is_closing():
             self.finish()  # the shim hung up while we dialled
         else:
+            early, self.down.early = self.down.early, []
+            for data in early:
+                self.down.data_received(data)
             self.down.transport.resume_reading()
 
     def finish(self) -> None:

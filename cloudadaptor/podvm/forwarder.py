@@ -36,6 +36,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from cloudadaptor.commandline import setup_logging
+from cloudadaptor.eventloop import new_event_loop
 from cloudadaptor.podvm.certrenewal import ServerCertificate
 from cloudadaptor.protocols import agent_pb2, ttrpc_pb2
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
@@ -351,16 +352,6 @@ def run(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%s: %s", args.host, port, exc)
         return 1
     return 0
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The forwarder's event loop: uvloop's. Its TLS and socket callbacks are compiled, which takes about a
-    quarter off the forwarder's CPU per relayed call and a fifth off the call's latency (``python -m bench``,
-    agent path). A loop, not the policy: pyroute2 (in the VM init's worker threads) makes its own loops with
-    asyncio's policy, and uvloop's cannot open netlink sockets."""
-    import uvloop
-
-    return uvloop.new_event_loop()
 
 
 async def _serve_until_signalled(forwarder: AgentProtocolForwarder) -> None:

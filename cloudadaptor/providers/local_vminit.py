@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cloudadaptor import eventloop
 from cloudadaptor.providers import local_boot, local_vmagent
 
 # Paths inside the VM (its /run is the instance's own).
@@ -95,14 +96,12 @@ class VmInit:
         return self._halt.is_set()
 
     def run(self) -> int:
-        import uvloop
-
         from cloudadaptor.commandline import setup_logging
 
         setup_logging("info")  # the in-process steps log with `logging`, to the console
         if local_vmagent.module_of(self.agent) is not None:
             self.zygote = local_vmagent.AgentZygote(self.agent)  # before the loop: one thread, a clean fork
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the standalone forwarder's loop
+        with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:  # the standalone forwarder's loop
             runner.run(self._main())
         return 0
 

@@ -203,3 +203,27 @@ async def test_an_agent_that_does_not_read_pauses_the_shim_and_then_gets_every_b
     finally:
         await proxy.close()
         server.close()
+
+
+def test_on_the_daemons_own_loop_a_request_sent_at_once_waits_for_the_vm_connection(tmp_path, tls):
+    """The daemon runs on uvloop (``cloudadaptor.eventloop``), which starts reading an accepted socket after
+    ``connection_made`` paused it: what the shim sends before the VM connection is up must wait, not vanish."""
+    from cloudadaptor.eventloop import new_event_loop
+
+    async def body() -> None:
+        server, port, _ = await echo_server(tls)
+        proxy = AgentProxy(str(tmp_path / "agent.ttrpc"), endpoint(port, tls))
+        await proxy.start()
+        try:
+            for n in range(5):  # each connection's first bytes go out with the connect
+                reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
+                message = f"first bytes of connection {n}".encode()
+                writer.write(message)
+                assert await asyncio.wait_for(reader.readexactly(len(message)), 5) == message
+                writer.close()
+        finally:
+            await proxy.close()
+            server.close()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(body())

@@ -371,7 +371,7 @@ def test_plain_tcp_on_the_forwarders_own_loop_keeps_a_request_sent_at_once(tmp_p
     """uvloop (``new_event_loop``, the standalone forwarder's and the VM init's loop) starts reading an
     accepted plain-TCP socket after ``connection_made`` paused it: bytes that come before the agent's
     socket is dialled must wait, not be dropped."""
-    from cloudadaptor.podvm.forwarder import new_event_loop
+    from cloudadaptor.eventloop import new_event_loop
 
     async def body() -> None:
         agent = StandInAgent()
