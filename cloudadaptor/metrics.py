@@ -148,8 +148,8 @@ class Metrics:
             self.proxy_dials.labels(result)
         for cause in DELETE_CAUSES:
             self.deleted.labels(self.provider, cause)
-        for direction in DIRECTIONS:
-            self.proxy_bytes_total.labels(direction)
+        # Counted per chunk on the agent path: the labelled children are looked up once, not per chunk.
+        self._proxy_bytes = {direction: self.proxy_bytes_total.labels(direction) for direction in DIRECTIONS}
         for result in RENEWAL_RESULTS:
             self.cert_renewals.labels(result)
 
@@ -175,7 +175,7 @@ class Metrics:
         self.proxy_open.inc(delta)
 
     def proxy_bytes(self, direction: str, count: int) -> None:
-        self.proxy_bytes_total.labels(_one_of(direction, DIRECTIONS)).inc(count)
+        self._proxy_bytes[direction].inc(count)
 
     def cert_renewal(self, result: str) -> None:
         """A ``CertRenewal`` attempt ended (its ``RenewalRecorder``)."""
