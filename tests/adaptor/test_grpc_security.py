@@ -147,3 +147,24 @@ async def test_unix_socket_endpoint_serves(service, short_dir):
             assert await version(channel)
     finally:
         await binding.close()
+
+
+def test_the_binding_serves_on_the_daemons_own_loop(service, short_dir):
+    """``serve`` runs on uvloop (``cloudadaptor.eventloop``); grpc.aio must serve there too."""
+    import asyncio
+
+    from cloudadaptor.eventloop import new_event_loop
+
+    path = short_dir / "grpc.sock"
+
+    async def body() -> str:
+        binding = GrpcBinding(service, f"unix:{path}")
+        await binding.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+                return await version(channel)
+        finally:
+            await binding.close()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        assert runner.run(body())
