@@ -212,12 +212,12 @@ def test_the_base_install_is_what_serve_on_the_local_provider_and_the_pod_vm_nee
     base = {canonicalize_name(r.name) for r in requirements()}
     # prometheus-client: the daemon's /metrics, /healthz and /startup endpoint, served by every `serve`
     # (over the standard library's HTTP server: aiohttp, the webhook's and Kubernetes client's, is not base);
-    # uvloop: the pod VM forwarder's event loop.
+    # uvloop: the event loop of serve, the pod VM forwarder and the namespace VM's init.
     assert base == {"protobuf", "grpcio", "grpcio-health-checking", "cryptography", "pyroute2", "pyyaml",
                     "prometheus-client", "uvloop"}
     for extra in PRODUCT_EXTRAS:
         assert requirements(extra), extra
-    sdks = {"aws": {"boto3"}, "azure": {"azure-identity", "azure-mgmt-compute", "azure-mgmt-network"},
+    sdks = {"aws": {"boto3", "botocore"}, "azure": {"azure-identity", "azure-mgmt-core", "azure-mgmt-compute", "azure-mgmt-network"},
             "kubernetes": {"kubernetes-asyncio", "aiohttp"}, "imagebuild": {"paramiko"}}
     for extra, names in sdks.items():
         assert {canonicalize_name(r.name) for r in requirements(extra)} == names, extra
