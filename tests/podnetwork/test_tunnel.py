@@ -207,3 +207,39 @@ def test_device_left_in_worker_netns_by_a_crash_is_swept_or_replaced(make_pod_ne
     actions = tunnel.sweep_worker_devices({555003})
     assert actions == [f"deleted stale tunnel device {device_name(555004)} (VNI 555004) in the worker netns"]
     assert device_name(555004) not in links_in(None)
+
+
+def test_the_daemons_sweep_runs_in_a_child_and_finds_a_crashs_device_and_filter(cloud_net):
+    """``VxlanPodNetwork.sweep`` (what ``recover`` calls at start) works in a child so that the daemon
+    loads no pyroute2 before its first pod; it must still delete what a crash left, and only that."""
+    import asyncio
+
+    from cloudadaptor.podnetwork import peerfilter
+    from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
+
+    with IPRoute() as ipr:
+        for vni in (555005, 555006):
+            ipr.link("add", ifname=device_name(vni), kind="vxlan", vxlan_id=vni, vxlan_port=9000,
+                     vxlan_group="192.0.2.242")
+    peerfilter.install(555007, 9000, "192.0.2.242")
+    try:
+        actions = asyncio.run(VxlanPodNetwork().sweep({555005}))  # pyroute2's sync API runs its own loop
+        assert sorted(actions) == sorted([
+            f"deleted stale tunnel device {device_name(555006)} (VNI 555006) in the worker netns",
+            "deleted stale VXLAN peer filter ppvx555007",
+        ])
+        assert device_name(555005) in links_in(None), "a known VNI's device is its sandbox's"
+        assert device_name(555006) not in links_in(None) and 555007 not in peerfilter.installed()
+    finally:
+        with IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=device_name(555005)):
+                ipr.link("del", index=index)
+
+
+async def test_a_failing_sweep_child_is_one_clear_pod_network_error(monkeypatch):
+    from cloudadaptor.podnetwork.api import PodNetworkError
+    from cloudadaptor.podnetwork.vxlan import VxlanPodNetwork
+
+    monkeypatch.setattr("sys.executable", "/bin/false")
+    with pytest.raises(PodNetworkError, match="the worker netns sweep failed: exit status 1"):
+        await VxlanPodNetwork().sweep(set())

@@ -77,3 +77,5 @@ def test_an_azure_daemon_never_imports_the_generated_sdk_clients(arm, arm_env, t
     assert "cloudadaptor.providers.azure.arm" in imported, "the daemon ran the azure provider"
     assert arm.count("GET", "/virtualNetworks/") > 0, "and it talked to ARM (verify)"
     assert sorted(m for m in imported if m.startswith(GENERATED)) == []
+    # Nor pyroute2 before its first pod: the start-up sweep (done before the socket listens) runs in a child.
+    assert "cloudadaptor.podnetwork.vxlan" in imported and "pyroute2" not in imported
