@@ -360,6 +360,7 @@ def preload() -> None:
 
     _import_after_claim()
     import uvloop  # noqa: F401 - the init's loop
+    import yaml  # noqa: F401 - process-user-data parses the user data with it (cloudadaptor.userdata imports it lazily)
 
 
 def _import_after_claim() -> None:
