@@ -72,6 +72,13 @@ def agent_argv_of(argv: list[str]) -> list[str]:
     return agent_argv(_parser().parse_args(argv).agent_command)
 
 
+def boot_plan_of(argv: list[str]) -> list[local_boot.BootStep]:
+    """The boot plan a launch with these arguments reads (the fork server reads it first: its
+    launchers then find it read, ``local_boot.load``)."""
+    podvm_files = _parser().parse_args(argv).podvm_files
+    return local_boot.load(Path(podvm_files) if podvm_files else None)
+
+
 # --------------------------------------------------------------------- launcher
 
 

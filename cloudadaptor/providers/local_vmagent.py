@@ -16,6 +16,7 @@ its modules loaded.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import runpy
@@ -49,6 +50,7 @@ class AgentZygote:
         if module is None:
             raise ValueError(f"not a Python module command: {argv}")
         read_end, self._go = os.pipe()
+        gc.freeze()  # as the fork server does: the agent's collections leave the init's pages shared
         self.pid = os.fork()
         if self.pid == 0:
             os.close(self._go)

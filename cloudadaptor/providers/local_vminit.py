@@ -359,8 +359,17 @@ def preload() -> None:
     from cloudadaptor.podvm import claim, process_user_data  # noqa: F401
 
     _import_after_claim()
+    import ssl
+    import tempfile
+
     import uvloop  # noqa: F401 - the init's loop
     import yaml  # noqa: F401 - process-user-data parses the user data with it (cloudadaptor.userdata imports it lazily)
+
+    # OpenSSL initialises itself (configuration, algorithm tables) on the first context a process makes,
+    # and tempfile probes for its directory on first use: done here once, not in every VM's forwarder
+    # (its server context; tls writes the PEM text to a private temporary directory to load it).
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tempfile.gettempdir()
 
 
 def _import_after_claim() -> None:
