@@ -216,6 +216,13 @@ class SandboxStore:
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sandboxes ORDER BY created_at")
         return [_from_row(row) for row in rows]
 
+    def pod_of(self, sandbox_id: str) -> tuple[str, str, str] | None:
+        """(pod namespace, pod name, instance id) of a sandbox, None for an unknown id: three columns,
+        no decoding (every hypervisor call logs them)."""
+        row = self._db.execute("SELECT pod_namespace, pod_name, instance_id FROM sandboxes WHERE id = ?",
+                               (sandbox_id,)).fetchone()
+        return (str(row[0]), str(row[1]), str(row[2])) if row else None
+
     def holding_vms(self) -> set[str]:
         """Ids of the rows that hold (or may hold) a VM: starting, running, or with an instance id.
         One query of the ids, not ``all()``: asked by every StartVM."""

@@ -119,3 +119,11 @@ def test_change_writes_what_update_returns_and_refuses_what_update_refuses(store
         store.change("nobody", error="x")
     with pytest.raises(ValueError, match="created_at"):
         store.change("a", created_at=1.0)
+
+
+def test_pod_of_is_what_get_says(store):
+    store.add(sandbox("a", network=NETWORK))
+    store.change("a", instance_id="i-1")
+    got = store.get("a")
+    assert got is not None and store.pod_of("a") == (got.pod_namespace, got.pod_name, "i-1")
+    assert store.pod_of("nobody") is None
