@@ -9,7 +9,10 @@ their containers, other helpers, and the client (this process: the shim
 emulator, which is not ours). A sampler reads ``/proc/<pid>/stat`` of every
 process in this private user namespace every few milliseconds and keeps each
 one's last reading (a process living shorter than a sample is missed; the
-figure is a lower bound for short-lived kinds).
+figure is a lower bound for short-lived kinds such as the VM launchers). A
+process is told apart by its parent and PID namespace: the VM init is PID 1 of
+its own, the agent its child, containers their descendants. The sampler's own
+CPU is taken off the client's.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 SAMPLE = 0.01
 
 
-def _stat(pid: str) -> tuple[int, float] | None:
+def _stat(pid: str) -> tuple[int, float, float] | None:
+    """(parent pid, user seconds, system seconds) of ``pid``; None when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -190,10 +194,15 @@ def run(quick: bool) -> list[Row]:
                 total = sum(split.values())
                 print(f"[bench] {size} pod(s): wall {wall:.2f} s (start), CPU {total:.2f} s "
                       f"= {1e3 * total / size:.0f} ms per pod lifecycle:", file=sys.stderr)
-                for kind, cpu in sorted(split.items(), key=lambda kv: -kv[1]):
+                kinds = sorted(split.items(), key=lambda kv: -kv[1])
+                for kind, cpu in kinds:
                     print(f"[bench]   {kind:34} {1e3 * cpu / size:7.1f} ms/pod ({1e3 * system[kind] / size:5.1f} in the kernel)",
                           file=sys.stderr)
-                    rows.append(Row(f"CPU per pod, {size} at once: {kind}", 1e3 * cpu / size, "ms"))
+            # The table shows the batch; the single pod's split is on stderr.
+            rows.append(Row(f"CPU per pod lifecycle, {size} pods at once, all processes (wall {wall:.2f} s)",
+                            1e3 * total / size, "ms"))
+            rows += [Row(f"  of which {kind}", 1e3 * cpu / size, "ms", 1e3 * total / size, "all processes")
+                     for kind, cpu in kinds if cpu > 0]
     return rows
 
 
