@@ -82,8 +82,11 @@ def boot_plan_of(argv: list[str]) -> list[local_boot.BootStep]:
 # --------------------------------------------------------------------- launcher
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # compiled at import (in the fork server), not in every launcher
+
+
 def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
 
 
 def _detach_namespace_mounts() -> None:
