@@ -79,7 +79,7 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
 
 def _clear_podns(ipr: IPRoute, names: tuple[str, ...]) -> None:
     """Remove what an earlier run left in podns (and bring lo up)."""
-    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
     for name in names:
         for index in ipr.link_lookup(ifname=name):
             ipr.link("del", index=index)

@@ -346,10 +346,10 @@ def _plain_signals() -> None:
 
 
 def _create_podns() -> None:
-    from cloudadaptor import netnsocket
+    from cloudadaptor import linuxns, netnsocket
 
     with netnsocket.iproute_in(netnsocket.create_netns(PODNS)) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
 
 
