@@ -18,6 +18,9 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
+# Every network namespace's loopback device has this index (the kernel's LOOPBACK_IFINDEX,
+# include/net/net_namespace.h): bringing lo up needs no lookup request.
+LOOPBACK_IFINDEX = 1
 
 # dlopen(NULL): the C library this interpreter already runs on. ctypes.util.find_library
 # forks /sbin/ldconfig, in every process that imports this (each container's nsexec too).

@@ -23,6 +23,7 @@ from cloudadaptor.wire import AGENT_PORT, DEFAULT_TLS_MIN_VERSION, MAX_VNI, TLS_
 T = TypeVar("T")
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_IFNAME_FORBIDDEN = re.compile(r"[\s/:]")  # compiled at import: a forked VM init does not compile it again
 _MISSING: Any = object()
 
 
@@ -241,7 +242,7 @@ def _one_of(choices: Mapping[str, Any]) -> Callable[[Any], str]:
 
 def _ifname(value: Any) -> str:
     name = _str(value)
-    if len(name) > 15 or re.search(r"[\s/:]", name) or name in (".", ".."):
+    if len(name) > 15 or _IFNAME_FORBIDDEN.search(name) or name in (".", ".."):
         raise ValueError(name)
     return name
 

@@ -158,3 +158,38 @@ def test_size_limits_count_bytes_not_characters():
     check_size("x" * AWS_USER_DATA_LIMIT, AWS_USER_DATA_LIMIT, "AWS")  # exactly at the limit is fine
     with pytest.raises(UserDataTooLarge, match="Azure user data is limited to 64 KiB"):
         check_size("x" * (AZURE_USER_DATA_LIMIT + 1), AZURE_USER_DATA_LIMIT, "Azure")
+
+
+def _awkward_texts(apf_json: str) -> list[str]:
+    """Contents that exercise the emitters' choices: literal blocks with every chomping, quoting, unicode."""
+    import random
+    import string
+
+    rng = random.Random(16)
+    alphabet = string.printable + "é☃\u00a0\u2028\ufeff" + "\n" * 6
+    texts = ["", "\n", "\n\n", " leading", "trailing ", "0600", "yes", "- item", "a: b", "#x", "...", "---",
+             "x" * 81, apf_json]
+    for _ in range(400):
+        body = "".join(rng.choice(alphabet) for _ in range(rng.choice([1, 5, 81, 300])))
+        texts.append(body + rng.choice(["", "\n", "\n\n", "\n\n\n", " \n", "\t"]))
+    return texts
+
+
+def test_libyaml_writes_and_reads_user_data_exactly_as_pyyaml_does(apf):
+    from cloudadaptor import userdata
+
+    assert hasattr(yaml, "CSafeDumper") and hasattr(yaml, "CSafeLoader"), "PyYAML's wheels carry libyaml"
+    texts = _awkward_texts(apf.to_json())
+    for i in range(0, len(texts), 3):
+        doc = {"write_files": [{"path": APF_CONFIG_PATH, "content": t, "permissions": "0600"} for t in texts[i:i + 3]]}
+        compiled, pure = userdata._dump(doc), userdata._dump(doc, compiled=False)
+        assert compiled == pure
+        assert userdata._load(compiled) == userdata._load(pure, compiled=False) == doc
+
+
+def test_a_document_libyaml_refuses_gets_pyyamls_message():
+    with pytest.raises(UserDataError) as compiled:
+        parse("#cloud-config\nwrite_files: [\n")
+    with pytest.raises(yaml.YAMLError) as pure:
+        yaml.safe_load("#cloud-config\nwrite_files: [\n")
+    assert str(compiled.value) == f"user data is not valid YAML: {' '.join(str(pure.value).split())}"

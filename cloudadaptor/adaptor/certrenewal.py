@@ -153,7 +153,7 @@ class CertRenewal:
         except _Unsupported:
             self._retries.pop(sandbox.id, None)
             with contextlib.suppress(KeyError):
-                self.store.update(sandbox.id, cert_renewal=UNSUPPORTED)
+                self.store.change(sandbox.id, cert_renewal=UNSUPPORTED)
             log.warning("%s cannot renew its certificate (an image without renewal); it expires %s",
                         where, _iso(sandbox.cert_not_after))
             return self._count(UNSUPPORTED)

@@ -199,13 +199,13 @@ class SandboxLifecycle:
 
     def _check_vm_limit(self, sandbox_id: str) -> None:
         """Second line of defence behind the scheduler's ``kata.peerpods.io/vm`` resource."""
-        busy = {s.id for s in self.store.all() if s.state in (SandboxState.STARTING, SandboxState.RUNNING) or s.instance_id}
+        busy = self.store.holding_vms()
         check_vm_limit(self.options.vm_limit, self.options.node_name, (busy | set(self._starting)) - {sandbox_id})
 
     async def _start(self, sandbox: Sandbox) -> None:
         began = time.monotonic()
         phases = PhaseClock(self.recorder)
-        self.store.update(sandbox.id, state=SandboxState.STARTING, error="")
+        self.store.change(sandbox.id, state=SandboxState.STARTING, error="")
         instance: providers.Instance | None = None
         try:
             try:
@@ -230,7 +230,7 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.DEADLINE_EXCEEDED, f"VM {instance.id}: {exc}", console) from exc
             await proxy.start()
             phases.mark("agent_ready", last=True)
-            self.store.update(sandbox.id, state=SandboxState.RUNNING)
+            self.store.change(sandbox.id, state=SandboxState.RUNNING)
             log.info("StartVM %s: agent ready after %.3fs", sandbox.id, time.monotonic() - began)
             await self._notify()
         except BaseException as exc:
@@ -264,14 +264,14 @@ class SandboxLifecycle:
         except PodNetworkError as exc:
             problems.append(f"removing the tunnel failed ({exc})")
         if problems:
-            self.store.update(sandbox_id, state=SandboxState.FAILED, error=f"{reason}; {'; '.join(problems)}")
+            self.store.change(sandbox_id, state=SandboxState.FAILED, error=f"{reason}; {'; '.join(problems)}")
             log.error("StartVM %s: cleanup incomplete, recorded for the next StopVM or restart: %s",
                       sandbox_id, "; ".join(problems))
             return f"{'; '.join(problems)}; it is recorded for cleanup"
         self.recorder.vms_deleted(cause, len(deleted))
         if sandbox.instance_id or deleted:
             await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)
-        self.store.update(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
+        self.store.change(sandbox_id, state=SandboxState.FAILED, error=reason, instance_id="", vm_ips=())
         log.warning("StartVM %s failed (%s); deleted %s", sandbox_id, reason, ", ".join(deleted) or "no VM")
         await self._notify()
         return f"VM {', '.join(deleted)} deleted" if deleted else "no VM was left"
@@ -316,21 +316,21 @@ class SandboxLifecycle:
                 if sandbox_id in self._stopped:
                     return
                 raise LifecycleError(Code.NOT_FOUND, f"sandbox {sandbox_id} not found")
-            self.store.update(sandbox_id, state=SandboxState.STOPPING)
+            self.store.change(sandbox_id, state=SandboxState.STOPPING)
             proxy = self._proxies.pop(sandbox_id, None)
             if proxy is not None:
                 await proxy.close()
             try:
                 deleted = await self._delete_vms(sandbox)
             except Exception as exc:
-                self.store.update(sandbox_id, error=f"VM deletion failed: {exc}")
+                self.store.change(sandbox_id, error=f"VM deletion failed: {exc}")
                 raise LifecycleError(
                     Code.UNAVAILABLE, f"StopVM {sandbox_id}: deleting VM {sandbox.instance_id} failed: {exc}"
                 ) from exc
             try:
                 await self.network.down(sandbox)
             except PodNetworkError as exc:
-                self.store.update(sandbox_id, error=f"tunnel removal failed: {exc}")
+                self.store.change(sandbox_id, error=f"tunnel removal failed: {exc}")
                 raise LifecycleError(Code.INTERNAL, f"StopVM {sandbox_id}: removing the VXLAN tunnel failed: {exc}") from exc
             self.recorder.vms_deleted("stop", len(deleted))
             await self.observer.vm_deleted(sandbox_id, sandbox.pod_namespace, sandbox.pod_name, sandbox.instance_id)

@@ -152,7 +152,7 @@ class WarmPool:
             log.warning("StartVM %s: claim of pool VM %s (%s) failed: %s; deleting it and starting cold",
                         sandbox.id, vm.name, vm.instance_id, exc)
             await self.provider.delete_instance(vm.instance_id)
-            self.sandboxes.update(sandbox.id, instance_id="", vm_ips=())
+            self.sandboxes.change(sandbox.id, instance_id="", vm_ips=())
             return await self.cold.deliver(sandbox)
         log.info("StartVM %s: claimed pool VM %s (%s) in %.2fs", sandbox.id, vm.name, vm.instance_id,
                  time.monotonic() - began)

@@ -111,10 +111,10 @@ class HypervisorService:
         annotations = getattr(request, "annotations", None)
         if annotations and annotations.get(ANN_POD_NAME):
             return {"sandbox_id": sandbox_id, "pod": f"{annotations.get(ANN_POD_NAMESPACE, '')}/{annotations[ANN_POD_NAME]}"}
-        sandbox = self.lifecycle.store.get(sandbox_id) if sandbox_id else None
-        if sandbox is None:
+        pod = self.lifecycle.store.pod_of(sandbox_id) if sandbox_id else None
+        if pod is None:
             return {"sandbox_id": sandbox_id}
-        return {"sandbox_id": sandbox_id, "pod": f"{sandbox.pod_namespace}/{sandbox.pod_name}", "instance_id": sandbox.instance_id}
+        return {"sandbox_id": sandbox_id, "pod": f"{pod[0]}/{pod[1]}", "instance_id": pod[2]}
 
     def register_ttrpc(self, server: Server) -> None:
         for method in self.methods():

@@ -173,7 +173,15 @@ class SandboxStore:
         return _from_row(row) if row else None
 
     def update(self, sandbox_id: str, **changes: Any) -> Sandbox:
-        """Set the given fields; raises KeyError for an unknown id."""
+        """Set the given fields; the sandbox as stored now. Raises KeyError for an unknown id."""
+        self.change(sandbox_id, **changes)
+        sandbox = self.get(sandbox_id)
+        assert sandbox is not None
+        return sandbox
+
+    def change(self, sandbox_id: str, **changes: Any) -> None:
+        """``update`` without reading the row back (most callers do not need it: a StartVM
+        and StopVM change a row four times). Raises KeyError for an unknown id."""
         unknown = set(changes) - set(_COLUMNS) | ({"id", "created_at"} & set(changes))
         if unknown:
             raise ValueError(f"cannot update sandbox fields {sorted(unknown)}")
@@ -185,9 +193,6 @@ class SandboxStore:
         )
         if cursor.rowcount != 1:
             raise KeyError(sandbox_id)
-        sandbox = self.get(sandbox_id)
-        assert sandbox is not None
-        return sandbox
 
     def next_free_vni(self, minimum: int) -> int:
         """The lowest VNI ``>= minimum`` no row holds. Every row is a live sandbox
@@ -210,6 +215,20 @@ class SandboxStore:
     def all(self) -> list[Sandbox]:
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sandboxes ORDER BY created_at")
         return [_from_row(row) for row in rows]
+
+    def pod_of(self, sandbox_id: str) -> tuple[str, str, str] | None:
+        """(pod namespace, pod name, instance id) of a sandbox, None for an unknown id: three columns,
+        no decoding (every hypervisor call logs them)."""
+        row = self._db.execute("SELECT pod_namespace, pod_name, instance_id FROM sandboxes WHERE id = ?",
+                               (sandbox_id,)).fetchone()
+        return (str(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def holding_vms(self) -> set[str]:
+        """Ids of the rows that hold (or may hold) a VM: starting, running, or with an instance id.
+        One query of the ids, not ``all()``: asked by every StartVM."""
+        rows = self._db.execute("SELECT id FROM sandboxes WHERE state IN (?, ?) OR instance_id != ''",
+                                (SandboxState.STARTING.value, SandboxState.RUNNING.value))
+        return {row[0] for row in rows}
 
     def find_pod(self, pod_namespace: str, pod_name: str) -> Iterator[Sandbox]:
         rows = self._db.execute(

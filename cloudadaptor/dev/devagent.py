@@ -6,8 +6,9 @@ ttrpc server on a unix socket serving ``grpc.Health`` and the part of
 the container's network namespace (``OCI.Linux.Namespaces`` entry of type
 ``network``; in a pod VM that is ``/run/netns/podns``, appended by the
 forwarder) — and nothing else is isolated: no rootfs, users, cgroups or PID
-namespace. Each process starts through ``cloudadaptor.dev.nsexec`` in its
-own session, so signals and kills reach its whole process group.
+namespace. Each process starts as ``cloudadaptor.dev.nsexec`` starts it (a
+fork that enters the netns and execs the command; no interpreter per process) in
+its own session, so signals and kills reach its whole process group.
 
 Behaviour worth knowing (chosen to match what the kata shim expects):
 

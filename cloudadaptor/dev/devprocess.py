@@ -1,23 +1,26 @@
 """The development agent's container processes: spawn, reap, signal, read.
 
-Each process starts through ``cloudadaptor.dev.nsexec`` in its own session
-(so a signal reaches its whole process group) and, when the container names
-one, in its network namespace. Nothing else is isolated.
+Each process starts as ``cloudadaptor.dev.nsexec`` starts it (a command: its
+step run in the forked child; a pause process: the module itself) in its own
+session (so a signal reaches its whole process group) and, when the container
+names one, in its network namespace. Nothing else is isolated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from cloudadaptor.dev import nsexec
 from cloudadaptor.dev.nsexec import DEFAULT_PATH
 from cloudadaptor.ttrpc.errors import Code, TtrpcError
 
@@ -88,27 +91,33 @@ def find_executable(args: list[str], env: list[str]) -> None:
 
 
 async def spawn(process: Process) -> None:
-    """Start ``process`` through ``cloudadaptor.dev.nsexec`` in its own session (and netns);
-    INTERNAL when the command cannot be found or started. Sets ``started``; ``exited`` is set when it is reaped."""
+    """Start ``process`` as ``cloudadaptor.dev.nsexec`` would, in its own session (and netns);
+    INTERNAL when the command cannot be found or started. Sets ``started``; ``exited`` is set when it is reaped.
+
+    A command runs nsexec's step (``enter_and_exec``) in the forked child itself: a fork, not a
+    Python start-up per container (issue 16). A pause process runs ``nsexec --pause``."""
     env = process.env
-    command = ["--pause"]
-    if process.args:
-        find_executable(process.args, env)
-        command = ["--", *process.args]
+    entries = list(env) if env else ["PATH=" + DEFAULT_PATH]
     cwd = process.cwd if process.cwd and os.path.isdir(process.cwd) else "/"
     argv = [sys.executable, "-m", "cloudadaptor.dev.nsexec", "--cwd", cwd]
     if process.netns:
         argv += ["--net", process.netns]
-    argv += [f"--env={e}" for e in env] if env else ["--env=PATH=" + DEFAULT_PATH]
+    argv += [*(f"--env={e}" for e in entries), "--pause"]
+    in_child: Callable[[], None] | None = None
+    if process.args:
+        find_executable(process.args, env)
+        argv = list(process.args)  # what the child becomes; enter_and_exec execs it after setns and chdir
+        in_child = functools.partial(_enter_and_exec, process.netns, cwd, nsexec.build_env(entries), argv)
     loop = asyncio.get_running_loop()
     try:
         transport, protocol = await loop.subprocess_exec(
             lambda: _Protocol(process, loop),
-            *argv, *command,
+            *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=in_child,
         )
     except OSError as exc:
         raise TtrpcError(Code.INTERNAL, f"cannot start {process.args}: {exc}") from None
@@ -116,6 +125,13 @@ async def spawn(process: Process) -> None:
     process.started.set()
     log.info("started %s/%s pid %d: %s", process.container_id, process.exec_id,
              process.proc.pid, process.args or "<pause>")
+
+
+def _enter_and_exec(net: str | None, cwd: str, env: dict[str, str], command: list[str]) -> None:
+    """In the forked child (stdio already on the pipes, its own session): only stdio is
+    inherited, as after nsexec's exec; then nsexec's step, which never returns."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    nsexec.enter_and_exec(net, cwd, env, command)
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):

@@ -12,11 +12,17 @@ added when the given environment has none, as runc does for lookups.
 
 Exit status: the command's own (this process is replaced by it), 127 when
 the command cannot be found or executed, 126 when setns/chdir fails.
+
+``enter_and_exec`` is the same step without the interpreter: the development
+agent runs it in the forked child of its ``subprocess`` spawn (``preexec_fn``),
+so a container command costs a fork, not a Python start-up (issue 16); only
+``--pause`` (which has no command to become) still runs this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -58,29 +64,53 @@ def _pause() -> int:
         signal.pause()
 
 
+def _enter(net: str | None, cwd: str | None) -> str | None:
+    """setns, then chdir; what failed (the message), or None."""
+    try:
+        if net:
+            linuxns.setns(net, linuxns.CLONE_NEWNET)
+        if cwd:
+            os.chdir(cwd)
+    except OSError as exc:
+        return f"nsexec: {exc}"
+    return None
+
+
+def _exec(command: list[str], env: dict[str, str]) -> str:
+    """Become ``command``; the message when that failed."""
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        return f"nsexec: exec {command[0]!r}: {exc.strerror or exc}"
+    return "nsexec: exec returned"  # not reached
+
+
+def enter_and_exec(net: str | None, cwd: str | None, env: dict[str, str], command: list[str]) -> None:
+    """What ``nsexec --net NET --cwd CWD --env ... -- COMMAND`` does, in this (forked, single-threaded)
+    process: never returns; a failure is written to stderr and ends it with 126 or 127, as the command's."""
+    failed = _enter(net, cwd)
+    code = 126
+    if failed is None:
+        failed, code = _exec(command, env), 127
+    with contextlib.suppress(OSError):
+        os.write(2, f"{failed}\n".encode())
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command and not args.pause:
         print("nsexec: no command given", file=sys.stderr)
         return 2
-    try:
-        if args.net:
-            linuxns.setns(args.net, linuxns.CLONE_NEWNET)
-        if args.cwd:
-            os.chdir(args.cwd)
-    except OSError as exc:
-        print(f"nsexec: {exc}", file=sys.stderr)
+    failed = _enter(args.net, args.cwd)
+    if failed is not None:
+        print(failed, file=sys.stderr)
         return 126
     if args.pause:
         return _pause()
-    env = build_env(args.env)
-    try:
-        os.execvpe(command[0], command, env)
-    except OSError as exc:
-        print(f"nsexec: exec {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
-        return 127
-    return 0  # not reached
+    print(_exec(command, build_env(args.env)), file=sys.stderr)
+    return 127
 
 
 if __name__ == "__main__":

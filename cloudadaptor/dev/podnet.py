@@ -72,7 +72,7 @@ def create_pod_netns(name: str, pod_ip_cidr: str, gateway: str, *, mtu: int = 15
             ipr.link("set", index=index, state="up")
             ipr.route("add", dst=f"{iface.ip}/32", oif=index)
         with netnsocket.iproute_in(path) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
             index = ipr.link_lookup(ifname=POD_IFNAME)[0]
             ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             ipr.link("set", index=index, state="up")

@@ -119,13 +119,15 @@ def _addresses_by_link(ipr: IPRoute) -> dict[int, list[str]]:
 
 
 def _main_routes(ipr: IPRoute) -> list[Any]:
-    """Unicast routes of the main table that CNI (not the kernel) made."""
-    routes = []
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for route in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-            if route["type"] == RTN_UNICAST and route["proto"] != RTPROT_KERNEL and route.get("RTA_OIF"):
-                routes.append(route)
-    return routes
+    """Unicast routes of the main table that CNI (not the kernel) made, IPv4 first: one dump of
+    every family (AF_UNSPEC) instead of one per family, each pod's CreateVM asks."""
+    families = (socket.AF_INET, socket.AF_INET6)
+    routes = [
+        route for route in ipr.get_routes(family=socket.AF_UNSPEC, table=RT_TABLE_MAIN)
+        if route["family"] in families and route["type"] == RTN_UNICAST and route["proto"] != RTPROT_KERNEL
+        and route.get("RTA_OIF")
+    ]
+    return sorted(routes, key=lambda route: families.index(route["family"]))  # stable: the kernel's order within
 
 
 def _pod_link(candidates: dict[int, Any], addresses: dict[int, list[str]], routes: list[Any]) -> int | None:

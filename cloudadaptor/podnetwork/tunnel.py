@@ -52,12 +52,12 @@ def tunnel_up(tunnel: TunnelSpec) -> None:
     if not tunnel.vm_ip:
         raise PodNetworkError(f"tunnel {tunnel.device}: no VM address to tunnel to")
     with contextlib.ExitStack() as sockets:
-        worker, pod = _remove_leftovers(tunnel, sockets)
+        worker, pod, pod_index = _remove_leftovers(tunnel, sockets)
         try:
             # before the socket can receive; replaces an earlier peer filter of this VNI
             peerfilter.install(tunnel.vni, tunnel.vxlan_port, tunnel.vm_ip)
             _create(worker, tunnel)
-            _wire(pod or sockets.enter_context(open_netns(tunnel.netns_path)), tunnel)
+            _wire(pod or sockets.enter_context(open_netns(tunnel.netns_path)), tunnel, pod_index)
         except BaseException as exc:
             try:
                 tunnel_down(tunnel)
@@ -70,24 +70,25 @@ def tunnel_up(tunnel: TunnelSpec) -> None:
             raise
 
 
-def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.ExitStack) -> tuple[IPRoute, IPRoute | None]:
+def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.ExitStack) -> tuple[IPRoute, IPRoute | None, int | None]:
     """``tunnel_down`` but the peer filter (``peerfilter.install`` replaces it), through
     sockets kept open for the rest of ``tunnel_up``: (worker netns, pod netns or None when
-    the pod netns is gone). Raises ``PodNetworkError`` as ``tunnel_down`` does."""
+    the pod netns is gone, the pod interface's index as found there). Raises ``PodNetworkError``
+    as ``tunnel_down`` does."""
     problems: list[str] = []
     name = tunnel.device
     worker = _attempt(problems, f"cannot delete {name} in the worker netns", lambda: sockets.enter_context(IPRoute()))
     if worker is not None:
         _attempt(problems, f"cannot delete {name} in the worker netns", _delete_links, worker, name)
-    pod = None
+    pod = pod_index = None
     if netns_exists(tunnel.netns_path):
         where = f"cannot clean {name} in {tunnel.netns_path}"
         pod = _attempt(problems, where, lambda: sockets.enter_context(open_netns(tunnel.netns_path)))
         if pod is not None:
-            _attempt(problems, where, _clean_pod_netns, pod, tunnel)
+            pod_index = _attempt(problems, where, _clean_pod_netns, pod, tunnel)
     if problems or worker is None:
         raise PodNetworkError("; ".join(problems))
-    return worker, pod
+    return worker, pod, pod_index
 
 
 def _create(worker: IPRoute, tunnel: TunnelSpec) -> None:
@@ -104,9 +105,10 @@ def _create(worker: IPRoute, tunnel: TunnelSpec) -> None:
         os.close(fd)
 
 
-def _wire(pod: IPRoute, tunnel: TunnelSpec) -> None:
-    """In the pod netns: the device up and the tc redirects both ways."""
-    pod_index = _index(pod, tunnel.pod_ifname)
+def _wire(pod: IPRoute, tunnel: TunnelSpec, pod_index: int | None = None) -> None:
+    """In the pod netns: the device up and the tc redirects both ways. ``pod_index``: the pod
+    interface's index when ``_remove_leftovers`` found it through the same socket (else looked up)."""
+    pod_index = pod_index or _index(pod, tunnel.pod_ifname)
     if pod_index is None:
         raise NetnsUnusable(f"network namespace {tunnel.netns_path} has no interface {tunnel.pod_ifname}")
     vxlan = _index(pod, tunnel.device)
@@ -141,11 +143,13 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
         raise PodNetworkError("; ".join(problems))
 
 
-def _clean_pod_netns(ipr: IPRoute, tunnel: TunnelSpec) -> None:
+def _clean_pod_netns(ipr: IPRoute, tunnel: TunnelSpec) -> int | None:
+    """Our filters and device out of the pod netns; the pod interface's index (None: it has none)."""
     pod = _index(ipr, tunnel.pod_ifname)
     if pod is not None:
         remove_redirect(ipr, pod)
     _delete_links(ipr, tunnel.device)
+    return pod
 
 
 def _attempt(problems: list[str], what: str, fn: Callable[..., T], *args: Any) -> T | None:

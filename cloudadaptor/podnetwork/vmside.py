@@ -5,7 +5,7 @@
 The VM's boot runs this after ``process-user-data`` (which wrote apf.json)
 and before the kata-agent. From apf.json's ``network`` it creates, in the
 VM's own netns (so its UDP socket is on the VM's network), a VXLAN device
-towards the worker (``worker_ip``, ``vni``, ``vxlan_port``), moves it into
+towards the worker (``worker_ip``, ``vni``, ``vxlan_port``) placed straight in
 ``podns``, renames it to the pod's interface name and gives it the pod's MAC,
 addresses and MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN must fit
 the underlay). Then the pod's routes are replayed (routes without a gateway
@@ -79,13 +79,17 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
 
 def _clear_podns(ipr: IPRoute, names: tuple[str, ...]) -> None:
     """Remove what an earlier run left in podns (and bring lo up)."""
-    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
     for name in names:
         for index in ipr.link_lookup(ifname=name):
             ipr.link("del", index=index)
 
 
 def _create_and_move(net: PodNetworkConfig, vm_netns: str | None, podns_path: str) -> None:
+    """The VXLAN device, created by a request from the VM's netns (its UDP socket lives in the netns
+    that created it) straight into podns (IFLA_NET_NS_FD), as the worker side does (``tunnel``): one
+    request where "create, look up, move" took three. A device of that name in the VM's netns (an
+    earlier version's leftover) is deleted first."""
     device = device_name(net.vni)
     remote = ipaddress.ip_address(net.worker_ip)
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
@@ -95,8 +99,7 @@ def _create_and_move(net: PodNetworkConfig, vm_netns: str | None, podns_path: st
             for index in ipr.link_lookup(ifname=device):
                 ipr.link("del", index=index)
             ipr.link("add", ifname=device, kind="vxlan", vxlan_id=net.vni, vxlan_port=net.vxlan_port,
-                     vxlan_learning=0, **group)
-            ipr.link("set", index=ipr.link_lookup(ifname=device)[0], net_ns_fd=fd)
+                     vxlan_learning=0, net_ns_fd=fd, **group)
     finally:
         os.close(fd)
 

@@ -6,9 +6,11 @@ A namespace VM used to start with ``python -m cloudadaptor.providers.local_vm``:
 a fresh interpreter importing the VM-side steps (process-user-data, pyroute2,
 the forwarder, TLS, protobuf) for every VM, which on a small worker made 30
 VMs started at once cost about 15 one-VM boots (issue 16). The fork server
-imports all of that once; each launch is a ``fork()`` of it running
-``local_vm.main`` with the same arguments, so the VM's launcher, init and
-namespaces are exactly what the exec'd command made.
+imports all of that once (and, before each launch, reads the image's boot plan,
+``local_boot.load``, which is read again only when its files change); each
+launch is a ``fork()`` of it running ``local_vm.main`` with the same
+arguments, so the VM's launcher, init and namespaces are exactly what the
+exec'd command made.
 
 Protocol, on a ``SOCK_SEQPACKET`` socketpair (fd ``N``) from the daemon: one
 message per launch, JSON ``{"argv": [...local_vm arguments...]}`` with two
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -162,8 +165,13 @@ def serve(fd: int) -> int:
             continue
         with contextlib.suppress(Exception, SystemExit):  # bad arguments are the launcher's to report
             local_vmagent.preload(local_vm.agent_argv_of(argv))
+        with contextlib.suppress(Exception, SystemExit):  # so is a boot plan that cannot be read
+            local_vm.boot_plan_of(argv)
         sys.stdout.flush()
         sys.stderr.flush()
+        # Everything loaded so far moves to the collector's permanent generation: a fork's collections
+        # then never write to these objects' pages, which the fork would have to copy (CPU and memory).
+        gc.freeze()
         if os.fork() == 0:
             _launcher(sock, fds[0], fds[1], argv)  # never returns
         for received in fds:

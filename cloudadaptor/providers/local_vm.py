@@ -72,11 +72,21 @@ def agent_argv_of(argv: list[str]) -> list[str]:
     return agent_argv(_parser().parse_args(argv).agent_command)
 
 
+def boot_plan_of(argv: list[str]) -> list[local_boot.BootStep]:
+    """The boot plan a launch with these arguments reads (the fork server reads it first: its
+    launchers then find it read, ``local_boot.load``)."""
+    podvm_files = _parser().parse_args(argv).podvm_files
+    return local_boot.load(Path(podvm_files) if podvm_files else None)
+
+
 # --------------------------------------------------------------------- launcher
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # compiled at import (in the fork server), not in every launcher
+
+
 def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
 
 
 def _detach_namespace_mounts() -> None:

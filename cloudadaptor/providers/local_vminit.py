@@ -346,10 +346,10 @@ def _plain_signals() -> None:
 
 
 def _create_podns() -> None:
-    from cloudadaptor import netnsocket
+    from cloudadaptor import linuxns, netnsocket
 
     with netnsocket.iproute_in(netnsocket.create_netns(PODNS)) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
 
 
@@ -359,7 +359,17 @@ def preload() -> None:
     from cloudadaptor.podvm import claim, process_user_data  # noqa: F401
 
     _import_after_claim()
+    import ssl
+    import tempfile
+
     import uvloop  # noqa: F401 - the init's loop
+    import yaml  # noqa: F401 - process-user-data parses the user data with it (cloudadaptor.userdata imports it lazily)
+
+    # OpenSSL initialises itself (configuration, algorithm tables) on the first context a process makes,
+    # and tempfile probes for its directory on first use: done here once, not in every VM's forwarder
+    # (its server context; tls writes the PEM text to a private temporary directory to load it).
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tempfile.gettempdir()
 
 
 def _import_after_claim() -> None:

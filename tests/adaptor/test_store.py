@@ -95,3 +95,35 @@ def test_a_database_from_before_tunnels_is_migrated_and_keeps_its_rows(tmp_path:
     finally:
         store.close()
     SandboxStore(path).close()  # opening a migrated database again is a no-op
+
+
+def test_holding_vms_are_the_starting_running_and_instance_holding_rows(store):
+    states = {"created": SandboxState.CREATED, "starting": SandboxState.STARTING, "running": SandboxState.RUNNING,
+              "stopping": SandboxState.STOPPING, "failed": SandboxState.FAILED}
+    for sid, state in states.items():
+        store.add(sandbox(sid))
+        store.change(sid, state=state)
+    store.add(sandbox("stopping-with-vm"))
+    store.change("stopping-with-vm", state=SandboxState.STOPPING, instance_id="i-1", vm_ips=("192.0.2.7",))
+    expected = {s.id for s in store.all() if s.state in (SandboxState.STARTING, SandboxState.RUNNING) or s.instance_id}
+    assert store.holding_vms() == expected == {"starting", "running", "stopping-with-vm"}
+
+
+def test_change_writes_what_update_returns_and_refuses_what_update_refuses(store):
+    store.add(sandbox("a"))
+    assert store.change("a", state=SandboxState.RUNNING, vm_ips=("192.0.2.7",)) is None
+    got = store.get("a")
+    assert got is not None and got.state is SandboxState.RUNNING and got.vm_ips == ("192.0.2.7",)
+    assert store.update("a", error="x") == store.get("a")
+    with pytest.raises(KeyError):
+        store.change("nobody", error="x")
+    with pytest.raises(ValueError, match="created_at"):
+        store.change("a", created_at=1.0)
+
+
+def test_pod_of_is_what_get_says(store):
+    store.add(sandbox("a", network=NETWORK))
+    store.change("a", instance_id="i-1")
+    got = store.get("a")
+    assert got is not None and store.pod_of("a") == (got.pod_namespace, got.pod_name, "i-1")
+    assert store.pod_of("nobody") is None

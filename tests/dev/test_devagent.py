@@ -173,6 +173,29 @@ async def test_a_missing_network_namespace_is_refused(agent: Agent, tmp_path: Pa
     assert err.value.code == Code.INVALID_ARGUMENT
 
 
+async def test_a_netns_that_cannot_be_entered_ends_the_process_with_126_and_says_why(agent: Agent, tmp_path: Path):
+    """The process is forked and enters the netns itself (nsexec's step, no interpreter): a path that
+    exists but is no network namespace fails there, as nsexec does: status 126, the reason on stderr."""
+    not_a_netns = tmp_path / "plain-file"
+    not_a_netns.write_text("")
+    await agent.create(args=["true"], netns=str(not_a_netns))
+    await agent.start()
+    assert await agent.wait(eid="") == 126
+    stderr = (await agent.read_all(eid="c1", method="ReadStderr")).decode()
+    assert stderr.startswith("nsexec: ") and f"setns {not_a_netns}: Invalid argument" in stderr, stderr
+    await agent.create("c2", args=["sleep", "30"])  # the agent itself carries on
+    await agent.start("c2")
+
+
+async def test_a_process_inherits_only_its_stdio(agent: Agent):
+    await agent.create(args=["sleep", "30"])
+    await agent.start()
+    await agent.exec(["sh", "-c", "ls /proc/self/fd"])
+    fds = sorted(int(fd) for fd in (await agent.read_all()).split())
+    assert await agent.wait() == 0
+    assert fds == [0, 1, 2, 3], "stdio, and the directory ls reads (fd 3)"
+
+
 # --------------------------------------------------------------- processes
 
 

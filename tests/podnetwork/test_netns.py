@@ -28,7 +28,8 @@ def test_inspect_reads_what_cni_gave_the_pod(make_pod_netns):
     pod = make_pod_netns("198.51.100.10/24", "198.51.100.1")
     with IPRoute(netns=pod.name, flags=0) as ipr:
         eth0 = ipr.link_lookup(ifname="eth0")[0]
-        ipr.addr("add", index=eth0, address="2001:db8::a", prefixlen=64)
+        ipr.addr("add", index=eth0, address="2001:db8::a", prefixlen=64, flags=0x02)  # IFA_F_NODAD
+        ipr.route("add", dst="::/0", gateway="2001:db8::1", family=10)  # before the IPv4 one: IPv4 still comes first
         ipr.route("add", dst="203.0.113.0/24", gateway="198.51.100.1", priority=20)
         ipr.neigh("add", dst="198.51.100.1", lladdr="02:00:00:00:00:01", ifindex=eth0, state=0x80)
         ipr.neigh("add", dst="198.51.100.99", lladdr="02:00:00:00:00:99", ifindex=eth0, state=0x02)  # reachable
@@ -38,7 +39,8 @@ def test_inspect_reads_what_cni_gave_the_pod(make_pod_netns):
     assert info.routes == (
         PodRoute("0.0.0.0/0", gateway="198.51.100.1"),
         PodRoute("203.0.113.0/24", gateway="198.51.100.1", metric=20),
-    ), "CNI's routes, not the kernel's prefix routes"
+        PodRoute("::/0", gateway="2001:db8::1", metric=1024),
+    ), "CNI's routes (IPv4, then IPv6), not the kernel's prefix routes"
     assert info.neighbours == (PodNeighbour("198.51.100.1", "02:00:00:00:00:01"),), "permanent entries only"
 
 

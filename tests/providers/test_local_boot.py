@@ -59,3 +59,16 @@ def test_a_new_unit_in_the_image_is_refused(tmp_path):
 def test_instance_specifiers_are_expanded():
     assert local_boot.prepare_dirs("netns@podns.service", "ExecStartPre=-/bin/mkdir -p /run/%I /run/b\n") == (
         "/run/podns", "/run/b")
+
+
+def test_a_plan_is_read_again_when_a_file_it_came_from_changes(tmp_path):
+    podvm = copy_podvm(tmp_path)
+    first = local_boot.load(podvm)
+    assert local_boot.load(podvm) == first
+    unit = podvm / local_boot.UNIT_SUBDIR / "kata-agent.service"
+    unit.write_text(unit.read_text().replace("[Service]\n", "[Service]\nExecStartPre=/usr/bin/mkdir -p /run/extra\n"))
+    agent = next(s for s in local_boot.load(podvm) if s.unit == "kata-agent.service")
+    assert "/run/extra" in agent.make_dirs, "the edited unit is read, not the plan read before"
+    unit.write_text(unit.read_text().replace("[Service]\n", "[Service]\nExecStartPre=/usr/bin/chmod 700 /run/x\n"))
+    with pytest.raises(local_boot.BootPlanError, match="cannot imitate"):
+        local_boot.load(podvm)

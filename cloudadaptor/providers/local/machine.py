@@ -77,7 +77,7 @@ def wire(cfg: LocalConfig, instance_id: str, ip: str) -> None:
         ipr.link("add", ifname=host, kind="veth", master=bridge, state="up",
                  peer={"ifname": VM_IFNAME, "net_ns_fd": name})
     with netnsocket.iproute_in(path) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
         index = ipr.link_lookup(ifname=VM_IFNAME)[0]
         ipr.addr("add", index=index, address=ip, prefixlen=cfg.cidr.prefixlen)
         ipr.link("set", index=index, state="up")
