@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -21,36 +20,41 @@ SHIM_STARTVM_DEADLINE = 600.0
 TLS_VERSIONS: tuple[str, ...] = tuple(wire.TLS_VERSIONS)
 
 
+# Nanoseconds per unit: integer arithmetic is exact, as Go's is (and fractions.Fraction would cost
+# the daemon half a MiB of imports: idle memory, issue 16).
 _DURATION_UNITS = {
-    "ns": Fraction(1, 10**9),
-    "us": Fraction(1, 10**6),
-    "µs": Fraction(1, 10**6),  # U+00B5 micro sign
-    "μs": Fraction(1, 10**6),  # U+03BC greek mu
-    "ms": Fraction(1, 1000),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,  # U+00B5 micro sign
+    "μs": 10**3,  # U+03BC greek mu
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"(\d*)(?:\.(\d*))?(ns|us|µs|μs|ms|s|m|h)")
 DURATION_EXPECTED = "expected a duration like 300ms, 90s, 5m or 1h30m (units ns, us, ms, s, m, h)"
 
 
 def parse_duration(text: str) -> float:
-    """Go ``time.ParseDuration`` syntax without a sign, to seconds: "1h30m" -> 5400.0."""
+    """Go ``time.ParseDuration`` syntax without a sign, to seconds: "1h30m" -> 5400.0.
+
+    Like Go, a fraction finer than a nanosecond is dropped ("1.5ns" is 1 ns)."""
     text = text.strip()
     if text == "0":
         return 0.0
     if not text:
         raise ValueError(DURATION_EXPECTED)
-    total = Fraction(0)
+    total_ns = 0
     pos = 0
     while pos < len(text):
         match = _DURATION_PART.match(text, pos)
-        if match is None:
+        if match is None or not (match.group(1) or match.group(2)):  # "5m" "1.5s" ".5s" "5.s", not ".s"
             raise ValueError(DURATION_EXPECTED)
-        total += Fraction(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        whole, fraction, unit = match.group(1), match.group(2) or "", _DURATION_UNITS[match.group(3)]
+        total_ns += int(whole or "0") * unit + int(fraction or "0") * unit // 10 ** len(fraction)
         pos = match.end()
-    return float(total)
+    return total_ns / 10**9
 
 
 def format_duration(seconds: float) -> str:
