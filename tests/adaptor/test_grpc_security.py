@@ -138,15 +138,19 @@ def test_binding_itself_refuses_a_public_address_without_tls(service):
         GrpcBinding(service, f"{ADDRESS}:50051")
 
 
-async def test_unix_socket_endpoint_serves(service, short_dir):
-    path = short_dir / "grpc.sock"
+async def version_over_unix_socket(service: HypervisorService, path: Path) -> str:
+    """Serve ``service`` on ``unix:path`` and ask it its version through grpc.aio."""
     binding = GrpcBinding(service, f"unix:{path}")
     await binding.start()
     try:
         async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
-            assert await version(channel)
+            return await version(channel)
     finally:
         await binding.close()
+
+
+async def test_unix_socket_endpoint_serves(service, short_dir):
+    assert await version_over_unix_socket(service, short_dir / "grpc.sock")
 
 
 def test_the_binding_serves_on_the_daemons_own_loop(service, short_dir):
@@ -155,16 +159,5 @@ def test_the_binding_serves_on_the_daemons_own_loop(service, short_dir):
 
     from cloudadaptor.eventloop import new_event_loop
 
-    path = short_dir / "grpc.sock"
-
-    async def body() -> str:
-        binding = GrpcBinding(service, f"unix:{path}")
-        await binding.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
-                return await version(channel)
-        finally:
-            await binding.close()
-
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        assert runner.run(body())
+        assert runner.run(version_over_unix_socket(service, short_dir / "grpc.sock"))
