@@ -145,11 +145,11 @@ class ForkServer:
 
 def serve(fd: int) -> int:
     """Answer launch requests on ``fd`` until end of file; 0."""
-    from cloudadaptor.providers import local_vm, local_vmagent, local_vminit
+    from cloudadaptor.providers import local_vm, local_vmagent, local_vmpreload
 
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the launchers
-    local_vminit.preload()
+    local_vmpreload.preload()
     while True:
         message, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 2)
         if not message:

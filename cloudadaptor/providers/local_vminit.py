@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cloudadaptor import eventloop
-from cloudadaptor.providers import local_boot, local_vmagent
+from cloudadaptor.providers import local_boot, local_vmagent, local_vmpreload
 
 # Paths inside the VM (its /run is the instance's own).
 USER_DATA_PATH = "/run/cloud-data/user-data"
@@ -190,7 +190,7 @@ class VmInit:
             return
         log("wait-for-claim: a pool VM; waiting for its pod's config (mTLS)")
         # What runs after the claim loads now, while the VM is idle, not on a claimed pod's clock.
-        preload = asyncio.ensure_future(asyncio.to_thread(_import_after_claim))
+        preload = asyncio.ensure_future(asyncio.to_thread(local_vmpreload.import_after_claim))
         waiting = asyncio.ensure_future(claim.wait_for_claim(config, Path("/"), "0.0.0.0", config.listen_port))
         stopped = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,7 +232,7 @@ class VmInit:
         agent = self._start("agent", self.agent)
         if agent is not None:
             # The forwarder's modules load while the agent's own interpreter starts (on another CPU).
-            preload = asyncio.create_task(asyncio.to_thread(_import_forwarder))
+            preload = asyncio.create_task(asyncio.to_thread(local_vmpreload.import_forwarder))
             await self._wait_socket(agent, AGENT_SOCKET, AGENT_SOCKET_TIMEOUT)
             with contextlib.suppress(Exception):  # an import error is the forwarder step's to report
                 await preload
@@ -351,36 +351,6 @@ def _create_podns() -> None:
     with netnsocket.iproute_in(netnsocket.create_netns(PODNS)) as ipr:
         ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
     log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
-
-
-def preload() -> None:
-    """Import every step's modules (the fork server does, once: each VM it forks starts with them)."""
-    from cloudadaptor.commandline import setup_logging  # noqa: F401
-    from cloudadaptor.podvm import claim, process_user_data  # noqa: F401
-
-    _import_after_claim()
-    import ssl
-    import tempfile
-
-    import uvloop  # noqa: F401 - the init's loop
-    import yaml  # noqa: F401 - process-user-data parses the user data with it (cloudadaptor.userdata imports it lazily)
-
-    # OpenSSL initialises itself (configuration, algorithm tables) on the first context a process makes,
-    # and tempfile probes for its directory on first use: done here once, not in every VM's forwarder
-    # (its server context; tls writes the PEM text to a private temporary directory to load it).
-    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tempfile.gettempdir()
-
-
-def _import_after_claim() -> None:
-    """What runs after a pool VM's claim (a VM forked from the fork server has it loaded already)."""
-    import cloudadaptor.podnetwork.vmside  # noqa: F401
-
-    _import_forwarder()
-
-
-def _import_forwarder() -> None:
-    import cloudadaptor.podvm.forwarder  # noqa: F401 - imports certrenewal and tls too
 
 
 async def _start_forwarder() -> Any:
