@@ -17,9 +17,9 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from cloudadaptor.adaptor.hooks import LifecycleRecorder, NoopRecorder
+from cloudadaptor.eventloop import HeldProtocol
 from cloudadaptor.protocols import health_pb2
 from cloudadaptor.retry import Backoff, RetryTimeout, retry_until
 from cloudadaptor.ttrpc.client import Client
@@ -140,7 +140,7 @@ class AgentProxy:
         return pipe.down
 
 
-class _End(asyncio.Protocol):
+class _End(HeldProtocol):
     """One side of a byte pipe: bytes it receives are written to the other side.
 
     Flow control crosses over: when the other side's send buffer fills, this
@@ -151,25 +151,16 @@ class _End(asyncio.Protocol):
     def __init__(self, pipe: _Pipe, direction: str) -> None:
         self.pipe = pipe
         self.direction = direction  # metrics: what this end receives is piped "to_vm" or "from_vm"
-        self.transport: asyncio.Transport | None = None
         self.other: _End | None = None
-        # What the shim sent before the VM connection was up: uvloop reads an accepted connection after
-        # connection_made even though _Pipe.made paused it (``cloudadaptor.eventloop``); kept, not dropped.
-        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport = self.transport
+        super().connection_made(transport)
         self.pipe.made(self)
 
-    def data_received(self, data: bytes) -> None:
-        if self.other is None or self.other.transport is None:
-            self.early.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-            return
-        self.other.transport.write(data)
-        self.pipe.proxy.recorder.proxy_bytes(self.direction, len(data))
+    def received(self, data: bytes) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.write(data)
+            self.pipe.proxy.recorder.proxy_bytes(self.direction, len(data))
 
     def eof_received(self) -> bool:
         self.pipe.finish()
@@ -207,8 +198,7 @@ class _Pipe:
 
     def made(self, end: _End) -> None:
         if end is self.down and self._dial is None:
-            assert end.transport is not None
-            end.transport.pause_reading()  # until the upstream connection is there
+            end.hold()  # until the upstream connection is there
             self._dial = asyncio.get_running_loop().create_task(self._connect())
             self._dial.add_done_callback(lambda _: self.finish() if self.down.transport is None else None)
 
@@ -230,10 +220,7 @@ class _Pipe:
         if self.down.transport is None or self.down.transport.is_closing():
             self.finish()  # the shim hung up while we dialled
         else:
-            early, self.down.early = self.down.early, []
-            for data in early:
-                self.down.data_received(data)
-            self.down.transport.resume_reading()
+            self.down.release()
 
     def finish(self) -> None:
         """Close both ends (buffered bytes are still sent); idempotent."""

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
 
+from cloudadaptor.eventloop import HeldProtocol
 from cloudadaptor.ttrpc.framing import FrameError, FrameParser
 from cloudadaptor.ttrpc.relay import FrameRewriter, LocalMethods, RewriteRequest, _unparseable
 
@@ -44,11 +44,7 @@ class FrameRelay(FrameRewriter):
     def start(self) -> None:
         """Both sides are connected: let the downstream side's bytes flow (first what came early)."""
         self._started = True
-        early, self.down.early = self.down.early, []
-        for data in early:
-            self.down.data_received(data)
-        if self.down.transport is not None and not self.down.transport.is_closing():
-            self.down.transport.resume_reading()
+        self.down.release()
 
     def end(self, reason: str) -> None:
         """Close both connections (writing what is buffered); the first reason is kept. Idempotent."""
@@ -78,7 +74,7 @@ class FrameRelay(FrameRewriter):
             self.ended.set_result(self._reason or "closed")
 
 
-class _Side(asyncio.Protocol):
+class _Side(HeldProtocol):
     """One connection of the pair: frames it receives go to the other side's transport.
 
     Flow control crosses over: when the other side's send buffer fills, this
@@ -92,24 +88,14 @@ class _Side(asyncio.Protocol):
         self.oversized = oversized
         self.transform = transform
         self.parser = FrameParser()
-        self.transport: asyncio.Transport | None = None
         self.other: _Side | None = None
-        # Bytes the downstream side got before start(): uvloop's connect_accepted_socket starts reading after
-        # connection_made, undoing its pause_reading (plain TCP, TLS disabled); kept, not dropped.
-        self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport = self.transport
+        super().connection_made(transport)
         if self is self.relay.down and not self.relay._started:
-            transport.pause_reading()  # until the upstream connection is there
+            self.hold()  # until the upstream connection is there (FrameRelay.start)
 
-    def data_received(self, data: bytes) -> None:
-        if self is self.relay.down and not self.relay._started:
-            self.early.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-            return
+    def received(self, data: bytes) -> None:
         try:
             out = self.relay.process(self.parser, data, self.oversized, self.transform)
         except FrameError as exc:
