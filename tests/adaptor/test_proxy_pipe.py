@@ -48,6 +48,14 @@ async def echo_server(tls=(None, None)) -> tuple[asyncio.Server, int, list[async
     return server, server.sockets[0].getsockname()[1], conns
 
 
+async def proxy_to(serve, tls, tmp_path) -> tuple[asyncio.Server, AgentProxy]:
+    """A started AgentProxy in front of an 'agent' on loopback that runs ``serve`` for each connection."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls[0])
+    proxy = AgentProxy(str(tmp_path / "agent.ttrpc"), endpoint(server.sockets[0].getsockname()[1], tls))
+    await proxy.start()
+    return server, proxy
+
+
 async def test_bytes_pass_both_ways_unchanged_even_past_the_buffers(tmp_path, tls):
     server, port, _ = await echo_server(tls)
     proxy = AgentProxy(str(tmp_path / "agent.ttrpc"), endpoint(port, tls))
@@ -95,9 +103,7 @@ async def test_shim_hanging_up_closes_the_agent_connection(tmp_path, tls):
         ended.set()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls[0])
-    proxy = AgentProxy(str(tmp_path / "agent.ttrpc"), endpoint(server.sockets[0].getsockname()[1], tls))
-    await proxy.start()
+    server, proxy = await proxy_to(serve, tls, tmp_path)
     try:
         _, writer = await asyncio.open_unix_connection(proxy.socket_path)
         writer.write(b"x")
@@ -186,9 +192,7 @@ async def test_an_agent_that_does_not_read_pauses_the_shim_and_then_gets_every_b
             received.extend(data)
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls[0])
-    proxy = AgentProxy(str(tmp_path / "agent.ttrpc"), endpoint(server.sockets[0].getsockname()[1], tls))
-    await proxy.start()
+    server, proxy = await proxy_to(serve, tls, tmp_path)
     try:
         reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
         writer.write(payload)
