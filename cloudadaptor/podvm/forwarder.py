@@ -65,13 +65,10 @@ def rewrite_agent_request(request: ttrpc_pb2.Request) -> bool:
     Raises ``TtrpcError(INVALID_ARGUMENT)`` when an intercepted request does
     not decode, so it is answered rather than forwarded un-rewritten.
     """
-    if request.service != AGENT_SERVICE:
+    if request.service != AGENT_SERVICE or request.method not in _REWRITES:
         return False
-    if request.method == "CreateContainer":
-        return _rewrite_payload(request, agent_pb2.CreateContainerRequest, _join_pod_netns)
-    if request.method == "CreateSandbox":
-        return _rewrite_payload(request, agent_pb2.CreateSandboxRequest, _clear_dns)
-    return False
+    message_cls, edit = _REWRITES[request.method]
+    return _rewrite_payload(request, message_cls, edit)
 
 
 def _rewrite_payload(request: ttrpc_pb2.Request, message_cls: type, edit) -> bool:  # type: ignore[type-arg]
@@ -105,6 +102,14 @@ def _clear_dns(sandbox: agent_pb2.CreateSandboxRequest) -> bool:
         return False
     del sandbox.dns[:]
     return True
+
+
+# method -> (its request message, the edit); the relay decodes only requests naming one of these
+_REWRITES = {
+    "CreateContainer": (agent_pb2.CreateContainerRequest, _join_pod_netns),
+    "CreateSandbox": (agent_pb2.CreateSandboxRequest, _clear_dns),
+}
+REWRITTEN_METHODS = frozenset(_REWRITES)
 
 
 # ----------------------------------------------------------------- forwarder
@@ -237,7 +242,7 @@ class AgentProtocolForwarder:
         """
         started.append(True)  # before any await: from here on _serve owns ``conn``
         local = self.certificate.methods() if self.certificate is not None else None
-        relay = FrameRelay(rewrite_agent_request, local=local)
+        relay = FrameRelay(rewrite_agent_request, local=local, rewritten_methods=REWRITTEN_METHODS)
         try:
             if not await self._handshake(conn, peer, relay):
                 return

@@ -172,6 +172,10 @@ class FrameParser:
         del buffer[:offset]
         return out
 
+    def pending(self) -> bool:
+        """Part of a frame is buffered or being skipped: the next chunk does not start a frame."""
+        return bool(self._buffer or self._skip)
+
     def end(self) -> None:
         """The stream ended: ``FrameError`` when it ended inside a frame."""
         if self._skip:
@@ -184,6 +188,25 @@ class FrameParser:
         length, stream_id, _, _ = HEADER.unpack_from(self._buffer)
         raise FrameError(f"connection closed inside a frame on stream {stream_id} "
                          f"({len(self._buffer) - HEADER_LENGTH} of {length} bytes)")
+
+
+def whole_frames(data: bytes, max_length: int, watched: tuple[bytes, ...]) -> bool:
+    """``data`` is whole frames of known types within ``max_length``, and no request among them
+    contains a ``watched`` byte string (the relay's fast path: such a chunk is forwarded as is)."""
+    offset, size = 0, len(data)
+    while offset < size:
+        if size - offset < HEADER_LENGTH:
+            return False
+        length, _, frame_type, _ = HEADER.unpack_from(data, offset)
+        start = offset + HEADER_LENGTH
+        offset = start + length
+        if offset > size or length > max_length or frame_type not in KNOWN_FRAME_TYPES:
+            return False
+        if frame_type == FrameType.REQUEST:
+            for name in watched:
+                if data.find(name, start, offset) >= 0:
+                    return False
+    return True
 
 
 async def _discard(reader: asyncio.StreamReader, length: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from google.protobuf.message import DecodeError
 
@@ -25,6 +25,7 @@ from cloudadaptor.ttrpc.framing import (
     FrameType,
     OversizedFrame,
     close_writer,
+    whole_frames,
 )
 
 log = logging.getLogger("cloudadaptor.ttrpc")
@@ -43,6 +44,7 @@ async def relay(
     up_writer: asyncio.StreamWriter,
     rewrite_request: RewriteRequest | None = None,
     local: LocalMethods | None = None,
+    rewritten_methods: Collection[str] | None = None,
 ) -> str:
     """Relay frames both ways until either side closes; blocks; returns why it ended.
 
@@ -50,6 +52,9 @@ async def relay(
     downstream, may edit it in place and returns True when it changed
     something (only then is the frame re-encoded). It may raise
     ``TtrpcError`` to answer the call downstream instead of forwarding it.
+    ``rewritten_methods`` names the methods the hook may change: a request
+    naming none of them (nor a ``local`` method) then passes undecoded,
+    unseen by the hook; None shows the hook every request.
     Undecodable envelopes are forwarded untouched; a rewrite that grows a
     request past 4 MiB, and any frame over 4 MiB from either side, is
     answered RESOURCE_EXHAUSTED downstream on its stream. A request for a
@@ -61,7 +66,7 @@ async def relay(
     Cleanup: on return, error or cancellation both writers are closed and
     no task is left running.
     """
-    session = _Relay(down_reader, down_writer, up_reader, up_writer, rewrite_request, local or {})
+    session = _Relay(down_reader, down_writer, up_reader, up_writer, rewrite_request, local or {}, rewritten_methods)
     return await session.run()
 
 
@@ -69,20 +74,42 @@ class FrameRewriter:
     """What a relay does to the bytes of one direction, without I/O (shared by ``relay`` and
     ``relayproto.FrameRelay``): cut frames out of a chunk, answer oversized ones, rewrite requests.
 
-    Subclasses give ``rewrite_request``, ``local`` (methods answered here) and ``_send_down`` (a
-    write downstream that never awaits, so answers and relayed frames never interleave inside a
-    frame).
+    Subclasses call ``_hooks`` and give ``_send_down`` (a write downstream that never awaits, so
+    answers and relayed frames never interleave inside a frame).
     """
 
     rewrite_request: RewriteRequest | None
     local: LocalMethods
+    _rewritten: frozenset[str] | None  # the methods the hook sees; None: all
+    # Method names (UTF-8) a request must contain to be decoded; None: decode every request.
+    _watched: tuple[bytes, ...] | None
+
+    def _hooks(self, rewrite_request: RewriteRequest | None, local: LocalMethods | None,
+               rewritten_methods: Collection[str] | None) -> None:
+        self.rewrite_request = rewrite_request
+        self.local = local or {}
+        self._rewritten = None if rewritten_methods is None else frozenset(rewritten_methods)
+        if rewrite_request is not None and rewritten_methods is None:
+            self._watched = None
+        else:
+            names = {*(rewritten_methods or ()), *(method for _, method in self.local)}
+            self._watched = tuple(name.encode() for name in names)
 
     def _send_down(self, data: bytes) -> None:
         raise NotImplementedError
 
     def process(self, parser: FrameParser, data: bytes, oversized: str,
                 transform: Callable[[bytes, bytes], bytes | None] | None) -> bytes:
-        """The bytes to forward for ``data`` (maybe empty); raises ``FrameError`` for bad framing."""
+        """The bytes to forward for ``data`` (maybe empty); raises ``FrameError`` for bad framing.
+
+        The common chunk, whole frames none of which needs a look, is forwarded as it came
+        without being cut up: a method's name is in its request's bytes verbatim, so a request
+        containing no watched name cannot be one the hooks change or answer.
+        """
+        if not parser.pending():
+            watched = () if transform is None else self._watched
+            if watched is not None and whole_frames(data, parser.max_length, watched):
+                return data
         out = []
         for item in parser.feed(data):
             if isinstance(item, OversizedFrame):
@@ -110,7 +137,7 @@ class FrameRewriter:
         if handler is not None:
             self._serve_here(stream_id, request, handler)
             return None
-        if self.rewrite_request is None:
+        if self.rewrite_request is None or (self._rewritten is not None and request.method not in self._rewritten):
             return header + data
         try:
             changed = self.rewrite_request(request)
@@ -164,13 +191,13 @@ class _Relay(FrameRewriter):
         up_writer: asyncio.StreamWriter,
         rewrite_request: RewriteRequest | None,
         local: LocalMethods,
+        rewritten_methods: Collection[str] | None,
     ) -> None:
         self.down_reader = down_reader
         self.down_writer = down_writer
         self.up_reader = up_reader
         self.up_writer = up_writer
-        self.rewrite_request = rewrite_request
-        self.local = local
+        self._hooks(rewrite_request, local, rewritten_methods)
 
     def _send_down(self, data: bytes) -> None:
         self.down_writer.write(data)

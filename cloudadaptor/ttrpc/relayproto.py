@@ -7,7 +7,8 @@ read callback: one wakeup and one send per burst and direction. The frame
 handling is the same code (``relay.FrameRewriter``): unchanged frames pass
 as they came, requests the hook changes are re-encoded, calls of ``local``
 methods are answered here, frames over 4 MiB are answered RESOURCE_EXHAUSTED
-downstream, bad framing ends the relay.
+downstream, bad framing ends the relay; with ``rewritten_methods`` a burst of
+whole frames that needs no look is written on as it came.
 Used by the pod VM's agent-protocol-forwarder, on its agent call path
 (issue 16).
 
@@ -21,7 +22,7 @@ the protocols of two connections; call ``start()``; await ``relay.ended``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from cloudadaptor.eventloop import HeldProtocol
 from cloudadaptor.ttrpc.framing import FrameError, FrameParser
@@ -31,9 +32,9 @@ from cloudadaptor.ttrpc.relay import FrameRewriter, LocalMethods, RewriteRequest
 class FrameRelay(FrameRewriter):
     """One relayed connection pair (see the module docstring)."""
 
-    def __init__(self, rewrite_request: RewriteRequest | None = None, local: LocalMethods | None = None) -> None:
-        self.rewrite_request = rewrite_request
-        self.local = local or {}
+    def __init__(self, rewrite_request: RewriteRequest | None = None, local: LocalMethods | None = None,
+                 rewritten_methods: Collection[str] | None = None) -> None:
+        self._hooks(rewrite_request, local, rewritten_methods)
         self.down = _Side(self, "downstream", "request refused", self._forward_request)
         self.up = _Side(self, "upstream", "upstream answer dropped", None)
         self.down.other, self.up.other = self.up, self.down

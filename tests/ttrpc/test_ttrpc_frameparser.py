@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from cloudadaptor.ttrpc.framing import MAX_MESSAGE_LENGTH, FrameError, FrameParser, OversizedFrame
+from cloudadaptor.ttrpc.framing import MAX_MESSAGE_LENGTH, FrameError, FrameParser, OversizedFrame, whole_frames
 
 HDR = ">IIBB"
 
@@ -68,3 +68,15 @@ def test_a_clean_end_between_frames_is_fine():
     parser = FrameParser()
     assert len(parser.feed(frame(1, b"done"))) == 1
     parser.end()
+
+
+def test_whole_frames_says_which_chunks_the_relay_may_forward_as_they_came():
+    request, response = frame(1, b"\x12\x05Check"), frame(1, b"CreateContainer", ftype=2)
+    watched = (b"CreateContainer",)
+    assert whole_frames(request + response + frame(3, b"", ftype=3), 100, watched)
+    assert whole_frames(b"", 100, watched)
+    assert not whole_frames(frame(3, b"\x12\x0fCreateContainer"), 100, watched), "a watched request needs a look"
+    assert not whole_frames(request[:-1], 100, watched), "a frame cut short"
+    assert not whole_frames(request + response[:4], 100, watched), "a header cut short"
+    assert not whole_frames(frame(1, b"x" * 101), 100, watched), "over the limit"
+    assert not whole_frames(frame(1, b"x", ftype=9), 100, watched), "an unknown type"

@@ -38,9 +38,10 @@ class Harness:
     """front unix socket --relay--> raw upstream unix socket."""
 
     def __init__(self, tmp_path, rewrite=None, close_upstream_after: int | None = None, kind: str = "streams",
-                 local=None) -> None:
+                 local=None, rewritten_methods=None) -> None:
         self.kind = kind
         self.local = local
+        self.rewritten_methods = rewritten_methods
         self.up_path = str(tmp_path / "up.sock")
         self.down_path = str(tmp_path / "down.sock")
         self.rewrite = rewrite
@@ -59,7 +60,7 @@ class Harness:
             self.tasks: set[asyncio.Task[None]] = set()
 
     def _front_protocol(self) -> asyncio.Protocol:
-        pair = FrameRelay(self.rewrite, local=self.local)
+        pair = FrameRelay(self.rewrite, local=self.local, rewritten_methods=self.rewritten_methods)
         task = asyncio.get_running_loop().create_task(self._run_protocols(pair))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -73,7 +74,8 @@ class Harness:
 
     async def _front(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_unix_connection(self.up_path)
-        self.reasons.append(await relay(reader, writer, up_reader, up_writer, self.rewrite, local=self.local))
+        self.reasons.append(await relay(reader, writer, up_reader, up_writer, self.rewrite, local=self.local,
+                                          rewritten_methods=self.rewritten_methods))
         self.relay_done.set()
 
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -154,6 +156,32 @@ async def test_rewrite_hook_changes_only_requests_it_reports_changed(harness):
     assert h.upstream_frames[0] == frame(1, untouched)
     edited = ttrpc_pb2.Request.FromString(h.upstream_frames[1][10:])
     assert (edited.method, edited.payload) == ("Edit", b"edited")
+    writer.close()
+
+
+async def test_with_rewritten_methods_the_hook_sees_only_those(harness):
+    calls: list[str] = []
+
+    def hook(req: ttrpc_pb2.Request) -> bool:
+        calls.append(req.method)
+        req.payload = b"edited"
+        return True
+
+    h = await harness(rewrite=hook, rewritten_methods={"Edit"})
+    reader, writer = await h.connect()
+    keep = b"\x12\x04Keep" + b"\x0a\x03s.S"  # non-canonical order survives only if not re-encoded
+    mentions = envelope("s.S", "Look", b"Edit")  # names a listed method in its payload only
+    edit = frame(5, envelope("s.S", "Edit", b"orig"))
+    writer.write(frame(1, keep) + frame(3, mentions))
+    writer.write(edit[:7])  # a listed request cut across two chunks is still seen
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(edit[7:])
+    for _ in range(3):
+        await read_raw(reader)
+    assert calls == ["Edit"]
+    assert h.upstream_frames[:2] == [frame(1, keep), frame(3, mentions)]
+    assert ttrpc_pb2.Request.FromString(h.upstream_frames[2][10:]).payload == b"edited"
     writer.close()
 
 
