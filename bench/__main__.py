@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if not privatens.inside():
         privatens.exec_inside([sys.executable, "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     if args.profile:
+        if not Path(sys.executable).with_name("py-spy").exists():
+            parser.error("--profile needs py-spy beside this Python: `make bench` installs it "
+                         "(the bench extra: pip install -e '.[bench]')")
         os.makedirs(args.profile, exist_ok=True)
         os.environ[procs.PROFILE_DIR_ENV] = os.path.abspath(args.profile)
     sections = {**SECTIONS, **other_scripts()}
