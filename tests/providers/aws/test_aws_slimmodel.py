@@ -205,3 +205,55 @@ def test_credential_providers_reach_sts_through_the_slim_data(tmp_path: Path, mo
     finally:
         slim.close()
         full.close()
+
+
+def _shape_facts(shape: Any, seen: set[str]) -> Any:
+    """What botocore's serializer, validator and parser read of ``shape`` (recursively): all but docs and enums."""
+    if shape is None:
+        return None
+    if shape.name in seen:
+        return shape.name
+    seen = seen | {shape.name}
+    metadata = {k: v for k, v in shape.metadata.items() if k not in ("enum", "documentation")}
+    facts: dict[str, Any] = {"name": shape.name, "type": shape.type_name, "serialization": shape.serialization,
+                             "metadata": metadata}
+    if shape.type_name == "structure":
+        facts["members"] = {name: _shape_facts(member, seen) for name, member in shape.members.items()}
+        facts["required"] = shape.required_members
+    elif shape.type_name == "list":
+        facts["member"] = _shape_facts(shape.member, seen)
+    elif shape.type_name == "map":
+        facts["key"], facts["value"] = _shape_facts(shape.key, seen), _shape_facts(shape.value, seen)
+    return facts
+
+
+def test_the_slim_operations_are_the_full_ones_without_docs_or_enums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    slim = make_ec2_client(AwsConfig(region="us-east-1"), model_cache=tmp_path)
+    full = make_ec2_client(AwsConfig(region="us-east-1"))
+    try:
+        slim_model, full_model = slim.meta.service_model, full.meta.service_model
+        for name in slimmodel.EC2_OPERATIONS:
+            ours, theirs = slim_model.operation_model(name), full_model.operation_model(name)
+            assert ours.http == theirs.http and ours.metadata == theirs.metadata, name
+            for side in ("input_shape", "output_shape"):
+                assert _shape_facts(getattr(ours, side), set()) == _shape_facts(getattr(theirs, side), set()), name
+            assert [e.name for e in ours.error_shapes] == [e.name for e in theirs.error_shapes], name
+        assert slim_model.shape_for("InstanceType").enum == [] and full_model.shape_for("InstanceType").enum
+    finally:
+        slim.close()
+        full.close()
+
+
+def test_the_slim_loader_reads_plain_dicts(tmp_path: Path):
+    """Plain dicts keep the order and take half the memory of botocore's ``OrderedDict``s (the client keeps them)."""
+    slim_dir = slimmodel.slim_model_dir(tmp_path)
+    assert slim_dir is not None
+    loader = slimmodel.SlimLoader(slim_dir, None)
+    service = loader.load_service_model("ec2", "service-2")
+    path = next(slim_dir.glob("ec2/*/service-2.json"))
+    assert service == json.loads(path.read_text()) and type(service) is dict and type(service["shapes"]) is dict
+    assert list(service["shapes"]) == list(json.loads(path.read_text())["shapes"])  # the file's order
+    ruleset = loader.load_service_model("ec2", "endpoint-rule-set-1")  # botocore's own .json.gz file
+    assert type(ruleset) is dict and ruleset["rules"]
+    assert loader.load_data("partitions")["partitions"]
