@@ -118,7 +118,7 @@ class VmInit:
         # made it, so the podns socket made by the podns step serves the pod network step too.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-step")
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        self._stop, self._exits = asyncio.Event(), asyncio.Event()  # _exits: a component exited
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop)
         _on_sigchld(loop, self._reap)
@@ -136,8 +136,12 @@ class VmInit:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` unless a stop comes first."""
+        await self._pause_until(self._stop, seconds)
+
+    @staticmethod
+    async def _pause_until(event: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), max(seconds, 0))
+            await asyncio.wait_for(event.wait(), max(seconds, 0))
 
     async def _boot(self) -> None:
         await self._pause(self.boot_delay)
@@ -325,13 +329,10 @@ class VmInit:
         if component is None:
             return  # an orphan of a component: reaped, as an init must
         component.status = os.waitstatus_to_exitcode(status)
+        self._exits.set()
         if component.popen is not None:
             component.popen.returncode = component.status  # reaped here: Popen must not wait for it
         log(f"{component.name} (pid {pid}) exited with status {component.status}")
-
-    def _signal(self, component: _Component, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(component.pid, sig)
 
     async def _shutdown(self) -> None:
         log("shutting down")
@@ -347,10 +348,12 @@ class VmInit:
             for component in list(self.components.values()):
                 if sig == signal.SIGKILL:
                     log(f"{component.name} (pid {component.pid}) still running; killing it")
-                self._signal(component, sig)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(component.pid, sig)
             deadline = time.monotonic() + STOP_GRACE
-            while self.components and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            while self.components and time.monotonic() < deadline:  # woken by SIGCHLD (_reap), not a 20 ms poll
+                self._exits.clear()
+                await self._pause_until(self._exits, min(0.1, deadline - time.monotonic()))
                 self._reap()
         log("power off")  # the kernel kills whatever is left in the PID namespace
 
