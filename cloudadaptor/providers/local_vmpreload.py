@@ -29,14 +29,14 @@ def preload() -> None:
     rehearse_pod_network()
 
 
-def rehearse_pod_network() -> None:
+def rehearse_pod_network() -> bool:
     """Run the pod network step once, in a throwaway netns of a thread of its own.
 
     What a process's first netlink requests cost beyond their later ones (pyroute2's lazily
     built objects, its specialised bytecode, the classes compiled above) is then paid once
     here, not by every VM (~1.5 ms of each VM's CPU). Nothing outside that netns changes: it
     holds no link but lo and the rehearsal's VXLAN device, and it goes when the thread ends.
-    Failures are ignored (each VM's own step reports its own).
+    Whether it ran: failures are ignored (each VM's own step reports its own).
     """
     import threading
 
@@ -51,15 +51,19 @@ def rehearse_pod_network() -> None:
                        neighbours=(PodNeighbour("203.0.113.1", "02:00:00:00:00:01"),))
     network = PodNetworkConfig(pod, worker_ip="192.0.2.1", vni=1, vxlan_port=4789)
 
+    ran: list[bool] = []
+
     def rehearse() -> None:
         with contextlib.suppress(Exception):
             linuxns.unshare(linuxns.CLONE_NEWNET)  # this thread's alone
             with IPRoute() as ipr:  # "podns" is the thread's netns too
                 vmside.setup_vm_network(network, "/proc/thread-self/ns/net", podns_ipr=ipr)
+                ran.append(True)
 
     thread = threading.Thread(target=rehearse, name="rehearse-pod-network")
     thread.start()
     thread.join()
+    return bool(ran)
 
 
 def compile_netlink_tables() -> None:
