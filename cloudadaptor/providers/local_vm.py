@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -197,6 +198,7 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+@functools.cache  # built once, in the fork server (which parses each launch's arguments too), not per launch
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="local_vm", description="init of a local pod VM")
     parser.add_argument("--instance-dir", required=True)
