@@ -342,8 +342,8 @@ class VmInit:
             await self.forwarder.close()
             log("forwarder stopped")
         if self._worker is not None:  # a step still running is interrupted (_halt) or ends with the init
-            self._worker.submit(self._close_podns)
-            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker.submit(self._close_podns)  # a pool VM stopped while waiting for its claim
+            self._worker.shutdown(wait=False)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for component in list(self.components.values()):
                 if sig == signal.SIGKILL:
