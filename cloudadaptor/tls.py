@@ -19,9 +19,7 @@ import datetime
 import ipaddress
 import logging
 import os
-import shutil
 import ssl
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -249,17 +247,18 @@ def _min_version(version: str) -> ssl.TLSVersion:
 
 
 def _load_chain(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    """``load_cert_chain`` from PEM text via files in a private, immediately removed dir."""
-    tmp = tempfile.mkdtemp(prefix="cloudadaptor-tls-")  # mode 0700
+    """``load_cert_chain`` from PEM text (``ssl`` loads a chain only from files) via two anonymous
+    memory files (memfd): no other process can open them, the key reaches no disk, and there is
+    no directory to make and remove per context (~0.4 ms of a pod VM's CPU)."""
+    fds: list[int] = []
     try:
-        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(data)
-        context.load_cert_chain(cert_path, key_path)
+        for data in (cert_pem, key_pem):
+            fds.append(os.memfd_create("cloudadaptor-tls", os.MFD_CLOEXEC))
+            os.write(fds[-1], data.encode())
+        context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for fd in fds:
+            os.close(fd)
 
 
 def server_context(material: ServerTlsMaterial, min_version: str = DEFAULT_TLS_MIN_VERSION) -> ssl.SSLContext:
@@ -268,6 +267,9 @@ def server_context(material: ServerTlsMaterial, min_version: str = DEFAULT_TLS_M
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _min_version(min_version)
     context.verify_mode = ssl.CERT_REQUIRED
+    # No TLS 1.3 session tickets: no client of a pod VM resumes a session (the adaptor dials
+    # each connection afresh), and OpenSSL's two tickets cost ~0.4 ms of the VM's CPU per handshake.
+    context.num_tickets = 0
     context.load_verify_locations(cadata=material.client_ca_pem)
     _load_chain(context, material.cert_pem, material.key_pem)
     return context

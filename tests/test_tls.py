@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -154,12 +156,30 @@ def test_contexts_refuse_unknown_minimum_versions(pair):
         server_context(material, "1.1")
 
 
-def test_key_files_for_ssl_are_removed_after_loading(pair, monkeypatch, tmp_path):
+def test_server_contexts_issue_no_session_tickets(pair, ca):
+    """No client of a pod VM resumes a session, and each TLS 1.3 ticket cost the VM CPU per handshake."""
+    material, (ccert, ckey) = pair
+    ours, theirs = socket.socketpair()
+
+    def serve() -> None:
+        with server_context(material).wrap_socket(theirs, server_side=True) as conn:
+            conn.sendall(PING)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with client_context(ccert, ckey, ca.cert_pem).wrap_socket(ours, server_hostname="vm-1") as conn:
+        assert conn.recv(len(PING)) == PING  # a ticket would have arrived before the data
+        assert conn.version() == "TLSv1.3" and not conn.session.has_ticket
+    server.join()
+
+
+def test_key_material_is_loaded_without_files(pair, monkeypatch, tmp_path):
+    """``ssl`` loads a chain only from files: the PEM text goes through memfds, never a temporary file."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     material, (ccert, ckey) = pair
     server_context(material)
     client_context(ccert, ckey, material.client_ca_pem)
-    assert list(tmp_path.iterdir()) == [], "temporary key files must not outlive loading"
+    assert list(tmp_path.iterdir()) == [], "no key file may be written"
 
 
 def test_issued_certificates_carry_usage_constraints_and_key_ids(ca):

@@ -6,9 +6,9 @@ The VM's boot runs this after ``process-user-data`` (which wrote apf.json)
 and before the kata-agent. From apf.json's ``network`` it creates, in the
 VM's own netns (so its UDP socket is on the VM's network), a VXLAN device
 towards the worker (``worker_ip``, ``vni``, ``vxlan_port``) placed straight in
-``podns``, renames it to the pod's interface name and gives it the pod's MAC,
-addresses and MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN must fit
-the underlay). Then the pod's routes are replayed (routes without a gateway
+``podns`` and made the pod's interface in the same request: the pod's interface
+name, MAC and MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN
+must fit the underlay), up. Then its addresses, the pod's routes are replayed (routes without a gateway
 first, so gateways are reachable) and its permanent neighbours. Before the
 device exists, an nftables table ``ppvx<vni>`` in the VM's netns drops VXLAN
 packets of this VNI from anyone but the worker (``peerfilter``).
@@ -21,12 +21,13 @@ reason is printed), 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -48,25 +49,28 @@ def vm_mtu(pod_mtu: int) -> int:
     return min(pod_mtu, VXLAN_MAX_MTU)
 
 
-def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | None = None) -> str:
+def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | None = None,
+                     podns_ipr: IPRoute | None = None) -> str:
     """Build the pod interface in ``podns`` (created if missing); returns a summary line.
 
     ``vm_netns`` is the netns whose network reaches the worker (None: this
-    process's own, as in a VM; tests pass a path). Blocking. Raises
-    ``PodNetworkError`` naming the step that failed.
+    process's own, as in a VM; tests pass a path). ``podns_ipr``: an open
+    ``IPRoute`` in ``podns`` to work with (the namespace VM's init keeps the one
+    it made podns with; this function does not close it); None: one is opened
+    for this call. Blocking. Raises ``PodNetworkError`` naming the step that failed.
     """
     podns_path = linuxns.netns_path(podns)
-    if not os.path.exists(podns_path):
+    if podns_ipr is None and not os.path.exists(podns_path):
         netnsocket.create_netns(podns)
-    device = device_name(net.vni)
     pod = net.pod
     try:
-        with netnsocket.iproute_in(podns_path) as ipr:  # one socket into podns for the whole step
-            _clear_podns(ipr, (device, pod.name))
+        with contextlib.ExitStack() as stack:  # one socket into podns for the whole step
+            ipr = podns_ipr if podns_ipr is not None else stack.enter_context(netnsocket.iproute_in(podns_path))
+            _clear_podns(ipr, (device_name(net.vni), pod.name))
             # Only the worker may speak into the tunnel: the filter is in place before the socket exists.
             peerfilter.install(net.vni, net.vxlan_port, net.worker_ip, linuxns.netns_path(vm_netns) if vm_netns else None)
-            _create_and_move(net, vm_netns, podns_path)
-            index = _configure_link(ipr, device, pod)
+            _create_in_podns(net, vm_netns, podns_path)
+            index = _configure_link(ipr, pod)
             _replay_routes(ipr, index, pod)
             for neighbour in pod.neighbours:
                 ipr.neigh("replace", dst=neighbour.address, lladdr=neighbour.mac, ifindex=index, state=NUD_PERMANENT)
@@ -77,42 +81,59 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
             f"{len(pod.routes)} routes, {len(pod.neighbours)} neighbours")
 
 
+@contextlib.contextmanager
+def create_podns(podns: str = PODNS) -> Iterator[IPRoute]:
+    """Create the netns ``podns`` with lo up (what ``netns@podns.service`` does in the image); an
+    ``IPRoute`` in it, for ``setup_vm_network``, until the context ends. ``FileExistsError`` when it exists."""
+    with netnsocket.iproute_in(netnsocket.create_netns(podns)) as ipr:
+        ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
+        yield ipr
+
+
+def _delete_link(ipr: IPRoute, name: str) -> None:
+    """Delete the link ``name`` if there is one: one request (a lookup first would be two, and
+    would decode the whole link)."""
+    try:
+        ipr.link("del", ifname=name)
+    except NetlinkError as exc:
+        if exc.code != errno.ENODEV:
+            raise
+
+
 def _clear_podns(ipr: IPRoute, names: tuple[str, ...]) -> None:
     """Remove what an earlier run left in podns (and bring lo up)."""
     ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
     for name in names:
-        for index in ipr.link_lookup(ifname=name):
-            ipr.link("del", index=index)
+        _delete_link(ipr, name)
 
 
-def _create_and_move(net: PodNetworkConfig, vm_netns: str | None, podns_path: str) -> None:
+def _create_in_podns(net: PodNetworkConfig, vm_netns: str | None, podns_path: str) -> None:
     """The VXLAN device, created by a request from the VM's netns (its UDP socket lives in the netns
-    that created it) straight into podns (IFLA_NET_NS_FD), as the worker side does (``tunnel``): one
-    request where "create, look up, move" took three. A device of that name in the VM's netns (an
-    earlier version's leftover) is deleted first."""
-    device = device_name(net.vni)
+    that created it) straight into podns (IFLA_NET_NS_FD), as the worker side does (``tunnel``), and
+    already the pod's interface: its name, MAC and MTU, up. One request where "create, look up, move,
+    rename, set, up" took five; the name is checked in podns only, so it cannot clash with the VM's
+    own interfaces. A VXLAN device of the VNI's name in the VM's netns (an earlier version's leftover)
+    is deleted first."""
+    pod = net.pod
     remote = ipaddress.ip_address(net.worker_ip)
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
     fd = os.open(podns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with netnsocket.iproute_in(linuxns.netns_path(vm_netns) if vm_netns else None) as ipr:
-            for index in ipr.link_lookup(ifname=device):
-                ipr.link("del", index=index)
-            ipr.link("add", ifname=device, kind="vxlan", vxlan_id=net.vni, vxlan_port=net.vxlan_port,
-                     vxlan_learning=0, net_ns_fd=fd, **group)
+            _delete_link(ipr, device_name(net.vni))
+            ipr.link("add", ifname=pod.name, address=pod.mac, mtu=vm_mtu(pod.mtu), state="up", kind="vxlan",
+                     vxlan_id=net.vni, vxlan_port=net.vxlan_port, vxlan_learning=0, net_ns_fd=fd, **group)
     finally:
         os.close(fd)
 
 
-def _configure_link(ipr: IPRoute, device: str, pod: PodInterface) -> int:
-    """Rename the moved device to the pod's interface, with its MAC, MTU and addresses; up."""
-    index = ipr.link_lookup(ifname=device)[0]
-    ipr.link("set", index=index, ifname=pod.name, address=pod.mac, mtu=vm_mtu(pod.mtu))
+def _configure_link(ipr: IPRoute, pod: PodInterface) -> int:
+    """The pod's addresses on its interface (made by ``_create_in_podns``); its index."""
+    index = ipr.link_lookup(ifname=pod.name)[0]
     for address in pod.addresses:
         iface = ipaddress.ip_interface(address)
         extra: dict[str, Any] = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
         ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
-    ipr.link("set", index=index, state="up")
     return index
 
 
@@ -155,22 +176,26 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """Set the pod network up from ``args.config``; see the module docstring for the exit status."""
-    try:
-        with open(args.config, "rb") as f:
-            config = ForwarderConfig.from_json(f.read())
-    except OSError as exc:
-        print(f"pod-network: cannot read {args.config}: {exc.strerror}", file=sys.stderr, flush=True)
-        return 1
-    except ApfConfigError as exc:
-        print(f"pod-network: {exc}", file=sys.stderr, flush=True)
-        return 1
+def run(args: argparse.Namespace, podns_ipr: IPRoute | None = None, config: ForwarderConfig | None = None) -> int:
+    """Set the pod network up from ``args.config``; see the module docstring for the exit status.
+
+    The namespace VM's init, which runs this in-process, passes ``podns_ipr`` (see
+    ``setup_vm_network``) and ``config``, apf.json as it has read it already."""
+    if config is None:
+        try:
+            with open(args.config, "rb") as f:
+                config = ForwarderConfig.from_json(f.read())
+        except OSError as exc:
+            print(f"pod-network: cannot read {args.config}: {exc.strerror}", file=sys.stderr, flush=True)
+            return 1
+        except ApfConfigError as exc:
+            print(f"pod-network: {exc}", file=sys.stderr, flush=True)
+            return 1
     if config.network is None:
         print(f"pod-network: {args.config} carries no pod network; nothing to do", flush=True)
         return 0
     try:
-        summary = setup_vm_network(config.network, args.podns)
+        summary = setup_vm_network(config.network, args.podns, podns_ipr=podns_ipr)
     except PodNetworkError as exc:
         print(f"pod-network: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -65,7 +65,16 @@ class ServerCertificate:
         self.min_version = min_version
         self.config_path = config_path
         self.context = server_context(material, min_version)
-        self.certificate = x509.load_pem_x509_certificate(material.cert_pem.encode())
+        self._cert_pem = material.cert_pem
+        self._certificate: x509.Certificate | None = None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The served certificate, parsed on first use (a CertCurrent or CertRenew call), not at
+        every VM's start (OpenSSL has checked the PEM text already: the context loaded it)."""
+        if self._certificate is None:
+            self._certificate = x509.load_pem_x509_certificate(self._cert_pem.encode())
+        return self._certificate
 
     @classmethod
     def from_config(cls, config: ForwarderConfig, config_path: Path | None) -> ServerCertificate | None:
@@ -88,7 +97,7 @@ class ServerCertificate:
         except (ssl.SSLError, ValueError) as exc:  # the key does not match, or the bundle does not load
             raise _refused(f"the TLS material does not load: {_reason(exc)}") from None
         self._persist(material)
-        self.context, self.certificate = context, cert  # new connections only; open ones keep their session
+        self.context, self._certificate = context, cert  # new connections only; open ones keep their session
         log.info("server certificate renewed: serial %x, valid until %s", cert.serial_number,
                  cert.not_valid_after_utc.isoformat())
         return describe(cert)

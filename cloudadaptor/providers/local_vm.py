@@ -36,6 +36,8 @@ but the network namespace, which the provider deletes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import re
 import shlex
@@ -89,21 +91,58 @@ def _unescape(text: str) -> str:
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
 
 
-def _detach_namespace_mounts() -> None:
-    """Detach every nsfs mount (other VMs', pods') from this mount namespace."""
+def _mounts() -> dict[str, tuple[str, str, str]]:
+    """This mount namespace's mounts: id -> (parent id, mount point, filesystem type)."""
     with open("/proc/self/mountinfo") as f:
         lines = f.read().splitlines()
-    for line in reversed(lines):
+    mounts = {}
+    for line in lines:
         fields = line.split()
         try:
-            fstype = fields[fields.index("-") + 1]
+            mounts[fields[0]] = (fields[1], _unescape(fields[4]), fields[fields.index("-") + 1])
         except (ValueError, IndexError):
             continue
-        if fstype == "nsfs":
+    return mounts
+
+
+def _detach_namespace_mounts() -> None:
+    """Detach every nsfs mount (other VMs', pods') from this mount namespace.
+
+    Each unmount waits for an RCU grace period, so one per netns made every VM's launch
+    slower the more pods the worker had (issue 16). A directory holding nothing but nsfs
+    mounts on its own mount (``/run/netns``: ``ip netns`` and pyroute2 bind-mount it on
+    itself) is therefore detached with all of them at once; detaching it hides nothing else.
+    Any other nsfs mount is detached on its own."""
+    mounts = _mounts()
+    children: dict[str, list[str]] = {}
+    for mount_id, (parent, _, _) in mounts.items():
+        children.setdefault(parent, []).append(mount_id)
+    detached: set[str] = set()
+    for mount_id, kids in children.items():
+        if mount_id not in mounts or mounts[mount_id][2] == "nsfs" or len(kids) < 2:
+            continue
+        point = mounts[mount_id][1]
+        if any(mounts[kid][2] != "nsfs" for kid in kids) or not _holds_only(point, [mounts[k][1] for k in kids]):
+            continue
+        with contextlib.suppress(OSError):  # locked or gone: its mounts are detached one by one below
+            linuxns.umount(point)
+            detached.update(kids)
+    for mount_id in reversed(list(mounts)):
+        _, point, fstype = mounts[mount_id]
+        if fstype == "nsfs" and mount_id not in detached:
             try:
-                linuxns.umount(_unescape(fields[4]))
+                linuxns.umount(point)
             except OSError:
                 pass  # locked or already gone: harmless, it only pins a namespace
+
+
+def _holds_only(directory: str, mount_points: list[str]) -> bool:
+    """Every entry of ``directory`` is one of ``mount_points``."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return False
+    return {os.path.join(directory, entry) for entry in entries} <= set(mount_points)
 
 
 def enter_vm(instance_dir: str, netns: str) -> None:
@@ -159,6 +198,7 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+@functools.cache  # built once, in the fork server (which parses each launch's arguments too), not per launch
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="local_vm", description="init of a local pod VM")
     parser.add_argument("--instance-dir", required=True)

@@ -23,12 +23,23 @@ import importlib
 import importlib.util
 import os
 import runpy
+import socket
 import sys
 import traceback
 import types
 from importlib.abc import InspectLoader
 from importlib.machinery import ModuleSpec
 from types import CodeType
+
+
+def connectable(path: str) -> bool:
+    """Whether the unix socket at ``path`` accepts a connection (the agent serves)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def module_of(argv: list[str]) -> str | None:

@@ -10,17 +10,19 @@ VMs boot at once on a small worker. Only the agent (the kata-agent stand-in:
 
 - ``user_data``: ``process_user_data.run`` (``--source file``); interrupted
   by SIGTERM between its retries;
-- ``podns``: the netns ``podns`` with lo up (``netns@podns.service``);
+- ``podns``: the netns ``podns`` with lo up (``netns@podns.service``); its
+  netlink socket is kept for the pod network step;
 - ``claim``: a warm-pool VM waits for its pod's config (``wait-for-claim``),
   loading the later steps' modules meanwhile;
-- ``pod_network``: ``vmside.run`` (only after process-user-data succeeded);
+- ``pod_network``: ``vmside.run`` (only after process-user-data succeeded),
+  with that socket and apf.json as the claim step read it (no second parse);
 - ``agent``: started in its own session, then wait for its socket;
 - ``forwarder``: ``AgentProtocolForwarder`` served in this init's event loop
   (uvloop's, as the standalone forwarder's) only when process-user-data and
   the pod network succeeded: a pod without its network must not look healthy.
 
-Blocking steps (files, netlink) run in a worker thread so signals are
-handled meanwhile. Steps enter namespaces by threads (``netnsocket``), not
+Blocking steps (files, netlink) run in one worker thread, in order, so signals
+are handled meanwhile (one thread: pyroute2's ``IPRoute`` belongs to the thread that made it). Steps enter namespaces by threads (``netnsocket``), not
 pyroute2's forked helpers; should a step's library still fork, the init reaps
 only its own components while a step runs, and every other child (orphans) after.
 Every step's lines go to the console (stdout/stderr) with its status.
@@ -35,13 +37,14 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -88,7 +91,11 @@ class VmInit:
     components: dict[int, _Component] = field(default_factory=dict)
     forwarder: Any = None
     zygote: local_vmagent.AgentZygote | None = None
+    apf: Any = None  # apf.json as read (ForwarderConfig), until a claim rewrites it
     _in_step: bool = False
+    _worker: ThreadPoolExecutor | None = None  # the blocking steps' one thread (made in the loop)
+    _podns: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # owns _podns_ipr
+    _podns_ipr: Any = None  # the podns step's IPRoute in podns, until the pod network step ends
     _halt: threading.Event = field(default_factory=threading.Event)  # seen by blocking steps' threads
 
     @property
@@ -107,8 +114,11 @@ class VmInit:
 
     async def _main(self) -> None:
         os.register_at_fork(after_in_child=_plain_signals)
+        # One thread runs every blocking step, in order: pyroute2's IPRoute belongs to the thread that
+        # made it, so the podns socket made by the podns step serves the pod network step too.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-step")
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        self._stop, self._exits = asyncio.Event(), asyncio.Event()  # _exits: a component exited
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop)
         _on_sigchld(loop, self._reap)
@@ -126,8 +136,12 @@ class VmInit:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` unless a stop comes first."""
+        await self._pause_until(self._stop, seconds)
+
+    @staticmethod
+    async def _pause_until(event: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), max(seconds, 0))
+            await asyncio.wait_for(event.wait(), max(seconds, 0))
 
     async def _boot(self) -> None:
         await self._pause(self.boot_delay)
@@ -145,7 +159,7 @@ class VmInit:
         log(f"started {name} (in the init)")
         self._in_step = True
         try:
-            status = await asyncio.to_thread(fn, *args)
+            status = await self._in_worker(fn, *args)
         except _Stopped:
             log(f"{name} stopped by shutdown")
             return False
@@ -157,6 +171,10 @@ class VmInit:
             self._reap()
         log(f"{name} exited with status {status}")
         return status == 0
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the steps' thread (see ``_main``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args))
 
     def _interruptible_sleep(self, seconds: float) -> None:
         if self._halt.wait(seconds):
@@ -187,10 +205,11 @@ class VmInit:
             self.user_data_ok = False
             return
         if not claim.is_pool_vm(config):
+            self.apf = config  # the later steps use it as read here, not read and parsed twice more
             return
         log("wait-for-claim: a pool VM; waiting for its pod's config (mTLS)")
         # What runs after the claim loads now, while the VM is idle, not on a claimed pod's clock.
-        preload = asyncio.ensure_future(asyncio.to_thread(local_vmpreload.import_after_claim))
+        preload = asyncio.ensure_future(self._in_worker(local_vmpreload.import_after_claim))
         waiting = asyncio.ensure_future(claim.wait_for_claim(config, Path("/"), "0.0.0.0", config.listen_port))
         stopped = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -212,7 +231,7 @@ class VmInit:
     async def _step_podns(self) -> None:
         self._in_step = True
         try:
-            await asyncio.to_thread(_create_podns)
+            await self._in_worker(self._create_podns)
         except Exception as exc:  # noqa: BLE001 - logged; the agent still starts
             log(f"cannot create netns {PODNS}: {exc}")
         finally:
@@ -223,16 +242,32 @@ class VmInit:
         if not self.user_data_ok:
             log("pod-network not started: process-user-data did not succeed")
             return
+        self.network_ok = await self._blocking("pod-network", self._pod_network)
+        await self._in_worker(self._close_podns)
+
+    def _pod_network(self) -> int:
+        """vmside's command, with the podns step's socket and apf.json as read (in the steps' thread)."""
         from cloudadaptor.podnetwork import vmside
 
         args = argparse.Namespace(config=APF_CONFIG, podns=PODNS)
-        self.network_ok = await self._blocking("pod-network", vmside.run, args)
+        return vmside.run(args, podns_ipr=self._podns_ipr, config=self.apf)
+
+    def _close_podns(self) -> None:
+        self._podns_ipr = None
+        self._podns.close()
+
+    def _create_podns(self) -> None:
+        """netns@podns.service; its socket is kept for the pod network step (closed after it, or at shutdown)."""
+        from cloudadaptor.podnetwork import vmside
+
+        self._podns_ipr = self._podns.enter_context(vmside.create_podns(PODNS))
+        log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
 
     async def _step_agent(self) -> None:
         agent = self._start("agent", self.agent)
         if agent is not None:
             # The forwarder's modules load while the agent's own interpreter starts (on another CPU).
-            preload = asyncio.create_task(asyncio.to_thread(local_vmpreload.import_forwarder))
+            preload = asyncio.create_task(self._in_worker(local_vmpreload.import_forwarder))
             await self._wait_socket(agent, AGENT_SOCKET, AGENT_SOCKET_TIMEOUT)
             with contextlib.suppress(Exception):  # an import error is the forwarder step's to report
                 await preload
@@ -242,7 +277,7 @@ class VmInit:
             log("forwarder not started: process-user-data or the pod network did not succeed")
             return
         try:
-            self.forwarder = await _start_forwarder()
+            self.forwarder = await _start_forwarder(self.apf)
         except Exception as exc:  # noqa: BLE001 - the console says why; the VM stays up without it
             log(f"forwarder failed: {type(exc).__name__}: {exc}")
             return
@@ -266,7 +301,7 @@ class VmInit:
     async def _wait_socket(self, component: _Component, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.stopping and component.status is None:
-            if _connectable(path):
+            if local_vmagent.connectable(path):
                 log(f"{component.name} is serving on {path}")
                 return
             if time.monotonic() >= deadline:
@@ -294,15 +329,10 @@ class VmInit:
         if component is None:
             return  # an orphan of a component: reaped, as an init must
         component.status = os.waitstatus_to_exitcode(status)
+        self._exits.set()
         if component.popen is not None:
             component.popen.returncode = component.status  # reaped here: Popen must not wait for it
         log(f"{component.name} (pid {pid}) exited with status {component.status}")
-
-    def _signal(self, component: _Component, sig: int) -> None:
-        try:
-            os.killpg(component.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     async def _shutdown(self) -> None:
         log("shutting down")
@@ -311,14 +341,19 @@ class VmInit:
         if self.forwarder is not None:
             await self.forwarder.close()
             log("forwarder stopped")
+        if self._worker is not None:  # a step still running is interrupted (_halt) or ends with the init
+            self._worker.submit(self._close_podns)  # a pool VM stopped while waiting for its claim
+            self._worker.shutdown(wait=False)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for component in list(self.components.values()):
                 if sig == signal.SIGKILL:
                     log(f"{component.name} (pid {component.pid}) still running; killing it")
-                self._signal(component, sig)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(component.pid, sig)
             deadline = time.monotonic() + STOP_GRACE
-            while self.components and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            while self.components and time.monotonic() < deadline:  # woken by SIGCHLD (_reap), not a 20 ms poll
+                self._exits.clear()
+                await self._pause_until(self._exits, min(0.1, deadline - time.monotonic()))
                 self._reap()
         log("power off")  # the kernel kills whatever is left in the PID namespace
 
@@ -345,23 +380,16 @@ def _plain_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _create_podns() -> None:
-    from cloudadaptor import linuxns, netnsocket
-
-    with netnsocket.iproute_in(netnsocket.create_netns(PODNS)) as ipr:
-        ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
-    log(f"created network namespace {PODNS} (/run/netns/{PODNS})")
-
-
-async def _start_forwarder() -> Any:
-    """The agent-protocol-forwarder as its unit starts it (config from apf.json), listening."""
+async def _start_forwarder(config: Any = None) -> Any:
+    """The agent-protocol-forwarder as its unit starts it (``config``: apf.json as read, None: read it), listening."""
     from pathlib import Path
 
     from cloudadaptor.podconfig import ForwarderConfig
     from cloudadaptor.podvm.certrenewal import ServerCertificate
     from cloudadaptor.podvm.forwarder import AgentProtocolForwarder
 
-    config = ForwarderConfig.from_json(Path(APF_CONFIG).read_bytes())
+    if config is None:
+        config = ForwarderConfig.from_json(Path(APF_CONFIG).read_bytes())
     certificate = ServerCertificate.from_config(config, Path(APF_CONFIG))
     if certificate is None:
         log(f"TLS is disabled in {APF_CONFIG}: the kata-agent is reachable without authentication")
@@ -369,11 +397,3 @@ async def _start_forwarder() -> Any:
     await forwarder.start()
     return forwarder
 
-
-def _connectable(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True

@@ -98,3 +98,24 @@ def test_a_launch_that_fails_reports_its_status_on_the_console(tmp_path):
             assert forks.launch(["--no-such-option"], out.fileno(), timeout=30) == 2
     finally:
         forks.close()
+
+
+def test_the_pod_network_rehearsal_runs_and_leaves_nothing_behind(private_ns):
+    """The fork server runs the pod network step once in a throwaway netns: this netns, its nftables
+    and this process's fds and threads are as they were."""
+    import threading
+
+    from pyroute2 import IPRoute
+    from pyroute2.nftables.main import NFTables
+
+    from cloudadaptor.providers import local_vmpreload
+
+    def state() -> tuple:
+        with IPRoute() as ipr, NFTables() as nft:
+            links = sorted(link.get("IFLA_IFNAME") for link in ipr.get_links())
+            tables = sorted(table.get("NFTA_TABLE_NAME") for table in nft.get_tables())
+        return links, tables, sorted(os.listdir("/proc/self/fd")), threading.active_count()
+
+    before = state()
+    assert local_vmpreload.rehearse_pod_network(), "the rehearsal ran the whole step"
+    assert state() == before

@@ -101,3 +101,31 @@ async def test_the_init_reaps_its_agent_and_the_orphans_it_leaves(local_cloud):
     finally:
         await provider.delete_instance(instance.id)
     assert local_cloud.vm_processes() == []
+
+
+def _nsfs_mounts(pid: int) -> list[str]:
+    """Mount points of the nsfs mounts (pinned namespaces) in ``pid``'s mount namespace."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        fields = [line.split() for line in f]
+    return [m[4] for m in fields if m[m.index("-") + 1] == "nsfs"]
+
+
+async def test_a_vm_pins_no_namespace_of_the_worker(local_provider, tmp_path):
+    """The launcher detaches every nsfs mount the VM's mount namespace inherits: the other VMs' and
+    pods' netns under /run/netns (one unmount for all) and one bound anywhere else (on its own)."""
+    from cloudadaptor import linuxns
+
+    held = tmp_path / "held-netns"
+    held.touch()
+    linuxns.mount("/proc/self/ns/net", str(held), None, linuxns.MS_BIND)
+    try:
+        first = await local_provider.create_instance(spec("a"))
+        await wait_console(local_provider, first.id, "boot complete")
+        second = await local_provider.create_instance(spec("b"))  # the first VM's netns is under /run/netns now
+        await wait_console(local_provider, second.id, "boot complete")
+        assert any(point.startswith("/run/netns/") for point in _nsfs_mounts(os.getpid())), "the worker has netns"
+        for instance in (first, second):
+            init_pid = int((local_provider.config.cloud_dir / instance.id / "init.pid").read_text())
+            assert _nsfs_mounts(init_pid) == ["/run/netns/podns"], "only the VM's own podns is mounted in it"
+    finally:
+        linuxns.umount(str(held))
