@@ -11,7 +11,7 @@ import errno
 import ipaddress
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -57,15 +57,23 @@ def netns_exists(path: str) -> bool:
 @contextlib.contextmanager
 def open_netns(path: str) -> Iterator[IPRoute]:
     """An ``IPRoute`` working in the netns at ``path``; never creates one (no fork: ``netnsocket``)."""
+    with open_netns_indices(path, ()) as (ipr, _):
+        yield ipr
+
+
+@contextlib.contextmanager
+def open_netns_indices(path: str, names: Iterable[str]) -> Iterator[tuple[IPRoute, dict[str, int | None]]]:
+    """``open_netns`` and the index of each interface of ``names`` there (None: none of that name),
+    found by the thread that enters the netns (``netnsocket.iproute_with_indices``): no netlink request."""
     check_netns(path)
     with contextlib.ExitStack() as stack:
         try:
-            ipr = stack.enter_context(netnsocket.iproute_in(path))
+            opened = stack.enter_context(netnsocket.iproute_with_indices(path, names))
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 raise NetnsInvalid(f"{path} is not a network namespace: {exc}") from None
             raise NetnsInvalid(f"cannot enter network namespace {path}: {exc}") from None
-        yield ipr
+        yield opened
 
 
 # ------------------------------------------------------------------ inspection

@@ -30,9 +30,10 @@ from typing import Any, Callable, Collection, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cloudadaptor import netnsocket
 from cloudadaptor.podnetwork import peerfilter
 from cloudadaptor.podnetwork.api import NetnsUnusable, PodNetworkError, TunnelSpec, vni_of_device
-from cloudadaptor.podnetwork.netns import netns_exists, open_netns
+from cloudadaptor.podnetwork.netns import netns_exists, open_netns, open_netns_indices
 
 INGRESS = 0xFFFF0000  # the ingress qdisc's handle ("ffff:")
 ETH_P_ALL = 0x0003
@@ -47,7 +48,8 @@ def tunnel_up(tunnel: TunnelSpec) -> None:
     Leftovers of an earlier attempt for the same VNI are removed first; on
     failure everything made is removed before ``PodNetworkError`` is raised.
     One netlink socket per netns serves the whole step (each costs the daemon
-    a socket and an event loop).
+    a socket and an event loop), and interfaces are found by name without a
+    netlink request (``netnsocket.index_of``; issue 16: daemon CPU per pod).
     """
     if not tunnel.vm_ip:
         raise PodNetworkError(f"tunnel {tunnel.device}: no VM address to tunnel to")
@@ -79,13 +81,15 @@ def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.ExitStack) -> tupl
     name = tunnel.device
     worker = _attempt(problems, f"cannot delete {name} in the worker netns", lambda: sockets.enter_context(IPRoute()))
     if worker is not None:
-        _attempt(problems, f"cannot delete {name} in the worker netns", _delete_links, worker, name)
+        _attempt(problems, f"cannot delete {name} in the worker netns",
+                 lambda: _delete_link(worker, netnsocket.index_of(name)))
     pod = pod_index = None
     if netns_exists(tunnel.netns_path):
         where = f"cannot clean {name} in {tunnel.netns_path}"
-        pod = _attempt(problems, where, lambda: sockets.enter_context(open_netns(tunnel.netns_path)))
-        if pod is not None:
-            pod_index = _attempt(problems, where, _clean_pod_netns, pod, tunnel)
+        opened = _attempt(problems, where, lambda: sockets.enter_context(_open_pod_netns(tunnel)))
+        if opened is not None:
+            pod = opened[0]
+            pod_index = _attempt(problems, where, _clean_pod_netns, *opened, tunnel)
     if problems or worker is None:
         raise PodNetworkError("; ".join(problems))
     return worker, pod, pod_index
@@ -94,27 +98,29 @@ def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.ExitStack) -> tupl
 def _create(worker: IPRoute, tunnel: TunnelSpec) -> None:
     """The VXLAN device, created from this (worker) netns straight into the pod netns:
     its UDP socket lives in the netns that created it, so one request does what
-    "create here, then move" did, and no device ever sits in the worker netns."""
+    "create here, then move" did, and no device ever sits in the worker netns.
+    Created up (one request less than "add, then set up"): nothing reaches the pod
+    interface before ``_wire``'s redirects, as when it came up just before them."""
     remote = ipaddress.ip_address(tunnel.vm_ip)
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
     fd = os.open(tunnel.netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         worker.link("add", ifname=tunnel.device, kind="vxlan", vxlan_id=tunnel.vni, vxlan_port=tunnel.vxlan_port,
-                    vxlan_learning=0, net_ns_fd=fd, **group)
+                    vxlan_learning=0, net_ns_fd=fd, state="up", **group)
     finally:
         os.close(fd)
 
 
 def _wire(pod: IPRoute, tunnel: TunnelSpec, pod_index: int | None = None) -> None:
-    """In the pod netns: the device up and the tc redirects both ways. ``pod_index``: the pod
-    interface's index when ``_remove_leftovers`` found it through the same socket (else looked up)."""
-    pod_index = pod_index or _index(pod, tunnel.pod_ifname)
+    """In the pod netns: the tc redirects both ways between the pod interface and the (up) device.
+    ``pod_index``: the pod interface's index when ``_remove_leftovers`` found it (else looked up)."""
+    found = netnsocket.indices_in(tunnel.netns_path, (tunnel.pod_ifname, tunnel.device))
+    pod_index = pod_index or found[tunnel.pod_ifname]
     if pod_index is None:
         raise NetnsUnusable(f"network namespace {tunnel.netns_path} has no interface {tunnel.pod_ifname}")
-    vxlan = _index(pod, tunnel.device)
+    vxlan = found[tunnel.device]
     if vxlan is None:
         raise PodNetworkError(f"{tunnel.device} vanished from {tunnel.netns_path}")
-    pod.link("set", index=vxlan, state="up")
     add_redirect(pod, pod_index, vxlan)
     add_redirect(pod, vxlan, pod_index)
 
@@ -127,12 +133,14 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
     name = tunnel.device
 
     def in_worker() -> None:
-        with IPRoute() as ipr:
-            _delete_links(ipr, name)
+        index = netnsocket.index_of(name)  # a crash's leftover only: mostly none, and no socket needed
+        if index is not None:
+            with IPRoute() as ipr:
+                _delete_link(ipr, index)
 
     def in_pod() -> None:
-        with open_netns(tunnel.netns_path) as ipr:
-            _clean_pod_netns(ipr, tunnel)
+        with _open_pod_netns(tunnel) as (ipr, indices):
+            _clean_pod_netns(ipr, indices, tunnel)
 
     _attempt(problems, f"cannot delete {name} in the worker netns", in_worker)
     if netns_exists(tunnel.netns_path):
@@ -143,12 +151,18 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
         raise PodNetworkError("; ".join(problems))
 
 
-def _clean_pod_netns(ipr: IPRoute, tunnel: TunnelSpec) -> int | None:
-    """Our filters and device out of the pod netns; the pod interface's index (None: it has none)."""
-    pod = _index(ipr, tunnel.pod_ifname)
+def _open_pod_netns(tunnel: TunnelSpec) -> contextlib.AbstractContextManager[tuple[IPRoute, dict[str, int | None]]]:
+    """The pod netns's socket and the indices of the pod interface and the tunnel device there."""
+    return open_netns_indices(tunnel.netns_path, (tunnel.pod_ifname, tunnel.device))
+
+
+def _clean_pod_netns(ipr: IPRoute, indices: dict[str, int | None], tunnel: TunnelSpec) -> int | None:
+    """Our filters and device out of the pod netns (``indices``: ``_open_pod_netns``'s);
+    the pod interface's index (None: it has none)."""
+    pod = indices[tunnel.pod_ifname]
     if pod is not None:
         remove_redirect(ipr, pod)
-    _delete_links(ipr, tunnel.device)
+    _delete_link(ipr, indices[tunnel.device])
     return pod
 
 
@@ -233,13 +247,9 @@ def _prio(msg: Any) -> int:
     return msg["info"] >> 16
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
-
-
-def _delete_links(ipr: IPRoute, name: str) -> None:
-    for index in ipr.link_lookup(ifname=name):
+def _delete_link(ipr: IPRoute, index: int | None) -> None:
+    """Delete the interface ``index`` (None: nothing to delete); gone already is fine."""
+    if index is not None:
         _tolerate((errno.ENODEV,), ipr.link, "del", index=index)
 
 
