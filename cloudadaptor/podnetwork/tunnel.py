@@ -33,7 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cloudadaptor import netnsocket
 from cloudadaptor.podnetwork import peerfilter
 from cloudadaptor.podnetwork.api import NetnsUnusable, PodNetworkError, TunnelSpec, vni_of_device
-from cloudadaptor.podnetwork.netns import netns_exists, open_netns, open_netns_indices
+from cloudadaptor.podnetwork.netns import netns_exists, open_netns, open_netns_and
 
 INGRESS = 0xFFFF0000  # the ingress qdisc's handle ("ffff:")
 ETH_P_ALL = 0x0003
@@ -153,7 +153,7 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
 
 def _open_pod_netns(tunnel: TunnelSpec) -> contextlib.AbstractContextManager[tuple[IPRoute, dict[str, int | None]]]:
     """The pod netns's socket and the indices of the pod interface and the tunnel device there."""
-    return open_netns_indices(tunnel.netns_path, (tunnel.pod_ifname, tunnel.device))
+    return open_netns_and(tunnel.netns_path, lambda: netnsocket.indices((tunnel.pod_ifname, tunnel.device)))
 
 
 def _clean_pod_netns(ipr: IPRoute, indices: dict[str, int | None], tunnel: TunnelSpec) -> int | None:

@@ -76,8 +76,7 @@ def wire(cfg: LocalConfig, instance_id: str, ip: str) -> None:
         bridge = netnsocket.index_of(cfg.bridge) or ensure_bridge(cfg)
         ipr.link("add", ifname=host, kind="veth", master=bridge, state="up",
                  peer={"ifname": VM_IFNAME, "net_ns_fd": name})
-    with netnsocket.iproute_with_indices(path, (VM_IFNAME,)) as (ipr, indices):
-        index = indices[VM_IFNAME]
+    with netnsocket.iproute_and(path, lambda: netnsocket.index_of(VM_IFNAME)) as (ipr, index):
         if index is None:
             raise ProviderError(f"the veth end {VM_IFNAME} of local VM {instance_id} vanished from its netns")
         ipr.link("set", index=linuxns.LOOPBACK_IFINDEX, state="up")
