@@ -103,6 +103,13 @@ def socket_and(path: str, probe: Callable[[], T]) -> tuple[socket.socket, T]:
 def iproute_and(path: str, probe: Callable[[], T]) -> Iterator[tuple[IPRoute, T]]:
     """``iproute_in(path)`` and what ``probe()`` returns there (``socket_and``)."""
     sock, found = socket_and(path, probe)
+    with iproute_over(sock) as ipr:
+        yield ipr, found
+
+
+@contextlib.contextmanager
+def iproute_over(sock: socket.socket) -> Iterator[IPRoute]:
+    """An ``IPRoute`` over ``sock``; the socket is closed with it (IPRoute does not own a socket it is given)."""
     try:
         ipr = IPRoute(use_socket=sock)
     except BaseException:
@@ -110,9 +117,9 @@ def iproute_and(path: str, probe: Callable[[], T]) -> Iterator[tuple[IPRoute, T]
         raise
     try:
         with ipr:
-            yield ipr, found
+            yield ipr
     finally:
-        sock.close()  # IPRoute does not own a socket it was given
+        sock.close()
 
 
 def run_async(sock: socket.socket, work: Callable[[AsyncIPRoute], Awaitable[T]]) -> T:

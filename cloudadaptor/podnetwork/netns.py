@@ -57,29 +57,16 @@ def netns_exists(path: str) -> bool:
 @contextlib.contextmanager
 def open_netns(path: str) -> Iterator[IPRoute]:
     """An ``IPRoute`` working in the netns at ``path``; never creates one (no fork: ``netnsocket``)."""
-    with open_netns_and(path, lambda: None) as (ipr, _):
+    sock, _ = netns_socket_and(path, lambda: None)
+    with netnsocket.iproute_over(sock) as ipr:
         yield ipr
 
 
-@contextlib.contextmanager
-def open_netns_and(path: str, probe: Callable[[], T]) -> Iterator[tuple[IPRoute, T]]:
-    """``open_netns`` and what ``probe()`` returns in that netns, run by the thread that enters it
-    (``netnsocket.socket_and``): interface names and indices without a netlink request."""
-    sock, found = _socket_and(path, probe)
-    try:
-        ipr = IPRoute(use_socket=sock)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        with ipr:
-            yield ipr, found
-    finally:
-        sock.close()  # IPRoute does not own a socket it was given
-
-
-def _socket_and(path: str, probe: Callable[[], T]) -> tuple[socket.socket, T]:
-    """``netnsocket.socket_and`` after ``check_netns``; ``NetnsInvalid`` when it cannot be entered."""
+def netns_socket_and(path: str, probe: Callable[[], T]) -> tuple[socket.socket, T]:
+    """A netlink (route) socket working in the netns at ``path`` and what ``probe()`` returns there,
+    from the one thread that enters it (``netnsocket.socket_and``: interface names and indices without
+    a netlink request); never creates a netns. The caller closes the socket. ``NetnsInvalid`` when
+    ``path`` cannot be entered."""
     check_netns(path)
     try:
         return netnsocket.socket_and(path, probe)
@@ -103,7 +90,7 @@ def inspect_pod_netns(path: str) -> PodInterface:
     (``netnsocket.run_async``). Loopback is ``lo``, whose index the kernel fixes
     (``LOOPBACK_IFINDEX``). Raises ``NetnsInvalid`` / ``NetnsUnusable``; changes nothing.
     """
-    sock, names = _socket_and(path, socket.if_nameindex)
+    sock, names = netns_socket_and(path, socket.if_nameindex)
     try:
         return netnsocket.run_async(sock, lambda ipr: _inspect(ipr, path, names))
     finally:
