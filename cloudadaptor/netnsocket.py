@@ -122,14 +122,15 @@ def iproute_over(sock: socket.socket) -> Iterator[IPRoute]:
         sock.close()
 
 
-def run_async(sock: socket.socket, work: Callable[[AsyncIPRoute], Awaitable[T]]) -> T:
-    """``await work(ipr)`` on an ``AsyncIPRoute`` over ``sock`` (kept open), in an event loop of its own.
+def run_async(sock: socket.socket | None, work: Callable[[AsyncIPRoute], Awaitable[T]]) -> T:
+    """``await work(ipr)`` on an ``AsyncIPRoute`` over ``sock`` (kept open; None: a socket of its own in
+    this thread's netns), in an event loop of its own.
 
     pyroute2's synchronous ``IPRoute`` runs its loop once per request and once per
     message of a dump; several requests and dumps in one coroutine cost about a fifth
     less CPU (issue 16). Blocking; call from a worker thread."""
     async def run() -> T:
-        async with AsyncIPRoute(use_socket=sock) as ipr:
+        async with (AsyncIPRoute() if sock is None else AsyncIPRoute(use_socket=sock)) as ipr:
             return await work(ipr)
 
     loop = asyncio.new_event_loop()
