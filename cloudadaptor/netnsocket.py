@@ -123,8 +123,9 @@ def iproute_over(sock: socket.socket) -> Iterator[IPRoute]:
 
 
 def run_async(sock: socket.socket | None, work: Callable[[AsyncIPRoute], Awaitable[T]]) -> T:
-    """``await work(ipr)`` on an ``AsyncIPRoute`` over ``sock`` (kept open; None: a socket of its own in
-    this thread's netns), in an event loop of its own.
+    """``await work(ipr)`` on an ``AsyncIPRoute`` over ``sock`` (None: a socket of its own in this
+    thread's netns), in an event loop of its own. ``sock`` is closed when this returns (asyncio's
+    transport closes the socket object it wraps; closing it again is harmless).
 
     pyroute2's synchronous ``IPRoute`` runs its loop once per request and once per
     message of a dump; several requests and dumps in one coroutine cost about a fifth
