@@ -60,3 +60,36 @@ def test_errors_reach_the_caller(private_ns: None, tmp_path) -> None:
         netnsocket.netlink_socket_in(str(not_a_netns))
     with pytest.raises(ZeroDivisionError):
         netnsocket.in_netns("/proc/self/ns/net", lambda: 1 // 0)
+
+
+async def _link_names(ipr) -> list[str]:  # type: ignore[no-untyped-def]
+    return sorted([link.get("IFLA_IFNAME") async for link in await ipr.get_links()])
+
+
+def test_interfaces_found_by_the_thread_that_enters(private_ns: None) -> None:
+    name = f"nsidx-{os.getpid()}"
+    path = netnsocket.create_netns(name)
+    try:
+        with netnsocket.iproute_in(path) as ipr:
+            ipr.link("add", ifname="nsidx0", kind="veth", peer="nsidx1")
+            expected = ipr.link_lookup(ifname="nsidx0")[0]
+        found = netnsocket.indices_in(path, ("nsidx0", "lo", "absent0"))
+        assert found == {"nsidx0": expected, "lo": linuxns.LOOPBACK_IFINDEX, "absent0": None}
+        assert netnsocket.index_of("nsidx0") is None, "looked up in the caller's own netns, which has none"
+        sock, index = netnsocket.socket_and(path, lambda: netnsocket.index_of("nsidx1"))
+        try:
+            assert index is not None and index != expected
+            assert netnsocket.run_async(sock, _link_names) == ["lo", "nsidx0", "nsidx1"]
+            assert sock.fileno() == -1, "the socket object itself is closed: no stale fd number to close later"
+        finally:
+            sock.close()
+        assert "nsidx0" not in netnsocket.run_async(None, _link_names), "None: a socket of the caller's netns"
+    finally:
+        netnsocket.remove_netns(name)
+
+
+def test_a_failing_probe_leaves_no_socket_open(private_ns: None) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ZeroDivisionError):
+        netnsocket.socket_and("/proc/self/ns/net", lambda: 1 // 0)
+    assert len(os.listdir("/proc/self/fd")) == before

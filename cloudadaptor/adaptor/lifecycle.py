@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -214,7 +214,9 @@ class SandboxLifecycle:
                 raise LifecycleError(Code.UNAVAILABLE, f"creating VM {sandbox.vm_name} failed: {exc}") from exc
             if not instance.ips:
                 raise LifecycleError(Code.INTERNAL, f"VM {instance.id} has no IP address")
-            sandbox = self.store.update(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
+            self.store.change(sandbox.id, instance_id=instance.id, vm_ips=instance.ips)
+            sandbox = replace(sandbox, state=SandboxState.STARTING, error="", instance_id=instance.id,
+                              vm_ips=tuple(instance.ips))  # what was written: the row is not read back
             log.info("StartVM %s: VM %s at %s created in %.3fs", sandbox.id, instance.id, instance.ips[0], time.monotonic() - began)
             phases.split("create_instance", instance.launched_in, "instance_running")
             await self.observer.vm_created(sandbox.id, sandbox.pod_namespace, sandbox.pod_name, instance.id, self.provider.name,

@@ -7,6 +7,7 @@
 - ``vmside``: the pod VM side (``python -m cloudadaptor.podnetwork.vmside``).
 
 All network configuration goes through pyroute2, whose synchronous API runs
-its own event loop: the blocking functions here are called from asyncio code
-through ``asyncio.to_thread`` only.
+its own event loop (and the worker side's steps run its ``AsyncIPRoute`` on a
+loop of their own, ``netnsocket.run_async``): the blocking functions here are
+called from asyncio code through ``asyncio.to_thread`` only.
 """

@@ -17,22 +17,30 @@ Devices are named ``ppvx<vni>`` and the filters use priority
 ``REDIRECT_PRIO``, so ``tunnel_down`` finds everything from the netns path
 and VNI alone, wherever a crash left it. Blocking: call through
 ``asyncio.to_thread``.
+
+Issue 16 (daemon CPU per pod): interfaces are found by name without a netlink
+request (``netnsocket.index_of``, in the thread that enters the netns), and
+the requests of a step run on pyroute2's ``AsyncIPRoute`` in one event loop,
+where the synchronous ``IPRoute`` runs its loop once per request and once per
+message of a dump.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
 import os
-from typing import Any, Callable, Collection, TypeVar
+from typing import Any, Awaitable, Callable, Collection, TypeVar
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cloudadaptor import netnsocket
 from cloudadaptor.podnetwork import peerfilter
 from cloudadaptor.podnetwork.api import NetnsUnusable, PodNetworkError, TunnelSpec, vni_of_device
-from cloudadaptor.podnetwork.netns import netns_exists, open_netns
+from cloudadaptor.podnetwork.netns import netns_exists, netns_socket_and
 
 INGRESS = 0xFFFF0000  # the ingress qdisc's handle ("ffff:")
 ETH_P_ALL = 0x0003
@@ -46,77 +54,100 @@ def tunnel_up(tunnel: TunnelSpec) -> None:
 
     Leftovers of an earlier attempt for the same VNI are removed first; on
     failure everything made is removed before ``PodNetworkError`` is raised.
-    One netlink socket per netns serves the whole step (each costs the daemon
-    a socket and an event loop).
+    One netlink socket per netns serves the whole step, on one event loop.
     """
     if not tunnel.vm_ip:
         raise PodNetworkError(f"tunnel {tunnel.device}: no VM address to tunnel to")
-    with contextlib.ExitStack() as sockets:
-        worker, pod, pod_index = _remove_leftovers(tunnel, sockets)
+    loop = asyncio.new_event_loop()
+    sockets = contextlib.AsyncExitStack()
+    try:
+        worker, pod, pod_index = loop.run_until_complete(_remove_leftovers(tunnel, sockets))
         try:
-            # before the socket can receive; replaces an earlier peer filter of this VNI
+            # before the socket can receive; replaces an earlier peer filter of this VNI (its own
+            # socket and loop: between two runs of ours, never inside one)
             peerfilter.install(tunnel.vni, tunnel.vxlan_port, tunnel.vm_ip)
-            _create(worker, tunnel)
-            _wire(pod or sockets.enter_context(open_netns(tunnel.netns_path)), tunnel, pod_index)
+            loop.run_until_complete(_create_and_wire(worker, pod, pod_index, tunnel, sockets))
         except BaseException as exc:
-            try:
-                tunnel_down(tunnel)
-            except PodNetworkError as cleanup:
-                raise PodNetworkError(f"{_describe(exc)}; cleanup also failed: {cleanup}") from exc
-            if isinstance(exc, PodNetworkError):
-                raise
-            if isinstance(exc, (OSError, NetlinkError)):
-                raise PodNetworkError(f"tunnel {tunnel.device} to {tunnel.vm_ip} in {tunnel.netns_path}: {_describe(exc)}") from exc
+            loop.run_until_complete(sockets.aclose())
+            _undo(tunnel, exc)
             raise
+    finally:
+        loop.run_until_complete(sockets.aclose())
+        loop.close()
 
 
-def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.ExitStack) -> tuple[IPRoute, IPRoute | None, int | None]:
+def _undo(tunnel: TunnelSpec, exc: BaseException) -> None:
+    """``tunnel_down`` after ``exc`` failed ``tunnel_up``; raises ``exc`` as a ``PodNetworkError``
+    when it is a network error, returns (the caller re-raises) otherwise."""
+    try:
+        tunnel_down(tunnel)
+    except PodNetworkError as cleanup:
+        raise PodNetworkError(f"{_describe(exc)}; cleanup also failed: {cleanup}") from exc
+    if isinstance(exc, (OSError, NetlinkError)) and not isinstance(exc, PodNetworkError):
+        raise PodNetworkError(f"tunnel {tunnel.device} to {tunnel.vm_ip} in {tunnel.netns_path}: {_describe(exc)}") from exc
+
+
+async def _remove_leftovers(tunnel: TunnelSpec, sockets: contextlib.AsyncExitStack,
+                            ) -> tuple[AsyncIPRoute, AsyncIPRoute | None, int | None]:
     """``tunnel_down`` but the peer filter (``peerfilter.install`` replaces it), through
     sockets kept open for the rest of ``tunnel_up``: (worker netns, pod netns or None when
     the pod netns is gone, the pod interface's index as found there). Raises ``PodNetworkError``
     as ``tunnel_down`` does."""
     problems: list[str] = []
     name = tunnel.device
-    worker = _attempt(problems, f"cannot delete {name} in the worker netns", lambda: sockets.enter_context(IPRoute()))
+    worker = await _attempt_async(problems, f"cannot delete {name} in the worker netns",
+                                  lambda: sockets.enter_async_context(AsyncIPRoute()))
     if worker is not None:
-        _attempt(problems, f"cannot delete {name} in the worker netns", _delete_links, worker, name)
+        await _attempt_async(problems, f"cannot delete {name} in the worker netns",
+                             lambda: _delete_link(worker, netnsocket.index_of(name)))
     pod = pod_index = None
     if netns_exists(tunnel.netns_path):
         where = f"cannot clean {name} in {tunnel.netns_path}"
-        pod = _attempt(problems, where, lambda: sockets.enter_context(open_netns(tunnel.netns_path)))
-        if pod is not None:
-            pod_index = _attempt(problems, where, _clean_pod_netns, pod, tunnel)
+        opened = await _attempt_async(problems, where, lambda: _open_pod(tunnel, sockets))
+        if opened is not None:
+            pod = opened[0]
+            pod_index = await _attempt_async(problems, where, lambda: _clean_pod_netns(*opened, tunnel))
     if problems or worker is None:
         raise PodNetworkError("; ".join(problems))
     return worker, pod, pod_index
 
 
-def _create(worker: IPRoute, tunnel: TunnelSpec) -> None:
+async def _create_and_wire(worker: AsyncIPRoute, pod: AsyncIPRoute | None, pod_index: int | None,
+                           tunnel: TunnelSpec, sockets: contextlib.AsyncExitStack) -> None:
+    await _create(worker, tunnel)
+    if pod is None:  # the pod netns was gone a moment ago: _wire says what is wrong with it now
+        pod, _ = await _open_pod(tunnel, sockets)
+    await _wire(pod, tunnel, pod_index)
+
+
+async def _create(worker: AsyncIPRoute, tunnel: TunnelSpec) -> None:
     """The VXLAN device, created from this (worker) netns straight into the pod netns:
     its UDP socket lives in the netns that created it, so one request does what
-    "create here, then move" did, and no device ever sits in the worker netns."""
+    "create here, then move" did, and no device ever sits in the worker netns.
+    Created up (one request less than "add, then set up"): nothing reaches the pod
+    interface before ``_wire``'s redirects, as when it came up just before them."""
     remote = ipaddress.ip_address(tunnel.vm_ip)
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
     fd = os.open(tunnel.netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        worker.link("add", ifname=tunnel.device, kind="vxlan", vxlan_id=tunnel.vni, vxlan_port=tunnel.vxlan_port,
-                    vxlan_learning=0, net_ns_fd=fd, **group)
+        await worker.link("add", ifname=tunnel.device, kind="vxlan", vxlan_id=tunnel.vni,
+                          vxlan_port=tunnel.vxlan_port, vxlan_learning=0, net_ns_fd=fd, state="up", **group)
     finally:
         os.close(fd)
 
 
-def _wire(pod: IPRoute, tunnel: TunnelSpec, pod_index: int | None = None) -> None:
-    """In the pod netns: the device up and the tc redirects both ways. ``pod_index``: the pod
-    interface's index when ``_remove_leftovers`` found it through the same socket (else looked up)."""
-    pod_index = pod_index or _index(pod, tunnel.pod_ifname)
+async def _wire(pod: AsyncIPRoute, tunnel: TunnelSpec, pod_index: int | None = None) -> None:
+    """In the pod netns: the tc redirects both ways between the pod interface and the (up) device.
+    ``pod_index``: the pod interface's index when ``_remove_leftovers`` found it (else looked up)."""
+    found = netnsocket.indices_in(tunnel.netns_path, (tunnel.pod_ifname, tunnel.device))
+    pod_index = pod_index or found[tunnel.pod_ifname]
     if pod_index is None:
         raise NetnsUnusable(f"network namespace {tunnel.netns_path} has no interface {tunnel.pod_ifname}")
-    vxlan = _index(pod, tunnel.device)
+    vxlan = found[tunnel.device]
     if vxlan is None:
         raise PodNetworkError(f"{tunnel.device} vanished from {tunnel.netns_path}")
-    pod.link("set", index=vxlan, state="up")
-    add_redirect(pod, pod_index, vxlan)
-    add_redirect(pod, vxlan, pod_index)
+    await add_redirect(pod, pod_index, vxlan)
+    await add_redirect(pod, vxlan, pod_index)
 
 
 def tunnel_down(tunnel: TunnelSpec) -> None:
@@ -127,12 +158,17 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
     name = tunnel.device
 
     def in_worker() -> None:
-        with IPRoute() as ipr:
-            _delete_links(ipr, name)
+        index = netnsocket.index_of(name)  # a crash's leftover only: mostly none, and no socket needed
+        if index is not None:
+            with IPRoute() as ipr:
+                _tolerate((errno.ENODEV,), ipr.link, "del", index=index)
 
     def in_pod() -> None:
-        with open_netns(tunnel.netns_path) as ipr:
-            _clean_pod_netns(ipr, tunnel)
+        sock, indices = netns_socket_and(tunnel.netns_path, lambda: _pod_indices(tunnel))
+        try:
+            netnsocket.run_async(sock, lambda ipr: _clean_pod_netns(ipr, indices, tunnel))
+        finally:
+            sock.close()
 
     _attempt(problems, f"cannot delete {name} in the worker netns", in_worker)
     if netns_exists(tunnel.netns_path):
@@ -143,12 +179,26 @@ def tunnel_down(tunnel: TunnelSpec) -> None:
         raise PodNetworkError("; ".join(problems))
 
 
-def _clean_pod_netns(ipr: IPRoute, tunnel: TunnelSpec) -> int | None:
-    """Our filters and device out of the pod netns; the pod interface's index (None: it has none)."""
-    pod = _index(ipr, tunnel.pod_ifname)
+def _pod_indices(tunnel: TunnelSpec) -> dict[str, int | None]:
+    """The indices of the pod interface and the tunnel device (run in the pod netns)."""
+    return netnsocket.indices((tunnel.pod_ifname, tunnel.device))
+
+
+async def _open_pod(tunnel: TunnelSpec, sockets: contextlib.AsyncExitStack,
+                    ) -> tuple[AsyncIPRoute, dict[str, int | None]]:
+    """The pod netns's socket (closed by ``sockets``) and ``_pod_indices`` there."""
+    sock, indices = netns_socket_and(tunnel.netns_path, lambda: _pod_indices(tunnel))
+    sockets.callback(sock.close)
+    return await sockets.enter_async_context(AsyncIPRoute(use_socket=sock)), indices
+
+
+async def _clean_pod_netns(ipr: AsyncIPRoute, indices: dict[str, int | None], tunnel: TunnelSpec) -> int | None:
+    """Our filters and device out of the pod netns (``indices``: ``_pod_indices``);
+    the pod interface's index (None: it has none)."""
+    pod = indices[tunnel.pod_ifname]
     if pod is not None:
-        remove_redirect(ipr, pod)
-    _delete_links(ipr, tunnel.device)
+        await remove_redirect(ipr, pod)
+    await _delete_link(ipr, indices[tunnel.device])
     return pod
 
 
@@ -156,6 +206,15 @@ def _attempt(problems: list[str], what: str, fn: Callable[..., T], *args: Any) -
     """``fn(*args)``; a failure is added to ``problems`` as "``what``: why" (None returned)."""
     try:
         return fn(*args)
+    except (OSError, NetlinkError, PodNetworkError) as exc:
+        problems.append(f"{what}: {_describe(exc)}")
+        return None
+
+
+async def _attempt_async(problems: list[str], what: str, work: Callable[[], Awaitable[T]]) -> T | None:
+    """``_attempt`` of ``await work()``."""
+    try:
+        return await work()
     except (OSError, NetlinkError, PodNetworkError) as exc:
         problems.append(f"{what}: {_describe(exc)}")
         return None
@@ -179,36 +238,46 @@ def sweep_worker_devices(known_vnis: Collection[int]) -> list[str]:
 # --------------------------------------------------------------------- tc
 
 
-def add_redirect(ipr: IPRoute, from_index: int, to_index: int) -> None:
+async def add_redirect(ipr: AsyncIPRoute, from_index: int, to_index: int) -> None:
     """Everything entering ``from_index`` leaves through ``to_index`` (ingress
     qdisc, u32 match-all filter at ``REDIRECT_PRIO``, mirred egress redirect)."""
-    _tolerate((errno.EEXIST,), ipr.tc, "add", "ingress", from_index, "ffff:")
-    ipr.tc("add-filter", "u32", from_index, parent=INGRESS, prio=REDIRECT_PRIO, protocol=ETH_P_ALL,
-           target=U32_CLASSID, keys=["0x0/0x0+0"],
-           action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": to_index})
+    await _tolerate_async((errno.EEXIST,), ipr.tc("add", "ingress", from_index, "ffff:"))
+    await ipr.tc("add-filter", "u32", from_index, parent=INGRESS, prio=REDIRECT_PRIO, protocol=ETH_P_ALL,
+                 target=U32_CLASSID, keys=["0x0/0x0+0"],
+                 action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": to_index})
 
 
-def remove_redirect(ipr: IPRoute, index: int) -> None:
+async def remove_redirect(ipr: AsyncIPRoute, index: int) -> None:
     """Delete our filter on ``index``'s ingress; the ingress qdisc goes too unless
     another filter still uses it. Nothing of ours there is fine (and changes nothing)."""
-    filters = ingress_filters(ipr, index)
+    try:
+        filters = [msg async for msg in await ipr.get_filters(index=index, parent=INGRESS)]
+    except NetlinkError as exc:
+        if not _no_ingress(exc):
+            raise
+        return
     if not any(_prio(f) == REDIRECT_PRIO for f in filters):
         return
     if any(_prio(f) != REDIRECT_PRIO for f in filters):
-        _tolerate((errno.ENOENT,), ipr.tc, "del-filter", "u32", index, parent=INGRESS, prio=REDIRECT_PRIO,
-                  protocol=ETH_P_ALL, target=U32_CLASSID)
+        await _tolerate_async((errno.ENOENT,), ipr.tc("del-filter", "u32", index, parent=INGRESS, prio=REDIRECT_PRIO,
+                                                     protocol=ETH_P_ALL, target=U32_CLASSID))
     else:
-        _tolerate((errno.EINVAL, errno.ENOENT), ipr.tc, "del", "ingress", index, "ffff:")
+        await _tolerate_async((errno.EINVAL, errno.ENOENT), ipr.tc("del", "ingress", index, "ffff:"))
 
 
 def ingress_filters(ipr: IPRoute, index: int) -> list[Any]:
-    """The filters on ``index``'s ingress qdisc (empty without one)."""
+    """The filters on ``index``'s ingress qdisc (empty without one); for diagnostics and tests."""
     try:
         return list(ipr.get_filters(index=index, parent=INGRESS))
     except NetlinkError as exc:
-        if exc.code in (errno.EINVAL, errno.ENOENT):
+        if _no_ingress(exc):
             return []
         raise
+
+
+def _no_ingress(exc: NetlinkError) -> bool:
+    """Whether asking for the ingress filters failed because there is no ingress qdisc."""
+    return exc.code in (errno.EINVAL, errno.ENOENT)
 
 
 def redirect_targets(ipr: IPRoute, index: int) -> list[int]:
@@ -233,20 +302,25 @@ def _prio(msg: Any) -> int:
     return msg["info"] >> 16
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
-
-
-def _delete_links(ipr: IPRoute, name: str) -> None:
-    for index in ipr.link_lookup(ifname=name):
-        _tolerate((errno.ENODEV,), ipr.link, "del", index=index)
+async def _delete_link(ipr: AsyncIPRoute, index: int | None) -> None:
+    """Delete the interface ``index`` (None: nothing to delete); gone already is fine."""
+    if index is not None:
+        await _tolerate_async((errno.ENODEV,), ipr.link("del", index=index))
 
 
 def _tolerate(codes: tuple[int, ...], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Call a pyroute2 method, ignoring the netlink errors ``codes`` (EEXIST, ENODEV...)."""
     try:
         fn(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise
+
+
+async def _tolerate_async(codes: tuple[int, ...], request: Awaitable[Any]) -> None:
+    """``_tolerate`` of an ``AsyncIPRoute`` request."""
+    try:
+        await request
     except NetlinkError as exc:
         if exc.code not in codes:
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -127,3 +129,28 @@ def test_pod_of_is_what_get_says(store):
     got = store.get("a")
     assert got is not None and store.pod_of("a") == (got.pod_namespace, got.pod_name, "i-1")
     assert store.pod_of("nobody") is None
+
+
+def test_every_commit_survives_a_killed_writer(tmp_path: Path):
+    """Commits are not fsynced (synchronous=NORMAL): a SIGKILLed daemon must still leave each one."""
+    path = tmp_path / "state.db"
+    pid = os.fork()
+    if pid == 0:  # the writer: commits, then dies without closing anything
+        try:
+            writer = SandboxStore(path)
+            writer.add(sandbox("a", 555000))
+            writer.change("a", state=SandboxState.RUNNING, instance_id="i-1", vm_ips=("192.0.2.9",))
+            writer.add(sandbox("b", 555001))
+            writer.remove("b")
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    reopened = SandboxStore(path)
+    try:
+        assert reopened.connection.execute("PRAGMA synchronous").fetchone()[0] == 1, "NORMAL is what this test covers"
+        row = reopened.get("a")
+        assert row is not None and (row.state, row.instance_id, row.vm_ips) == (SandboxState.RUNNING, "i-1", ("192.0.2.9",))
+        assert reopened.get("b") is None, "the removal was kept too"
+    finally:
+        reopened.close()
