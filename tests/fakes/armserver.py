@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from azure.core.credentials import AccessToken
 
 from fakes.armstate import ArmState, Fault, Json
-from cloudadaptor.tls import CertificateAuthority
+from cloudadaptor.tlscerts import CertificateAuthority
 
 SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"
 TOKEN = "fake-arm-token"
