@@ -21,7 +21,7 @@ def _mapped_cryptography(pid: int) -> bool:
         return any("cryptography/hazmat/bindings" in line for line in maps)
 
 
-async def test_an_idle_daemon_loads_cryptography_only_for_its_first_pod(serve_process, make_pod_netns):
+async def test_an_idle_daemon_loads_cryptography_only_for_its_first_pod(serve_process, make_pod_netns):  # noqa: F811
     proc: ServeProcess = serve_process()
     await proc.start()
     assert proc.process is not None
