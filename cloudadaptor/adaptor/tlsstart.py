@@ -53,10 +53,7 @@ async def start_tls(settings: Settings) -> AdaptorTls | None:
     try:
         report = await _run_child(settings)
     except _ChildFailed as exc:
-        log.warning("TLS start-up child failed (%s): loading the TLS material in the daemon instead", exc)
-        from cloudadaptor.tlsrotation import build
-
-        return build(settings)
+        return _in_process(settings, str(exc))
     for level, message in report.get("log", []):
         tls_log.log(int(level), "%s", message)
     if "error" in report:
@@ -64,7 +61,14 @@ async def start_tls(settings: Settings) -> AdaptorTls | None:
     try:
         return _from_report(settings, report)
     except (KeyError, TypeError, ValueError) as exc:
-        raise TlsError(f"the TLS start-up child gave an incomplete report ({type(exc).__name__}: {exc})") from None
+        return _in_process(settings, f"an incomplete report: {type(exc).__name__} {exc}")
+
+
+def _in_process(settings: Settings, why: str) -> AdaptorTls:
+    log.warning("TLS start-up child failed (%s): loading the TLS material in the daemon instead", why)
+    from cloudadaptor.tlsrotation import build
+
+    return build(settings)
 
 
 async def _run_child(settings: Settings) -> dict[str, Any]:

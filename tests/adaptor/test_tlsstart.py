@@ -79,14 +79,24 @@ def test_no_key_travels_through_the_pipe(tmp_path):
     assert "PRIVATE KEY" not in child.stdout + child.stderr, "keys stay in their files"
 
 
-async def test_a_child_that_cannot_run_leaves_the_work_to_the_daemon(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(tlsstart.sys, "executable", str(tmp_path / "no-such-python"))
+@pytest.mark.parametrize("child, why", [
+    (None, "no-such-python"),  # no interpreter to run
+    ("#!/bin/sh\necho 'child crashed here' >&2\nexit 3\n", "exit status 3: child crashed here"),
+    ("#!/bin/sh\ncat >/dev/null\necho 'not json'\n", "not a JSON object"),
+    ("#!/bin/sh\ncat >/dev/null\necho '{\"log\": []}'\n", "an incomplete report: KeyError"),
+], ids=["missing", "crash", "garbage", "incomplete"])
+async def test_a_child_that_cannot_do_the_work_leaves_it_to_the_daemon(tmp_path, monkeypatch, caplog, child, why):
+    python = tmp_path / "no-such-python"
+    if child is not None:
+        python.write_text(child)
+        python.chmod(0o755)
+    monkeypatch.setattr(tlsstart.sys, "executable", str(python))
     with caplog.at_level(logging.WARNING, logger="cloudadaptor.adaptor.tlsstart"):
-        tls = await start_tls(Settings(state_dir=tmp_path))
+        tls = await start_tls(Settings(state_dir=tmp_path / "state"))
     [warning] = [r.getMessage() for r in caplog.records if r.name == "cloudadaptor.adaptor.tlsstart"]
-    assert "no-such-python" in warning and "in the daemon instead" in warning
+    assert why in warning and "in the daemon instead" in warning, warning
     assert tls is not None and tls._ca is not None, "loaded in-process"
-    assert (tmp_path / "tls" / "ca.pem").exists()
+    assert (tmp_path / "state" / "tls" / "ca.pem").exists()
 
 
 async def test_disable_tls_runs_no_child(tmp_path, monkeypatch):
