@@ -22,7 +22,8 @@ from google.protobuf import empty_pb2
 from cloudadaptor.dev.shim import AgentSession
 from cloudadaptor.podconfig import ForwarderConfig
 from cloudadaptor.protocols import agent_pb2, health_pb2
-from cloudadaptor.tls import CertificateAuthority, ServerTlsMaterial
+from cloudadaptor.tls import ServerTlsMaterial
+from cloudadaptor.tlscerts import CertificateAuthority
 from cloudadaptor.ttrpc import Client, TtrpcError
 
 from bench import procs

@@ -22,18 +22,13 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from cloudadaptor.files import write_atomic
 from cloudadaptor.wire import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 
 if TYPE_CHECKING:
     from cloudadaptor.config import Settings
+    from cloudadaptor.tlscerts import CertificateAuthority
 
 log = logging.getLogger(__name__)
 
@@ -72,168 +67,6 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise TlsError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-def _load_cert(path: Path, data: bytes | None = None) -> x509.Certificate:
-    data = _read(path) if data is None else data
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise TlsError(f"{path}: not a PEM certificate") from None
-
-
-def _load_key(path: Path, data: bytes | None = None):
-    data = _read(path) if data is None else data
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise TlsError(f"{path}: not an unencrypted PEM private key") from None
-
-
-def _same_public_key(cert: x509.Certificate, key) -> bool:
-    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
-
-
-def _key_pem(key) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
-def _cert_pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-# ------------------------------------------------------------------------- CA
-
-
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: float, *,
-             ca: bool, not_after: datetime.datetime | None = None) -> x509.CertificateBuilder:
-    """What every certificate we sign shares: a random serial, validity backdated by
-    ``BACKDATE`` (pod VM clocks drift) for ``days`` but never past ``not_after``,
-    critical basic constraints and key usage (certificate signing only for a CA)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    until = now + datetime.timedelta(days=days)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(until if not_after is None else min(until, not_after))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=ca, crl_sign=ca,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-    )
-
-
-class CertificateAuthority:
-    """A persisted ECDSA P-256 CA that issues server and client certificates."""
-
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        self._cert = cert
-        self._key = key
-
-    def __repr__(self) -> str:
-        return f"CertificateAuthority(subject={self._cert.subject.rfc4514_string()!r})"
-
-    @property
-    def cert_pem(self) -> str:
-        return _cert_pem(self._cert)
-
-    @property
-    def certificate(self) -> x509.Certificate:
-        return self._cert
-
-    @classmethod
-    def create(cls, common_name: str = "cloud-api-adaptor CA", days: float = CA_DAYS) -> CertificateAuthority:
-        """A new CA held in memory only."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        cert = (
-            _builder(name, name, key, days, ca=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(cert, key)
-
-    @classmethod
-    def load_or_create(cls, directory: Path, days: float = CA_DAYS) -> CertificateAuthority:
-        """Load ``ca.pem``/``ca.key`` from ``directory``, or create and persist them.
-
-        The directory is made 0700 and the key file 0600. Restart-safe: an
-        existing CA is reused. Raises ``TlsError`` naming the file when one of
-        the two is missing, corrupt, not a CA, or does not match the other.
-        """
-        directory = Path(directory)
-        _ensure_private_dir(directory)
-        cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
-        if not cert_path.exists() and not key_path.exists():
-            ca = cls.create(days=days)
-            write_atomic(key_path, _key_pem(ca._key), 0o600)
-            write_atomic(cert_path, ca.cert_pem, 0o644)
-            log.info("created a new TLS CA in %s", directory)
-            return ca
-        for path in (cert_path, key_path):
-            if not path.exists():
-                raise TlsError(f"{path}: missing (the other half of the CA exists; "
-                               f"remove both to create a new CA)")
-        cert, key = _load_cert(cert_path), _load_key(key_path)
-        if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
-            raise TlsError(f"{key_path}: unsupported key type (expected ECDSA or RSA)")
-        if not _same_public_key(cert, key):
-            raise TlsError(f"{key_path}: does not match the certificate in {cert_path}")
-        try:
-            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            raise TlsError(f"{cert_path}: not a CA certificate")
-        if key_path.stat().st_mode & 0o077:
-            os.chmod(key_path, 0o600)
-        return cls(cert, key)
-
-    def issue(
-        self,
-        common_name: str,
-        *,
-        server: bool,
-        dns_names: Iterable[str] = (),
-        ip_addresses: Iterable[str] = (),
-        days: float = CERT_DAYS,
-    ) -> tuple[str, str]:
-        """A new key pair and certificate signed by this CA, as (cert_pem, key_pem).
-
-        ``server`` selects the extended key usage: serverAuth or clientAuth.
-        """
-        key = ec.generate_private_key(ec.SECP256R1())
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        builder = (
-            _builder(name, self._cert.subject, key, days, ca=False, not_after=self._cert.not_valid_after_utc)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-        )
-        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
-        return _cert_pem(cert), _key_pem(key)
 
 
 # -------------------------------------------------------------------- contexts
@@ -294,6 +127,12 @@ def client_context(cert_pem: str, key_pem: str, server_ca_pem: str | None,
 
 # ------------------------------------------------------------------ AdaptorTls
 
+DAY = datetime.timedelta(days=1)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
 
 def _is_ip(name: str) -> bool:
     try:
@@ -303,12 +142,28 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class CaFacts:
+    """The signing CA as the start-up child checked it (``adaptor/tlsstart.py``): enough to verify VMs,
+    renew and decide on a rotation. Its key stays in ``directory`` until a certificate must be signed."""
+
+    directory: Path
+    cert_pem: str
+    key_id: str
+    not_after: datetime.datetime
+
+
 class AdaptorTls:
-    """The adaptor's TLS state: its CA, its client identity, and the client CA VMs trust."""
+    """The adaptor's TLS state: its CA, its client identity, and the client CA VMs trust.
+
+    ``ca`` is the loaded CA, or the ``CaFacts`` a start-up child reported: then the CA
+    (and ``cryptography``, about 11 MiB, issue 16) is loaded by the first certificate
+    minted, and an idle daemon never loads it.
+    """
 
     def __init__(
         self,
-        ca: CertificateAuthority,
+        ca: CertificateAuthority | CaFacts,
         client_cert_pem: str,
         client_key_pem: str,
         vm_client_ca_pem: str,
@@ -317,33 +172,75 @@ class AdaptorTls:
         skip_verify: bool = False,
         vm_cert_days: float = CERT_DAYS,
         trusted_ca_pem: str | None = None,
-        refresh: Callable[[], AdaptorTls | None] | None = None,
+        client_not_after: datetime.datetime | None = None,
+        refresh: Callable[[AdaptorTls], AdaptorTls | None] | None = None,
     ):
         _min_version(min_version)
-        self.ca = ca
+        self._ca, self._facts = (None, ca) if isinstance(ca, CaFacts) else (ca, None)
         self.client_cert_pem = client_cert_pem
         self._client_key_pem = client_key_pem
+        self._client_not_after = client_not_after  # None: read from client_cert_pem when asked
         self.vm_client_ca_pem = vm_client_ca_pem
         self.min_version = min_version
         self.skip_verify = skip_verify
         self.vm_cert_days = vm_cert_days
-        self.trusted_ca_pem = trusted_ca_pem or ca.cert_pem  # CAs whose VM certificates we accept
-        self._refresh = refresh  # a newer state when the CA was rotated (tlsrotation), else None
+        # CAs whose VM certificates we accept
+        self.trusted_ca_pem = trusted_ca_pem or ca.cert_pem
+        self._refresh = refresh  # a newer state when the CA is due to rotate (``refresher``), else None
         self._client_context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
-        return (f"AdaptorTls(ca={self.ca!r}, min_version={self.min_version!r}, "
+        return (f"AdaptorTls(ca_key_id={self.ca_key_id!r}, min_version={self.min_version!r}, "
                 f"skip_verify={self.skip_verify})")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdaptorTls | None:
-        """None when DISABLE_TLS; otherwise load or create the material (``tlsrotation.adaptor_tls``).
+        """None when DISABLE_TLS; otherwise load or create the material in this process
+        (``tlsrotation.adaptor_tls``; the daemon has a child do it: ``adaptor/tlsstart.py``).
 
         Raises ``TlsError`` naming the file when persisted or operator material is bad.
         """
         from cloudadaptor.tlsrotation import adaptor_tls
 
         return adaptor_tls(settings)
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        """The signing CA, loaded from its directory the first time when it was reported
+        (``TlsError`` naming the file when it is unreadable or no longer the reported CA)."""
+        if self._ca is None:
+            self._ca = _load_reported(self._reported())
+        return self._ca
+
+    @ca.setter
+    def ca(self, ca: CertificateAuthority) -> None:
+        self._ca, self._facts = ca, None
+
+    def _reported(self) -> CaFacts:
+        assert self._facts is not None, "an AdaptorTls holds a CA or the facts reported about it"
+        return self._facts
+
+    @property
+    def ca_key_id(self) -> str:
+        """The signing CA's key identifier (hex): a VM certificate signed by another CA predates a rotation."""
+        if self._ca is None:
+            return self._reported().key_id
+        from cloudadaptor.tlscerts import key_id
+
+        return key_id(self._ca.certificate)
+
+    @property
+    def ca_not_after(self) -> datetime.datetime:
+        return self._reported().not_after if self._ca is None else self._ca.certificate.not_valid_after_utc
+
+    @property
+    def client_not_after(self) -> datetime.datetime:
+        """When the client certificate ends: as reported at start, else read from ``client_cert_pem``."""
+        if self._client_not_after is not None:
+            return self._client_not_after
+        from cloudadaptor.tlscerts import _load_cert
+
+        return _load_cert(Path("client certificate"), self.client_cert_pem.encode()).not_valid_after_utc
 
     def mint_vm_material(self, server_name: str) -> ServerTlsMaterial:
         """A fresh server certificate for one pod VM (SAN = ``server_name``), valid ``vm_cert_days``;
@@ -355,22 +252,17 @@ class AdaptorTls:
         return ServerTlsMaterial(cert_pem, key_pem, self.vm_client_ca_pem)
 
     def refresh_if_due(self) -> bool:
-        """Rotate the CA (and replace the client certificate) when due (``tlsrotation``); True when it did.
+        """Rotate the CA (and replace the client certificate) when due (``refresher``); True when it did.
         Called before each VM certificate is minted and by the renewal loop, so a long-running daemon rotates."""
-        newer = self._refresh() if self._refresh else None
+        newer = self._refresh(self) if self._refresh else None
         if newer is None:
             return False
         self.__dict__.update(newer.__dict__)  # same object: the lifecycle keeps its reference
         return True
 
-    @property
-    def ca_key_id(self) -> str:
-        """The signing CA's key identifier (hex): a VM certificate signed by another CA predates a rotation."""
-        return key_id(self.ca.certificate)
-
     def client_context(self) -> ssl.SSLContext:
         """The context to dial pod VMs with (``server_hostname=server_name``); built once."""
-        if self._client_context is None:  # TLS_SKIP_VERIFY was announced at start (tlsrotation.adaptor_tls)
+        if self._client_context is None:  # TLS_SKIP_VERIFY was announced at start (announce_insecure_modes)
             self._client_context = client_context(
                 self.client_cert_pem, self._client_key_pem, self.trusted_ca_pem,
                 self.min_version, skip_verify=self.skip_verify,
@@ -378,23 +270,41 @@ class AdaptorTls:
         return self._client_context
 
 
-def key_id(cert: x509.Certificate, *, issuer: bool = False) -> str:
-    """Hex of the certificate's subject key identifier, or with ``issuer`` of its authority key
-    identifier (the CA that signed it); "" when absent."""
-    try:
-        if issuer:
-            aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-            return aki.hex() if aki else ""
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
-    except x509.ExtensionNotFound:
-        return ""
+def _load_reported(facts: CaFacts) -> CertificateAuthority:
+    from cloudadaptor.tlscerts import CertificateAuthority, key_id
+
+    ca = CertificateAuthority.load(facts.directory)
+    if key_id(ca.certificate) != facts.key_id:
+        raise TlsError(f"{facts.directory / CA_CERT_NAME}: not the CA the adaptor started with "
+                       f"(key id {key_id(ca.certificate)}, expected {facts.key_id}); restart the adaptor")
+    return ca
 
 
-def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, str, str]:
-    """(certificate, cert PEM, key PEM) read from the two files; ``TlsError`` naming the
-    file that is unreadable or not PEM, or the key when it does not match the certificate."""
-    cert_data, key_data = _read(cert_path), _read(key_path)
-    cert, key = _load_cert(cert_path, cert_data), _load_key(key_path, key_data)
-    if not _same_public_key(cert, key):
-        raise TlsError(f"{key_path}: does not match the certificate in {cert_path}")
-    return cert, cert_data.decode(), key_data.decode()
+def refresher(settings: Settings) -> Callable[[AdaptorTls], AdaptorTls | None]:
+    """``AdaptorTls``'s ``refresh`` for ``settings``: the state rebuilt (``tlsrotation.build``,
+    which rotates the CA) when the CA has less than a third of ``CA_VALIDITY`` left, or the
+    client certificate ends within a day (one signed by the previous CA ends with it).
+    The check reads dates only; the rebuild imports ``cryptography``."""
+    third = datetime.timedelta(seconds=settings.ca_validity) / 3
+
+    def refresh(tls: AdaptorTls) -> AdaptorTls | None:
+        now = _now()
+        if tls.ca_not_after - now >= third and tls.client_not_after > now + DAY:
+            return None
+        from cloudadaptor.tlsrotation import build
+
+        return build(settings)
+
+    return refresh
+
+
+def announce_insecure_modes(settings: Settings) -> bool:
+    """Warn loudly about DISABLE_TLS and TLS_SKIP_VERIFY (once, at start); False when TLS is disabled."""
+    if settings.disable_tls:
+        log.warning("DISABLE_TLS is set: the adaptor talks to pod VMs in plain TCP, and anyone on the VM network "
+                    "can reach their kata-agent. Use it for development only.")
+        return False
+    if settings.tls_skip_verify:
+        log.warning("TLS_SKIP_VERIFY is set: pod VM certificates are not verified, so anyone on the VM network "
+                    "can impersonate a pod VM. Use it for development only.")
+    return True

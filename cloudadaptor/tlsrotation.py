@@ -32,9 +32,10 @@ from cryptography.exceptions import InvalidSignature
 
 from cloudadaptor.files import write_atomic
 from cloudadaptor.tls import (
-    CA_CERT_NAME, CA_KEY_NAME, CLIENT_CERT_NAME, CLIENT_KEY_NAME, AdaptorTls, CertificateAuthority, TlsError,
-    _key_pem, _load_cert, _load_key, _load_pair, _read,
+    CA_CERT_NAME, CA_KEY_NAME, CLIENT_CERT_NAME, CLIENT_KEY_NAME, DAY, AdaptorTls, TlsError, _now, _read,
+    announce_insecure_modes, refresher,
 )
+from cloudadaptor.tlscerts import CertificateAuthority, _key_pem, _load_cert, _load_key, _load_pair
 
 if TYPE_CHECKING:
     from cloudadaptor.config import Settings
@@ -43,11 +44,6 @@ log = logging.getLogger("cloudadaptor.tls")
 
 PREVIOUS_CERT_NAME = "ca-previous.pem"
 PREVIOUS_KEY_NAME = "ca-previous.key"
-DAY = datetime.timedelta(days=1)
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -107,41 +103,36 @@ def _load_previous(directory: Path) -> CertificateAuthority | None:
 
 def adaptor_tls(settings: Settings) -> AdaptorTls | None:
     """``AdaptorTls`` from settings (None when DISABLE_TLS), able to rotate its CA while running."""
-    if settings.disable_tls:
-        log.warning("DISABLE_TLS is set: the adaptor talks to pod VMs in plain TCP, and anyone on the VM network "
-                    "can reach their kata-agent. Use it for development only.")
+    if not announce_insecure_modes(settings):
         return None
-    if settings.tls_skip_verify:
-        log.warning("TLS_SKIP_VERIFY is set: pod VM certificates are not verified, so anyone on the VM network "
-                    "can impersonate a pod VM. Use it for development only.")
+    return build(settings)
+
+
+def client_pair_paths(settings: Settings) -> tuple[Path, Path]:
+    """Where the adaptor's client certificate and key are: the operator's, or its own in ``<STATE_DIR>/tls``."""
+    if settings.cacert_file and settings.cert_file and settings.cert_key:
+        return Path(settings.cert_file), Path(settings.cert_key)
     tls_dir = Path(settings.state_dir) / "tls"
-    ca_days, vm_days = settings.ca_validity / 86400, settings.vm_cert_validity / 86400
-
-    def build() -> AdaptorTls:
-        pair = load_cas(tls_dir, ca_days)
-        if settings.cacert_file and settings.cert_file and settings.cert_key:
-            _, cert_pem, key_pem = _load_pair(Path(settings.cert_file), Path(settings.cert_key))
-            client_ca = _read(Path(settings.cacert_file))
-            _load_cert(Path(settings.cacert_file), client_ca)
-            vm_client_ca = client_ca.decode()
-        else:
-            cert_pem, key_pem = _load_or_issue_client(pair.client_issuer, tls_dir, settings.node_name)
-            vm_client_ca = pair.trust_pem
-        return AdaptorTls(pair.current, cert_pem, key_pem, vm_client_ca, min_version=settings.tls_min_version,
-                          skip_verify=settings.tls_skip_verify, vm_cert_days=vm_days, trusted_ca_pem=pair.trust_pem,
-                          refresh=refresh)
-
-    def refresh() -> AdaptorTls | None:
-        # Also when the client certificate nears its end: one signed by the previous CA ends with it.
-        due = rotation_due(tls.ca, ca_days) or _expires_within(tls.client_cert_pem, DAY)
-        return build() if due else None
-
-    tls = build()
-    return tls
+    return tls_dir / CLIENT_CERT_NAME, tls_dir / CLIENT_KEY_NAME
 
 
-def _expires_within(cert_pem: str, margin: datetime.timedelta) -> bool:
-    return _load_cert(Path("client certificate"), cert_pem.encode()).not_valid_after_utc <= _now() + margin
+def build(settings: Settings) -> AdaptorTls:
+    """Load (or create) the CA, rotating it when due, and the client identity, checked; ``TlsError``
+    naming a bad file. The result rebuilds itself when due (``tls.refresher``)."""
+    tls_dir = Path(settings.state_dir) / "tls"
+    ca_days = settings.ca_validity / 86400
+    pair = load_cas(tls_dir, ca_days)
+    if settings.cacert_file and settings.cert_file and settings.cert_key:
+        _, cert_pem, key_pem = _load_pair(*client_pair_paths(settings))
+        client_ca = _read(Path(settings.cacert_file))
+        _load_cert(Path(settings.cacert_file), client_ca)
+        vm_client_ca = client_ca.decode()
+    else:
+        cert_pem, key_pem = _load_or_issue_client(pair.client_issuer, tls_dir, settings.node_name)
+        vm_client_ca = pair.trust_pem
+    return AdaptorTls(pair.current, cert_pem, key_pem, vm_client_ca, min_version=settings.tls_min_version,
+                      skip_verify=settings.tls_skip_verify, vm_cert_days=settings.vm_cert_validity / 86400,
+                      trusted_ca_pem=pair.trust_pem, refresh=refresher(settings))
 
 
 def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: str) -> tuple[str, str]:

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.dev.shim import ShimEmulator, start_pod, stop_pod
 from cloudadaptor.files import write_atomic
-from cloudadaptor.tls import CertificateAuthority, _builder, client_context
+from cloudadaptor.tls import client_context
+from cloudadaptor.tlscerts import CertificateAuthority, _builder
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.errors import Code, ConnectionClosed, TtrpcError
 from cloudadaptor.wire import AGENT_PORT, CERT_RENEW_METHOD, CERT_SERVICE

@@ -14,7 +14,8 @@ from cloudadaptor.podconfig import (
     PodNetworkConfig,
     PodRoute,
 )
-from cloudadaptor.tls import CertificateAuthority, ServerTlsMaterial
+from cloudadaptor.tls import ServerTlsMaterial
+from cloudadaptor.tlscerts import CertificateAuthority
 
 
 @pytest.fixture(scope="module")

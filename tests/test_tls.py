@@ -17,14 +17,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cloudadaptor.config import Settings
-from cloudadaptor.tls import (
-    AdaptorTls,
-    CertificateAuthority,
-    ServerTlsMaterial,
-    TlsError,
-    client_context,
-    server_context,
-)
+from cloudadaptor.tls import AdaptorTls, ServerTlsMaterial, TlsError, client_context, server_context
+from cloudadaptor.tlscerts import CertificateAuthority
 
 HANDSHAKE_FAILED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)
 PING = b"ping-through-tls"

@@ -10,7 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudadaptor.config import ConfigError, Settings, load_settings
-from cloudadaptor.tls import BACKDATE, AdaptorTls, CertificateAuthority, ServerTlsMaterial, server_context
+from cloudadaptor.tls import BACKDATE, AdaptorTls, ServerTlsMaterial, server_context
+from cloudadaptor.tlscerts import CertificateAuthority
 from cloudadaptor.tlsrotation import PREVIOUS_CERT_NAME, load_cas, rotation_due
 from test_tls import PING, echo_once
 
@@ -41,7 +42,7 @@ def test_config_keys_for_lifetimes_and_their_cross_check():
 def age_ca(directory, days_left: float, total_days: float = 30.0) -> CertificateAuthority:
     """Replace the CA in ``directory`` with one that has ``days_left`` of ``total_days`` left."""
     from cloudadaptor.files import write_atomic
-    from cloudadaptor.tls import _key_pem
+    from cloudadaptor.tlscerts import _key_pem
 
     old = CertificateAuthority.create(days=days_left)
     write_atomic(directory / "ca.key", _key_pem(old._key), 0o600)
@@ -111,7 +112,7 @@ def test_a_running_daemon_replaces_its_client_certificate_when_the_previous_ca_n
     from cryptography.hazmat.primitives import hashes
 
     from cloudadaptor.files import write_atomic
-    from cloudadaptor.tls import _builder
+    from cloudadaptor.tlscerts import _builder
 
     settings = Settings(state_dir=tmp_path, ca_validity=30 * 86400.0, vm_cert_validity=86400.0)
     (tmp_path / "tls").mkdir(mode=0o700)

@@ -32,19 +32,20 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from cloudadaptor import userdata
 from cloudadaptor.adaptor.store import Sandbox, SandboxState, SandboxStore
 from cloudadaptor.podconfig import ForwarderConfig
 from cloudadaptor.retry import Backoff
-from cloudadaptor.tls import BACKDATE, AdaptorTls, key_id
+from cloudadaptor.tls import BACKDATE, AdaptorTls
 from cloudadaptor.ttrpc.client import Client
 from cloudadaptor.ttrpc.errors import Code, ConnectionClosed, TtrpcError
 from cloudadaptor.userdata import APF_CONFIG_PATH
 from cloudadaptor.wire import AGENT_PORT, CERT_CURRENT_METHOD, CERT_RENEW_METHOD, CERT_SERVICE
+
+if TYPE_CHECKING:  # cryptography is imported when a certificate is read (issue 16: idle RSS)
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class CertRenewal:
         return self._record(sandbox.id, cert) or sandbox
 
     def _record(self, sandbox_id: str, cert: x509.Certificate) -> Sandbox | None:
+        from cloudadaptor.tlscerts import key_id
+
         issued = cert.not_valid_before_utc.timestamp() + BACKDATE.total_seconds()  # issued BACKDATE after its start
         with contextlib.suppress(KeyError):  # StopVM removed the row meanwhile
             return self.store.update(sandbox_id, cert_issued_at=issued, cert_not_after=cert.not_valid_after_utc.timestamp(),
@@ -179,6 +182,8 @@ class CertRenewal:
     async def renew(self, sandbox: Sandbox) -> x509.Certificate:
         """Send ``sandbox``'s VM a new certificate (and the CA bundle); returns it once the VM serves it.
         Raises ``RenewalFailed``, or ``_Unsupported`` for a VM without the renewal service."""
+        from cryptography import x509
+
         material = self.tls.mint_vm_material(sandbox.vm_name)
         cert = x509.load_pem_x509_certificate(material.cert_pem.encode())
         payload = json.dumps({"cert_pem": material.cert_pem, "key_pem": material.key_pem,
@@ -219,6 +224,8 @@ def _certificate_in(user_data: str) -> x509.Certificate | None:
         return None
     if config is None or config.tls is None:
         return None
+    from cryptography import x509
+
     return x509.load_pem_x509_certificate(config.tls.cert_pem.encode())
 
 

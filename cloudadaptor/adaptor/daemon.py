@@ -25,6 +25,7 @@ from cloudadaptor.adaptor.pool import PoolOptions, WarmPool
 from cloudadaptor.adaptor.proxy import AgentProxy
 from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.adaptor.store import SandboxStore
+from cloudadaptor.adaptor.tlsstart import start_tls
 from cloudadaptor.config import Settings
 from cloudadaptor.metrics import Metrics
 from cloudadaptor.probes import ProbeBindError, ProbeServer
@@ -144,7 +145,7 @@ class Daemon:
         if problems:
             raise StartupError("\n".join(f"{settings.cloud_provider}: {p}" for p in problems))
         try:
-            tls = AdaptorTls.from_settings(settings)
+            tls = await start_tls(settings)  # in a child: the daemon loads cryptography only to sign
         except TlsError as exc:
             raise StartupError(f"TLS: {exc}") from None
         self._store = SandboxStore(settings.state_dir / "state.db")

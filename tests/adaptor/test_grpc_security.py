@@ -20,7 +20,7 @@ from cloudadaptor.adaptor.service import HypervisorService
 from cloudadaptor.config import ConfigError, Settings, load_settings
 from cloudadaptor.dev.datapath import CloudNet
 from cloudadaptor.protocols import hypervisor_pb2 as hv
-from cloudadaptor.tls import CertificateAuthority
+from cloudadaptor.tlscerts import CertificateAuthority
 
 ADDRESS = "192.0.2.225"
 

@@ -11,7 +11,8 @@ import ssl
 import pytest
 
 from cloudadaptor.adaptor.proxy import AgentEndpoint, AgentProxy
-from cloudadaptor.tls import CertificateAuthority, ServerTlsMaterial, client_context, server_context
+from cloudadaptor.tls import ServerTlsMaterial, client_context, server_context
+from cloudadaptor.tlscerts import CertificateAuthority
 
 SERVER_NAME = "podvm-test"
 

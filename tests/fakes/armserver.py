@@ -33,7 +33,6 @@ from typing import Any, Mapping
 from azure.core.credentials import AccessToken
 
 from fakes.armstate import ArmState, Fault, Json
-from cloudadaptor.tls import CertificateAuthority
 
 SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"
 TOKEN = "fake-arm-token"
@@ -176,6 +175,9 @@ class FakeArm:
         return f"https://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> FakeArm:
+        # Imported here: bench.cloudserve loads this module into the daemon it measures (idle RSS).
+        from cloudadaptor.tlscerts import CertificateAuthority
+
         ca = CertificateAuthority.create("fake ARM test CA")
         cert, key = ca.issue("127.0.0.1", server=True, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
         (self._dir / "ca.pem").write_text(ca.cert_pem)

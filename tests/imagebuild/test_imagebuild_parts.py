@@ -228,7 +228,7 @@ def https_files(tmp_path, monkeypatch):
     """(directory served, base URL): an HTTPS server on loopback with a throw-away CA the download trusts."""
     import ssl
 
-    from cloudadaptor.tls import CertificateAuthority
+    from cloudadaptor.tlscerts import CertificateAuthority
 
     served = tmp_path / "served"
     served.mkdir()

@@ -10,7 +10,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from cloudadaptor.k8s.client import KubeConfigError, connect, describe, retry_on_conflict
 from fakes.kubeapi import PODS, KubeApiServer
-from cloudadaptor.tls import CertificateAuthority
+from cloudadaptor.tlscerts import CertificateAuthority
 
 
 async def test_no_kubeconfig_and_no_service_host_means_no_cluster():

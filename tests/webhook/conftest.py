@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from cloudadaptor.tls import CertificateAuthority
+from cloudadaptor.tlscerts import CertificateAuthority
 from cloudadaptor.webhook.mutate import MutationOptions
 from cloudadaptor.webhook.server import MUTATE_PATH, CertificateReloader, WebhookServer
 
