@@ -17,6 +17,7 @@ from pathlib import Path
 from cloudadaptor.adaptor.daemon import Daemon
 from cloudadaptor.commandline import run_until_signal, setup_logging
 from cloudadaptor.config import load_settings
+from cloudadaptor.eventloop import new_event_loop
 
 
 async def _serve(provider_name: str) -> None:
@@ -41,4 +42,5 @@ async def _serve(provider_name: str) -> None:
 
 if __name__ == "__main__":
     setup_logging("info")
-    asyncio.run(_serve(sys.argv[1]))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # serve's loop, so the figure is serve's
+        runner.run(_serve(sys.argv[1]))
