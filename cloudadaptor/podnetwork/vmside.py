@@ -6,9 +6,9 @@ The VM's boot runs this after ``process-user-data`` (which wrote apf.json)
 and before the kata-agent. From apf.json's ``network`` it creates, in the
 VM's own netns (so its UDP socket is on the VM's network), a VXLAN device
 towards the worker (``worker_ip``, ``vni``, ``vxlan_port``) placed straight in
-``podns`` and made the pod's interface in the same request: the pod's interface
-name, MAC and MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN
-must fit the underlay), up. Then its addresses, the pod's routes are replayed (routes without a gateway
+``podns``, renames it to the pod's interface name and gives it the pod's MAC,
+MTU (capped at ``wire.VXLAN_MAX_MTU``: the frame plus 50 bytes of VXLAN must fit
+the underlay) and addresses, up. Then the pod's routes are replayed (routes without a gateway
 first, so gateways are reachable) and its permanent neighbours. Before the
 device exists, an nftables table ``ppvx<vni>`` in the VM's netns drops VXLAN
 packets of this VNI from anyone but the worker (``peerfilter``).
@@ -70,7 +70,7 @@ def setup_vm_network(net: PodNetworkConfig, podns: str = PODNS, vm_netns: str | 
             # Only the worker may speak into the tunnel: the filter is in place before the socket exists.
             peerfilter.install(net.vni, net.vxlan_port, net.worker_ip, linuxns.netns_path(vm_netns) if vm_netns else None)
             _create_in_podns(net, vm_netns, podns_path)
-            index = _configure_link(ipr, pod)
+            index = _configure_link(ipr, device_name(net.vni), pod)
             _replay_routes(ipr, index, pod)
             for neighbour in pod.neighbours:
                 ipr.neigh("replace", dst=neighbour.address, lladdr=neighbour.mac, ifindex=index, state=NUD_PERMANENT)
@@ -109,27 +109,27 @@ def _clear_podns(ipr: IPRoute, names: tuple[str, ...]) -> None:
 
 def _create_in_podns(net: PodNetworkConfig, vm_netns: str | None, podns_path: str) -> None:
     """The VXLAN device, created by a request from the VM's netns (its UDP socket lives in the netns
-    that created it) straight into podns (IFLA_NET_NS_FD), as the worker side does (``tunnel``), and
-    already the pod's interface: its name, MAC and MTU, up. One request where "create, look up, move,
-    rename, set, up" took five; the name is checked in podns only, so it cannot clash with the VM's
-    own interfaces. A VXLAN device of the VNI's name in the VM's netns (an earlier version's leftover)
-    is deleted first."""
-    pod = net.pod
+    that created it) straight into podns (IFLA_NET_NS_FD), as the worker side does (``tunnel``).
+    It is made under the VNI's name and renamed in podns (``_configure_link``): made as the pod's
+    interface (eth0) in the same request, which the host's kernel accepts, the pod VM image's kernel
+    (Debian 12) refused it with EEXIST. A device of the VNI's name in the VM's netns (an earlier
+    version's leftover) is deleted first."""
     remote = ipaddress.ip_address(net.worker_ip)
     group = {"vxlan_group": str(remote)} if remote.version == 4 else {"vxlan_group6": str(remote)}
     fd = os.open(podns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with netnsocket.iproute_in(linuxns.netns_path(vm_netns) if vm_netns else None) as ipr:
             _delete_link(ipr, device_name(net.vni))
-            ipr.link("add", ifname=pod.name, address=pod.mac, mtu=vm_mtu(pod.mtu), state="up", kind="vxlan",
-                     vxlan_id=net.vni, vxlan_port=net.vxlan_port, vxlan_learning=0, net_ns_fd=fd, **group)
+            ipr.link("add", ifname=device_name(net.vni), kind="vxlan", vxlan_id=net.vni, vxlan_port=net.vxlan_port,
+                     vxlan_learning=0, net_ns_fd=fd, **group)
     finally:
         os.close(fd)
 
 
-def _configure_link(ipr: IPRoute, pod: PodInterface) -> int:
-    """The pod's addresses on its interface (made by ``_create_in_podns``); its index."""
-    index = ipr.link_lookup(ifname=pod.name)[0]
+def _configure_link(ipr: IPRoute, device: str, pod: PodInterface) -> int:
+    """Rename the moved device to the pod's interface, with its MAC, MTU and addresses; up. Its index."""
+    index = ipr.link_lookup(ifname=device)[0]
+    ipr.link("set", index=index, ifname=pod.name, address=pod.mac, mtu=vm_mtu(pod.mtu), state="up")
     for address in pod.addresses:
         iface = ipaddress.ip_interface(address)
         extra: dict[str, Any] = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
