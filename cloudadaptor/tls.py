@@ -57,12 +57,12 @@ class ServerTlsMaterial:
 # ------------------------------------------------------------------ file helpers
 
 
-def _ensure_private_dir(directory: Path) -> None:
+def ensure_private_dir(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
 
 
-def _read(path: Path) -> bytes:
+def read_material(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -238,9 +238,9 @@ class AdaptorTls:
         """When the client certificate ends: as reported at start, else read from ``client_cert_pem``."""
         if self._client_not_after is not None:
             return self._client_not_after
-        from cloudadaptor.tlscerts import _load_cert
+        from cloudadaptor.tlscerts import load_cert
 
-        return _load_cert(Path("client certificate"), self.client_cert_pem.encode()).not_valid_after_utc
+        return load_cert(Path("client certificate"), self.client_cert_pem.encode()).not_valid_after_utc
 
     def mint_vm_material(self, server_name: str) -> ServerTlsMaterial:
         """A fresh server certificate for one pod VM (SAN = ``server_name``), valid ``vm_cert_days``;

@@ -23,22 +23,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloudadaptor.files import write_atomic
 from cloudadaptor.tls import (
-    BACKDATE, CA_CERT_NAME, CA_DAYS, CA_KEY_NAME, CERT_DAYS, TlsError, _ensure_private_dir, _read,
+    BACKDATE, CA_CERT_NAME, CA_DAYS, CA_KEY_NAME, CERT_DAYS, TlsError, ensure_private_dir, read_material,
 )
 
 log = logging.getLogger("cloudadaptor.tls")  # one logger for the whole TLS story
 
 
-def _load_cert(path: Path, data: bytes | None = None) -> x509.Certificate:
-    data = _read(path) if data is None else data
+def load_cert(path: Path, data: bytes | None = None) -> x509.Certificate:
+    data = read_material(path) if data is None else data
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
         raise TlsError(f"{path}: not a PEM certificate") from None
 
 
-def _load_key(path: Path, data: bytes | None = None):
-    data = _read(path) if data is None else data
+def load_key(path: Path, data: bytes | None = None):
+    data = read_material(path) if data is None else data
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -50,7 +50,7 @@ def _same_public_key(cert: x509.Certificate, key) -> bool:
     return cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
 
 
-def _key_pem(key) -> str:
+def key_to_pem(key) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -58,7 +58,7 @@ def _key_pem(key) -> str:
     ).decode()
 
 
-def _cert_pem(cert: x509.Certificate) -> str:
+def cert_to_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -104,7 +104,7 @@ class CertificateAuthority:
 
     @property
     def cert_pem(self) -> str:
-        return _cert_pem(self._cert)
+        return cert_to_pem(self._cert)
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -131,11 +131,11 @@ class CertificateAuthority:
         the two is missing, corrupt, not a CA, or does not match the other.
         """
         directory = Path(directory)
-        _ensure_private_dir(directory)
+        ensure_private_dir(directory)
         cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
         if not cert_path.exists() and not key_path.exists():
             ca = cls.create(days=days)
-            write_atomic(key_path, _key_pem(ca._key), 0o600)
+            write_atomic(key_path, key_to_pem(ca._key), 0o600)
             write_atomic(cert_path, ca.cert_pem, 0o644)
             log.info("created a new TLS CA in %s", directory)
             return ca
@@ -150,7 +150,7 @@ class CertificateAuthority:
         """Load ``ca.pem``/``ca.key`` from ``directory``; ``TlsError`` naming the file when one is
         missing, corrupt, not a CA, or does not match the other. Fixes a key file readable by others."""
         cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
-        cert, key = _load_cert(cert_path), _load_key(key_path)
+        cert, key = load_cert(cert_path), load_key(key_path)
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise TlsError(f"{key_path}: unsupported key type (expected ECDSA or RSA)")
         if not _same_public_key(cert, key):
@@ -195,7 +195,7 @@ class CertificateAuthority:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
-        return _cert_pem(cert), _key_pem(key)
+        return cert_to_pem(cert), key_to_pem(key)
 
 
 
@@ -211,11 +211,11 @@ def key_id(cert: x509.Certificate, *, issuer: bool = False) -> str:
         return ""
 
 
-def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, str, str]:
+def load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, str, str]:
     """(certificate, cert PEM, key PEM) read from the two files; ``TlsError`` naming the
     file that is unreadable or not PEM, or the key when it does not match the certificate."""
-    cert_data, key_data = _read(cert_path), _read(key_path)
-    cert, key = _load_cert(cert_path, cert_data), _load_key(key_path, key_data)
+    cert_data, key_data = read_material(cert_path), read_material(key_path)
+    cert, key = load_cert(cert_path, cert_data), load_key(key_path, key_data)
     if not _same_public_key(cert, key):
         raise TlsError(f"{key_path}: does not match the certificate in {cert_path}")
     return cert, cert_data.decode(), key_data.decode()

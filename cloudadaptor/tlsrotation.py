@@ -32,10 +32,10 @@ from cryptography.exceptions import InvalidSignature
 
 from cloudadaptor.files import write_atomic
 from cloudadaptor.tls import (
-    CA_CERT_NAME, CA_KEY_NAME, CLIENT_CERT_NAME, CLIENT_KEY_NAME, DAY, AdaptorTls, TlsError, _now, _read,
+    CA_CERT_NAME, CA_KEY_NAME, CLIENT_CERT_NAME, CLIENT_KEY_NAME, DAY, AdaptorTls, TlsError, _now, read_material,
     announce_insecure_modes, refresher,
 )
-from cloudadaptor.tlscerts import CertificateAuthority, _key_pem, _load_cert, _load_key, _load_pair
+from cloudadaptor.tlscerts import CertificateAuthority, key_to_pem, load_cert, load_key, load_pair
 
 if TYPE_CHECKING:
     from cloudadaptor.config import Settings
@@ -77,10 +77,10 @@ def load_cas(directory: Path, ca_days: float) -> CaPair:
     previous = _load_previous(directory)
     if rotation_due(current, ca_days):
         # The previous pair is written first: a crash leaves the old CA either current or previous.
-        write_atomic(directory / PREVIOUS_KEY_NAME, _key_pem(current._key), 0o600)
+        write_atomic(directory / PREVIOUS_KEY_NAME, key_to_pem(current._key), 0o600)
         write_atomic(directory / PREVIOUS_CERT_NAME, current.cert_pem, 0o644)
         new = CertificateAuthority.create(days=ca_days)
-        write_atomic(directory / CA_KEY_NAME, _key_pem(new._key), 0o600)
+        write_atomic(directory / CA_KEY_NAME, key_to_pem(new._key), 0o600)
         write_atomic(directory / CA_CERT_NAME, new.cert_pem, 0o644)
         log.warning("rotated the TLS CA in %s: a new CA signs from now on; the previous one stays trusted until %s",
                     directory, current.certificate.not_valid_after_utc.isoformat())
@@ -92,7 +92,7 @@ def _load_previous(directory: Path) -> CertificateAuthority | None:
     cert_path, key_path = directory / PREVIOUS_CERT_NAME, directory / PREVIOUS_KEY_NAME
     if not cert_path.exists():
         return None
-    cert, key = _load_cert(cert_path), _load_key(key_path)
+    cert, key = load_cert(cert_path), load_key(key_path)
     if cert.not_valid_after_utc <= _now():
         key_path.unlink(missing_ok=True)
         cert_path.unlink(missing_ok=True)
@@ -123,9 +123,9 @@ def build(settings: Settings) -> AdaptorTls:
     ca_days = settings.ca_validity / 86400
     pair = load_cas(tls_dir, ca_days)
     if settings.cacert_file and settings.cert_file and settings.cert_key:
-        _, cert_pem, key_pem = _load_pair(*client_pair_paths(settings))
-        client_ca = _read(Path(settings.cacert_file))
-        _load_cert(Path(settings.cacert_file), client_ca)
+        _, cert_pem, key_pem = load_pair(*client_pair_paths(settings))
+        client_ca = read_material(Path(settings.cacert_file))
+        load_cert(Path(settings.cacert_file), client_ca)
         vm_client_ca = client_ca.decode()
     else:
         cert_pem, key_pem = _load_or_issue_client(pair.client_issuer, tls_dir, settings.node_name)
@@ -141,7 +141,7 @@ def _load_or_issue_client(ca: CertificateAuthority, tls_dir: Path, node_name: st
     cert_path, key_path = tls_dir / CLIENT_CERT_NAME, tls_dir / CLIENT_KEY_NAME
     if cert_path.exists() and key_path.exists():
         try:
-            cert, cert_pem, key_pem = _load_pair(cert_path, key_path)
+            cert, cert_pem, key_pem = load_pair(cert_path, key_path)
             cert.verify_directly_issued_by(ca.certificate)
             if cert.not_valid_after_utc > _now() + DAY:
                 return cert_pem, key_pem

@@ -42,10 +42,10 @@ def test_config_keys_for_lifetimes_and_their_cross_check():
 def age_ca(directory, days_left: float, total_days: float = 30.0) -> CertificateAuthority:
     """Replace the CA in ``directory`` with one that has ``days_left`` of ``total_days`` left."""
     from cloudadaptor.files import write_atomic
-    from cloudadaptor.tlscerts import _key_pem
+    from cloudadaptor.tlscerts import key_to_pem
 
     old = CertificateAuthority.create(days=days_left)
-    write_atomic(directory / "ca.key", _key_pem(old._key), 0o600)
+    write_atomic(directory / "ca.key", key_to_pem(old._key), 0o600)
     write_atomic(directory / "ca.pem", old.cert_pem, 0o644)
     assert rotation_due(old, total_days) == (days_left < total_days / 3)
     return old

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudadaptor.config import Settings
-from cloudadaptor.tls import AdaptorTls, CaFacts, TlsError, _read, announce_insecure_modes, refresher
+from cloudadaptor.tls import AdaptorTls, CaFacts, TlsError, announce_insecure_modes, read_material, refresher
 
 log = logging.getLogger(__name__)
 tls_log = logging.getLogger("cloudadaptor.tls")  # the child's lines appear as if the daemon wrote them
@@ -101,7 +101,7 @@ async def _run_child(settings: Settings) -> dict[str, Any]:
 def _from_report(settings: Settings, report: dict[str, Any]) -> AdaptorTls:
     ca = CaFacts(Path(settings.state_dir) / "tls", report["ca_cert_pem"], report["ca_key_id"],
                  datetime.datetime.fromisoformat(report["ca_not_after"]))
-    key_pem = _read(Path(report["client_key"])).decode()  # read here: keys never travel through the pipe
+    key_pem = read_material(Path(report["client_key"])).decode()  # read here: keys never travel through the pipe
     return AdaptorTls(ca, report["client_cert_pem"], key_pem, report["vm_client_ca_pem"],
                       min_version=settings.tls_min_version, skip_verify=settings.tls_skip_verify,
                       vm_cert_days=settings.vm_cert_validity / 86400, trusted_ca_pem=report["trusted_ca_pem"],
