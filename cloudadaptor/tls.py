@@ -9,8 +9,10 @@ operator's ``CERT_FILE``/``CERT_KEY``, in which case the forwarders trust
 ``CACERT_FILE`` as the client CA (operator mode).
 
 Private keys are written with mode 0600 in 0700 directories, never logged and
-never shown by a repr. ``ssl`` loads key pairs only from files: they go to a
-private temporary directory that is removed right after loading.
+never shown by a repr. ``ssl`` loads key pairs only from files: they go to two
+anonymous memory files (memfd) closed right after loading, so a key never reaches
+a disk. Making certificates needs ``cryptography``, which an idle daemon never
+loads: that part is ``tlscerts``.
 """
 
 from __future__ import annotations
